@@ -1,0 +1,93 @@
+"""Triton kernels of the fused LoRA linear, and their launchers (no autograd here).
+
+Each launcher has the signature and math of the function of the same name in
+`lorakern.reference`, which is its oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakern import reference
+
+from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
+from .common import rank_pad
+from .dispatch import prefer_fused
+from .forward import lora_forward_fused, lora_forward_onepass, m_bucket
+from .shrink import lora_shrink
+
+
+def lora_forward_unfused(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
+    """y = x Wᵀ + bias by cuBLAS, then y += s·S Bᵀ (addmm_): one extra pass over y.
+    That is exactly the reference's forward, on whatever device x is."""
+    return reference.lora_forward(x, weight, bias, S, lora_B, scaling)
+
+
+def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
+    """y = x Wᵀ + s·S Bᵀ + bias [M, N], by the faster of the fused and cuBLAS variants."""
+    M, K = x.shape
+    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), x.dtype, x.device)
+    args = (x, weight, bias, S, lora_B, scaling)
+    if prefer_fused(key, lambda: lora_forward_fused(*args), lambda: lora_forward_unfused(*args), x.device):
+        return lora_forward_fused(*args)
+    return lora_forward_unfused(*args)
+
+
+def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
+    """dx = dY W + D(dS A), by the faster of the fused and cuBLAS variants."""
+    M, N = dy.shape
+    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), dy.dtype, dy.device)
+    args = (dy, weight, dS, lora_A, p, seed)
+    fused = prefer_fused(
+        key, lambda: lora_backward_dx(*args, fused=True), lambda: lora_backward_dx(*args, fused=False), dy.device
+    )
+    return lora_backward_dx(*args, fused=fused)
+
+
+# Up to this many rows the one-launch forward (shrink inside the GEMM) is a candidate:
+# each column of programs recomputes S from x, which only pays while x is small.
+ONEPASS_MAX_M = 64
+
+
+def _forward_two_pass(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    S = lora_shrink(x, lora_A, p, seed)
+    return lora_forward(x, weight, bias, S, lora_B, scaling), S
+
+
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32).
+
+    Small M (decode) may run as one launch (`lora_forward_onepass`) when measured faster
+    than shrink + GEMM; larger M always runs the shrink kernel then the GEMM.
+    """
+    M, K = x.shape
+    args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    if M <= ONEPASS_MAX_M:
+        key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), p > 0.0, x.dtype, x.device)
+        if prefer_fused(key, lambda: lora_forward_onepass(*args), lambda: _forward_two_pass(*args), x.device):
+            return lora_forward_onepass(*args)
+    return _forward_two_pass(*args)
+
+
+def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs):
+    """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB)."""
+    need_x, need_a, need_b = needs
+    dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling)
+    dx = lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) if need_x else None
+    dA = lora_backward_da(dS, x, lora_A, p, seed) if need_a else None
+    return dx, dA, (dB if need_b else None)
+
+
+__all__ = [
+    "lora_shrink",
+    "lora_forward",
+    "lora_forward_fused",
+    "lora_forward_unfused",
+    "lora_forward_onepass",
+    "lora_backward_dsdb",
+    "lora_backward_dx",
+    "lora_backward_dx_auto",
+    "lora_backward_da",
+    "lora_linear_forward",
+    "lora_linear_backward",
+]

@@ -1,0 +1,130 @@
+"""Compile every lorakern kernel ahead of time for a GPU target — no GPU needed.
+
+Triton can lower a kernel to PTX and a cubin (through the ptxas it ships) for any
+NVIDIA architecture on a machine without a GPU. That catches what the interpreter
+cannot: type errors of the real compiler, unsupported ops, and tiles whose shared
+memory exceeds the chip's limit. Run it with TRITON_INTERPRET unset:
+
+    python -m lorakern.kernels.aot            # quick (~30 s): each kernel once per dtype,
+                                              # GEMMs at SINGLE_TILE, sm_90
+    python -m lorakern.kernels.aot --all      # every GEMM tile, r_pad 16 and 64 (~8 min)
+
+With --all, some fp32 one-pass tiles exceed shared memory: expected, the autotuner
+skips them; the quick run must pass entirely (tests/test_kernels_aot.py).
+
+It does not run anything: numerical correctness on a GPU is the CUDA tests' job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import backward, forward, shrink
+from .common import dot_precision
+
+# Hopper: 227 KiB of shared memory per block at most.
+MAX_SHARED = {90: 232448, 80: 166912}
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# Pointer arguments by role: activations and base weights in the compute dtype,
+# adapters in theirs, S / dS and the partial buffers in fp32.
+_COMPUTE_PTRS = {"x_ptr", "w_ptr", "bias_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+_ADAPTER_PTRS = {"a_ptr", "b_ptr"}
+_FLOAT_ARGS = {"p", "inv_keep", "scaling"}
+
+
+def _jit_fn(kernel):
+    # An Autotuner wraps the JITFunction (whose own .fn is the plain Python function).
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def _signature(fn, dtype, adapter_dtype, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in _COMPUTE_PTRS:
+            sig[name] = _PTR[dtype]
+        elif name in _ADAPTER_PTRS:
+            sig[name] = _PTR[adapter_dtype]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles: bool):
+    """(label, kernel, constexprs, num_warps, num_stages) for one dtype pair."""
+    common = {"UPCAST": False, "PRECISION": dot_precision(dtype), "R_PAD": r_pad}
+    yield "shrink", shrink._lora_shrink_kernel, {**common, "BLOCK_M": 64, "BLOCK_K": 128, "HAS_DROPOUT": True}, 4, 3
+    for block_m, block_n, warps in ((64, 128, 4), (128, 64, 8), (256, 64, 8)):  # backward._dsdb_config
+        yield f"dsdb {block_m}x{block_n}", backward._lora_bwd_dsdb_kernel, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 3
+    yield "dA", backward._lora_bwd_da_kernel, {**common, "BLOCK_M": 64, "BLOCK_K": 128, "HAS_DROPOUT": True}, 4, 3
+    tiles = forward.GEMM_TILES if all_tiles else [forward.SINGLE_TILE]
+    for (bm, bc, br, warps, stages), fuse in itertools.product(tiles, (False, True)):
+        yield (
+            f"fwd {bm}x{bc}x{br}{' onepass' if fuse else ''}",
+            forward._lora_fwd_kernel,
+            {**common, "BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": 8, "HAS_BIAS": True,
+             "FUSE_SHRINK": fuse, "HAS_DROPOUT": fuse},
+            warps, stages,
+        )
+    for (bm, bc, br, warps, stages), has_base in itertools.product(tiles, (True, False)):
+        yield (
+            f"dx {bm}x{bc}x{br}{'' if has_base else ' add'}",
+            backward._lora_bwd_dx_kernel,
+            {**common, "BLOCK_M": bm, "BLOCK_K": bc, "BLOCK_N": br, "GROUP_M": 8, "HAS_BASE": has_base,
+             "HAS_DROPOUT": True},
+            warps, stages,
+        )
+
+
+def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list[dict]:
+    """Compile each case for sm_<arch>; returns one dict per case (ok, shared bytes, error)."""
+    target = GPUTarget("cuda", arch, 32)
+    pairs = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float32)]
+    results = []
+    for (dtype, adapter_dtype), r_pad in itertools.product(pairs, (16, 64) if all_tiles else (16,)):
+        for label, kernel, constexprs, warps, stages in _cases(dtype, adapter_dtype, r_pad, all_tiles):
+            fn = _jit_fn(kernel)
+            name = f"{label} x={str(dtype)[6:]} A={str(adapter_dtype)[6:]} r_pad={r_pad}"
+            t0 = time.perf_counter()
+            try:
+                src = ASTSource(fn=fn, signature=_signature(fn, dtype, adapter_dtype, constexprs), constexprs=constexprs)
+                compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+                shared = int(compiled.metadata.shared)
+                ok = shared <= MAX_SHARED.get(arch, MAX_SHARED[90])
+                error = None if ok else f"shared memory {shared} B > {MAX_SHARED.get(arch, MAX_SHARED[90])} B"
+            except Exception as exc:  # a compile failure is the finding
+                shared, ok, error = None, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            results.append({"case": name, "ok": ok, "shared": shared, "error": error})
+            print_fn(f"{'ok  ' if ok else 'FAIL'} sm_{arch} {name:<52} shared {shared} B  {time.perf_counter() - t0:.1f}s"
+                     + (f"  {error}" if error else ""))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    parser.add_argument("--all", action="store_true", help="every GEMM tile, r_pad 16 and 64")
+    args = parser.parse_args(argv)
+    results = compile_all(args.arch, args.all)
+    failed = [r for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)} compiled, {len(failed)} failed (too big or broken)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Backward kernels of the fused LoRA linear (dY = ∂L/∂y):
+
+    dS = s · dY B  [M, r] fp32      and  dB = s · dYᵀ S [N, r]   (one pass over dY)
+    dx = dY W + D(dS A)  [M, K]     (one GEMM; the mask is regenerated in its epilogue)
+    dA = dSᵀ D(x)        [r, K]     (the mask is regenerated while x is read)
+
+The reductions over M (dB, dA) are split across programs and each program writes its
+own fp32 partial, summed afterwards in a fixed order: no atomics, so gradients are
+bit-reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cast, check_device, common_meta, interpreting, keep_mask, mma, rank_pad
+from .forward import gemm_configs, grouped_tile, m_bucket
+
+# ---------------------------------------------------------------- dS and dB
+
+
+def _dsdb_config(M: int, R: int, dy_itemsize: int) -> dict:
+    """Row block of the dS/dB pass. Each program writes an [N, r] fp32 partial of dB, so
+    the partials total cdiv(M, BLOCK_M)·N·r·4 bytes: BLOCK_M grows (64 -> 256) until
+    they are no larger than dY itself (M·N·itemsize), e.g. r = 64 in bf16 takes 128.
+    Without this, M = 16384, N = 14336, r = 64 would allocate 940 MB of partials."""
+    if interpreting():
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4}
+    block_m = 64
+    while block_m < 256 and R * 4 > block_m * dy_itemsize and block_m < M:
+        block_m *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": 128 if block_m == 64 else 64, "num_warps": 4 if block_m == 64 else 8}
+
+
+@triton.jit
+def _lora_bwd_dsdb_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, dbp_ptr,
+    scaling,
+    M, N, R,
+    stride_dym, stride_dyn,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_dsm, stride_dsr,
+    stride_dbp, stride_dbn, stride_dbr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    r_ok = rr < R
+    s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    s = cast(s, dy_ptr.dtype.element_ty, UPCAST)
+    ds = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        n_ok = rn < N
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        ds = mma(dy, cast(b, dy.dtype, UPCAST), ds, UPCAST, PRECISION)
+        # This program's share of dB for columns rn: dY[rm, rn]ᵀ S[rm].
+        db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
+        tl.store(dbp_ptr + pid.to(tl.int64) * stride_dbp + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db, mask=n_ok[:, None] & r_ok[None, :])
+    tl.store(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
+
+
+def lora_backward_dsdb(
+    dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = s·dY B [M, r] (fp32) and dB = s·dYᵀ S [N, r] (lora_B's dtype)."""
+    M, N = dy.shape
+    R = S.shape[1]
+    if tuple(lora_B.shape) != (N, R) or S.shape[0] != M:
+        raise ValueError(f"lora_backward_dsdb: dy {tuple(dy.shape)}, lora_B {tuple(lora_B.shape)}, S {tuple(S.shape)} do not agree")
+    check_device("dy", dy)
+    dS = torch.empty((M, R), device=dy.device, dtype=torch.float32)
+    if M == 0:
+        return dS, torch.zeros_like(lora_B)
+    cfg = _dsdb_config(M, R, dy.element_size())
+    num_pid = triton.cdiv(M, cfg["BLOCK_M"])
+    db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
+    _lora_bwd_dsdb_kernel[(num_pid,)](
+        dy, lora_B, S, dS, db_partial,
+        scaling,
+        M, N, R,
+        dy.stride(0), dy.stride(1),
+        lora_B.stride(0), lora_B.stride(1),
+        S.stride(0), S.stride(1),
+        dS.stride(0), dS.stride(1),
+        db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
+        R_PAD=rank_pad(R), **cfg, **common_meta(dy.dtype),
+    )
+    dB = db_partial.sum(0).mul_(scaling)
+    return dS, dB.to(lora_B.dtype)
+
+
+# ---------------------------------------------------------------- dx
+
+
+@triton.jit
+def _lora_bwd_dx_kernel(
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
+    seed, p, inv_keep,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn,
+    stride_wn, stride_wk,
+    stride_dsm, stride_dsr,
+    stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_BASE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Output tile dx[rm, rk]; the GEMM reduces over N. Without HAS_BASE, dY W is
+    # already in dx (computed by cuBLAS) and this adds the LoRA term to it.
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    k_ok = rk < K
+    out_mask = m_ok[:, None] & k_ok[None, :]
+    dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk
+    if HAS_BASE:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            n_ok = rn < N
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = mma(dy, w, acc, UPCAST, PRECISION)
+    else:
+        acc = tl.load(dx_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    # Epilogue: D(dS A) with the forward's mask, regenerated from the seed.
+    rr = tl.arange(0, R_PAD)
+    r_ok = rr < R
+    ds = tl.load(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+    lora = mma(cast(ds, dx_ptr.dtype.element_ty, UPCAST), cast(a, dx_ptr.dtype.element_ty, UPCAST), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
+    if HAS_DROPOUT:
+        lora = tl.where(keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), lora * inv_keep, 0.0)
+    acc += lora
+    tl.store(dx_ptrs, cast(acc, dx_ptr.dtype.element_ty, UPCAST), mask=out_mask)
+
+
+# Autotuned variant for the fused GEMM (it writes dx without reading it, so timing
+# candidates is harmless); the accumulate variant keeps one config.
+_lora_bwd_dx_kernel_tuned = triton.autotune(configs=gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K"])(
+    _lora_bwd_dx_kernel
+)
+
+
+def lora_backward_dx(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    dS: torch.Tensor,
+    lora_A: torch.Tensor,
+    p: float,
+    seed: int,
+    fused: bool = True,
+) -> torch.Tensor:
+    """dx = dY W + D(dS A).  dy [M, N], weight [N, K], dS [M, r] fp32, lora_A [r, K] -> [M, K].
+
+    fused=True: one Triton GEMM with the LoRA term in its epilogue. fused=False: dY W
+    by cuBLAS (torch.mm), then one Triton pass adds D(dS A) in place.
+    """
+    M, N = dy.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    if weight.shape[0] != N or tuple(dS.shape) != (M, R) or lora_A.shape[1] != K:
+        raise ValueError(
+            f"lora_backward_dx: dy {tuple(dy.shape)}, weight {tuple(weight.shape)}, dS {tuple(dS.shape)}, "
+            f"lora_A {tuple(lora_A.shape)} do not agree"
+        )
+    check_device("dy", dy)
+    if M == 0:
+        return torch.empty((0, K), device=dy.device, dtype=dy.dtype)
+    args = dict(R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **common_meta(dy.dtype))
+    if fused:
+        dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+        kernel = _lora_bwd_dx_kernel_tuned
+        args["HAS_BASE"] = True
+    else:
+        dx = dy @ weight
+        kernel = _lora_bwd_dx_kernel
+        cfg = gemm_configs("BLOCK_K", "BLOCK_N")[0] if interpreting() else triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4)
+        args.update(cfg.kwargs, HAS_BASE=False, num_warps=cfg.num_warps)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    kernel[grid](
+        dy, weight, dS, lora_A, dx,
+        seed, p, 1.0 / (1.0 - p),
+        M, N, K, R, m_bucket(M),
+        dy.stride(0), dy.stride(1),
+        weight.stride(0), weight.stride(1),
+        dS.stride(0), dS.stride(1),
+        lora_A.stride(0), lora_A.stride(1),
+        dx.stride(0), dx.stride(1),
+        **args,
+    )
+    return dx
+
+
+# ---------------------------------------------------------------- dA
+
+
+def _da_config() -> dict:
+    if interpreting():
+        return {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 4}
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    ds_ptr, x_ptr, dap_ptr,
+    seed, p,
+    M, K, R, ROWS_PER_SPLIT,
+    stride_dsm, stride_dsr,
+    stride_xm, stride_xk,
+    stride_dap, stride_dar, stride_dak,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Program (pid_k, pid_s): columns rk, rows [pid_s * ROWS_PER_SPLIT, ... + ROWS_PER_SPLIT).
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, R_PAD)
+    k_ok = rk < K
+    r_ok = rr < R
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    row0 = pid_s.to(tl.int64) * ROWS_PER_SPLIT
+    for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
+        rm = row0 + m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), x, 0.0)
+        ds_t = tl.load(ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr, mask=m_ok[None, :] & r_ok[:, None], other=0.0)
+        acc = mma(cast(ds_t, x.dtype, UPCAST), x, acc, UPCAST, PRECISION)
+    tl.store(dap_ptr + pid_s.to(tl.int64) * stride_dap + rr[:, None] * stride_dar + rk[None, :] * stride_dak, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+def lora_backward_da(
+    dS: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int
+) -> torch.Tensor:
+    """dA = dSᵀ D(x).  dS [M, r] fp32, x [M, K] -> dA [r, K] in lora_A's dtype."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    if tuple(dS.shape) != (M, R) or lora_A.shape[1] != K:
+        raise ValueError(f"lora_backward_da: dS {tuple(dS.shape)}, x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)} do not agree")
+    check_device("x", x)
+    if M == 0:
+        return torch.zeros_like(lora_A)
+    cfg = _da_config()
+    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    # Enough programs to fill the GPU (~2 waves of 132 SMs), few partials to sum.
+    splits = max(1, min(m_blocks, triton.cdiv(264, k_blocks)))
+    rows_per_split = triton.cdiv(m_blocks, splits) * cfg["BLOCK_M"]
+    splits = triton.cdiv(M, rows_per_split)
+    da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
+    _lora_bwd_da_kernel[(k_blocks, splits)](
+        dS, x, da_partial,
+        seed, p,
+        M, K, R, rows_per_split,
+        dS.stride(0), dS.stride(1),
+        x.stride(0), x.stride(1),
+        da_partial.stride(0), da_partial.stride(1), da_partial.stride(2),
+        R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **cfg, **common_meta(x.dtype),
+    )
+    dA = da_partial.sum(0)
+    if p > 0.0:
+        dA.mul_(1.0 / (1.0 - p))
+    return dA.to(lora_A.dtype)

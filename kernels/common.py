@@ -1,0 +1,97 @@
+"""Pieces every lorakern kernel shares: the dot helper, the dropout mask, launch settings.
+
+Triton traps handled here once (DESIGN.md §4):
+- the interpreter's `tl.dot` on bfloat16 multiplies raw bit patterns, so under
+  TRITON_INTERPRET=1 operands are upcast to fp32 before the dot (UPCAST);
+- the interpreter's fp32 -> bf16 cast truncates, so downcasts go through `cast`;
+- the interpreter cannot time autotune candidates, so it gets exactly one config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Rank dimension of A / B / S is padded in registers to a power of two >= 16
+# (tl.dot's minimum) and masked on load; never padded in memory.
+MIN_RANK_PAD = 16
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def rank_pad(r: int) -> int:
+    return max(MIN_RANK_PAD, triton.next_power_of_2(r))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for fp32 operands, following torch's matmul precision setting."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def common_meta(dtype: torch.dtype) -> dict:
+    """Constexpr arguments shared by every kernel launch."""
+    return {"UPCAST": interpreting(), "PRECISION": dot_precision(dtype)}
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"{name} is on {t.device}; the Triton kernels need CUDA tensors "
+            "(or CPU tensors with TRITON_INTERPRET=1)"
+        )
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; a, b already in the compute dtype."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even on every backend.
+
+    The interpreter's fp32 -> bf16 conversion truncates (checked on Triton 3.9), while
+    GPUs round to nearest even; under UPCAST the rounding is done here with integer ops
+    so interpreted results match what the GPU computes.
+    """
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
+    return x.to(dtype)
+
+
+@triton.jit
+def keep_mask(seed, rows, k0, n_cols, p, BLOCK_K: tl.constexpr):
+    """Inverted-dropout keep mask for the tile rows x [k0, k0 + BLOCK_K) of a [*, n_cols]
+    tensor (k0 a multiple of 4). One Philox call gives four uniforms: element (i, j)
+    takes lane j % 4 of the call at counter i * ceil(n_cols / 4) + j // 4, and is kept
+    when that uniform is > p. `lorakern.reference.dropout_keep_mask` is the same map.
+    rows: int64 [BLOCK_M]."""
+    groups = (n_cols + 3) // 4
+    g = k0 // 4 + tl.arange(0, BLOCK_K // 4).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * groups + g[None, :])
+    # tl.join adds a new minor dim: lanes[..., i, j] = lane 2i + j, so the row-major
+    # reshape to [BLOCK_M, BLOCK_K] puts lane L of group g at column 4g + L.
+    lanes = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    u = tl.reshape(lanes, (rows.shape[0], BLOCK_K))
+    # tl.rand's uint32 -> [0, 1) map.
+    i = u.to(tl.int32, bitcast=True)
+    i = tl.where(i < 0, ~i, i)
+    return i.to(tl.float32) * 4.6566127342e-10 > p

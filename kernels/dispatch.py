@@ -1,0 +1,53 @@
+"""Which variant runs: the more fused one or the less fused one.
+
+Two choices go through here: the base GEMM (the fused Triton kernel, or cuBLAS + a LoRA
+pass over y / dx) and, for small M, the forward as one launch (shrink inside the GEMM)
+or two. The fused kernels save passes and launches, but a Triton GEMM can lose to
+cuBLAS on some shapes, and dispatch must never pick the slower path (DESIGN.md §3). So
+on CUDA the choice is measured: the first call for a shape bucket times both variants
+on the real inputs (triton.testing.do_bench) and caches the winner.
+LORAKERN_FUSED_GEMM=1 / 0 forces the more / less fused variant everywhere (tests,
+benchmarks); under the interpreter the fused variants run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from .common import interpreting
+
+_choice: dict[tuple, bool] = {}
+
+
+def fused_gemm_override() -> bool | None:
+    value = os.environ.get("LORAKERN_FUSED_GEMM", "auto")
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"LORAKERN_FUSED_GEMM must be auto, 0 or 1, got {value!r}")
+    return None if value == "auto" else value == "1"
+
+
+def prefer_fused(key: tuple, fused: Callable[[], object], unfused: Callable[[], object], device: torch.device) -> bool:
+    """True when the fused variant should run for `key`; measures both once on CUDA."""
+    forced = fused_gemm_override()
+    if forced is not None:
+        return forced
+    if interpreting() or device.type != "cuda":
+        return True
+    if key in _choice:
+        return _choice[key]
+    if torch.cuda.is_current_stream_capturing():
+        return False  # cannot time inside a CUDA graph capture: take cuBLAS, do not cache
+    from triton.testing import do_bench
+
+    t_fused = do_bench(fused, warmup=5, rep=20)
+    t_unfused = do_bench(unfused, warmup=5, rep=20)
+    _choice[key] = t_fused < t_unfused
+    return _choice[key]
+
+
+def recorded_choices() -> dict[tuple, bool]:
+    """The measured choices so far (key -> fused?), for `lorakern info` and benchmarks."""
+    return dict(_choice)

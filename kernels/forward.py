@@ -1,0 +1,214 @@
+"""Fused forward GEMM: y = x Wᵀ + s · S Bᵀ + bias, y written once.
+
+x [M, K], weight [N, K], bias [N] (x's dtype), S [M, r] fp32, lora_B [N, r]
+(x's dtype or fp32) -> y [M, N] in x's dtype. The base GEMM accumulates in fp32 on
+tensor cores; the rank-r B-projection is one more tl.dot in the epilogue, with S and
+B cast to x's dtype in registers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cast, check_device, common_meta, interpreting, keep_mask, mma, rank_pad
+from .shrink import lora_shrink as _lora_shrink
+
+
+# Output-tile shapes tried by both GEMMs (forward and dx): (rows, cols, reduction step,
+# warps, stages). The last two serve decode-sized M.
+GEMM_TILES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 128, 64, 8, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (16, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+]
+# The one tile used when autotuning is off (LORAKERN_AUTOTUNE=0): it fits the shared
+# memory of sm_80/sm_90 in every variant and dtype, fp32 one-pass included (checked
+# by kernels/aot.py; 128x128x64 with 4 stages does not: 236 KiB in fp32).
+SINGLE_TILE = (64, 128, 64, 4, 4)
+
+
+def gemm_configs(cols: str, reduction: str) -> list[triton.Config]:
+    """Autotune configs from GEMM_TILES, naming the output-column and reduction block
+    meta-parameters (`BLOCK_N`/`BLOCK_K` in the forward, swapped in dx).
+
+    LORAKERN_AUTOTUNE=0 (read when the kernels are imported) keeps only SINGLE_TILE:
+    the CUDA test suite sets it, because it compiles hundreds of small
+    specialisations and would otherwise time every tile for each. With autotuning on,
+    tiles that do not fit a variant's shared memory are skipped by the autotuner.
+    """
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, cols: 32, reduction: 64, "GROUP_M": 4}, num_warps=4)]
+    tiles = GEMM_TILES if os.environ.get("LORAKERN_AUTOTUNE", "1") != "0" else [SINGLE_TILE]
+    return [
+        triton.Config({"BLOCK_M": bm, cols: bc, reduction: br, "GROUP_M": 8}, num_warps=w, num_stages=st)
+        for bm, bc, br, w, st in tiles
+    ]
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for M: the next power of two, so varying sequence lengths do not retune."""
+    return triton.next_power_of_2(max(M, 1))
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Map a 1-D program id to (pid_m, pid_n) in GROUP_M-row bands, for L2 reuse."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows
+    pid_n = (pid % group_size) // rows
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"])
+@triton.jit
+def _lora_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, y_ptr,
+    scaling, seed, p, inv_keep,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    stride_sm, stride_sr,
+    stride_bn, stride_br,
+    stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # FUSE_SHRINK (small M): S = D(x) Aᵀ is accumulated in the same K loop from the x
+    # tiles already loaded, and written by the pid_n == 0 column of programs; every
+    # other column recomputes it (x is tiny) instead of waiting for a second launch.
+    # Otherwise S comes precomputed from the shrink kernel.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, R_PAD)
+    m_ok = rm < M
+    n_ok = rn < N
+    r_ok = rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = mma(x, w_t, acc, UPCAST, PRECISION)
+        if FUSE_SHRINK:
+            xd = x
+            if HAS_DROPOUT:
+                xd = tl.where(keep_mask(seed, rm, k0, K, p, BLOCK_K), x, 0.0)
+            a_t = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+            s = mma(xd, cast(a_t, x.dtype, UPCAST), s, UPCAST, PRECISION)
+    s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
+    s_mask = m_ok[:, None] & r_ok[None, :]
+    if FUSE_SHRINK:
+        if HAS_DROPOUT:
+            s = s * inv_keep
+        if pid_n == 0:
+            tl.store(s_ptrs, s, mask=s_mask)
+    else:
+        s = tl.load(s_ptrs, mask=s_mask, other=0.0)
+    # Epilogue: the rank-r B-projection, then bias; y is written once.
+    b_t = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None] * stride_br, mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+    lora = mma(cast(s, y_ptr.dtype.element_ty, UPCAST), cast(b_t, y_ptr.dtype.element_ty, UPCAST), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
+    acc += scaling * lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check_forward_shapes(x, weight, bias, lora_B, R, S=None) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K or tuple(lora_B.shape) != (N, R) or (S is not None and S.shape[0] != M) or (bias is not None and tuple(bias.shape) != (N,)):
+        raise ValueError(
+            f"lora_forward: shapes do not agree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"S {None if S is None else tuple(S.shape)}, r {R}, lora_B {tuple(lora_B.shape)}, "
+            f"bias {None if bias is None else tuple(bias.shape)}"
+        )
+    check_device("x", x)
+
+
+def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink: bool) -> None:
+    M, K = x.shape
+    N, R = lora_B.shape
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    a = lora_A if lora_A is not None else S  # unused pointer when not fusing the shrink
+    _lora_fwd_kernel[grid](
+        x, weight, bias if bias is not None else x, a, S, lora_B, y,
+        scaling, seed, p, 1.0 / (1.0 - p),
+        M, N, K, R, m_bucket(M),
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        a.stride(0), a.stride(1),
+        S.stride(0), S.stride(1),
+        lora_B.stride(0), lora_B.stride(1),
+        y.stride(0), y.stride(1),
+        R_PAD=rank_pad(R), HAS_BIAS=bias is not None, FUSE_SHRINK=fuse_shrink,
+        HAS_DROPOUT=fuse_shrink and p > 0.0, **common_meta(x.dtype),
+    )
+
+
+def lora_forward_onepass(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink and fused GEMM in one launch (for small M, e.g. decode): returns (y [M, N], S [M, r] fp32).
+
+    x [M, K], weight [N, K], bias [N] | None, lora_A [r, K], lora_B [N, r].
+    """
+    R = lora_A.shape[0]
+    if lora_A.shape[1] != x.shape[1]:
+        raise ValueError(f"lora_forward: x {tuple(x.shape)} and lora_A {tuple(lora_A.shape)} disagree on K")
+    _check_forward_shapes(x, weight, bias, lora_B, R)
+    M, N = x.shape[0], weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    S = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return y, S
+    if N == 0:  # no program would write S
+        return y, _lora_shrink(x, lora_A, p, seed)
+    _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink=True)
+    return y, S
+
+
+def lora_forward_fused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    S: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """y = x Wᵀ + s·S Bᵀ + bias in one kernel.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> [M, N]."""
+    _check_forward_shapes(x, weight, bias, lora_B, S.shape[1], S)
+    M, N = x.shape[0], weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    _launch_forward(x, weight, bias, None, S, lora_B, y, scaling, 0.0, 0, fuse_shrink=False)
+    return y

@@ -1,0 +1,29 @@
+"""lorakern: fused Triton LoRA layers for PyTorch, with a pure-PyTorch reference path."""
+
+from lorakern.adapters import load_adapter, save_adapter
+from lorakern.config import LoraConfig
+from lorakern.layer import LoraLinear
+from lorakern.model import (
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    merge,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    trainable_parameters_summary,
+    unload,
+    unmerge,
+)
+from lorakern.ops import lora_linear
+from lorakern.peft_compat import patch_peft, unpatch_peft
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraLinear", "lora_linear", "__version__",
+    "LoraConfig", "inject", "set_adapter", "delete_adapter", "disable_adapters", "add_weighted_adapter",
+    "merge", "unmerge", "unload", "trainable_parameters", "trainable_parameters_summary",
+    "print_trainable_parameters", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",
+]

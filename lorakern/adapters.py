@@ -1,0 +1,365 @@
+"""Save and load adapters in PEFT's on-disk format, atomically and validated.
+
+A directory holds:
+- ``adapter_model.safetensors``: keys ``base_model.model.<module path>.lora_A.weight``
+  [r, in] and ``….lora_B.weight`` [out, r] (no adapter name), plus, as PEFT writes them,
+  the trainable biases (``bias="all"``: every parameter whose name contains "bias";
+  ``"lora_only"``: ``<lora layer>.base_layer.bias``) and each modules_to_save module's
+  own state dict under its path; metadata ``{"format": "pt"}``.
+- ``adapter_config.json``: PEFT's LoRA keys, sorted, indented, ``"peft_type": "LORA"``.
+  Scaling is never stored; it is recomputed from r / lora_alpha / the patterns.
+
+Saving writes each file to a temporary file in the target directory, fsyncs it and
+renames it over the old one, so a failed save leaves the previous adapter intact.
+Loading checks everything (keys, shapes, ranks and alphas, finiteness, peft_type)
+before it touches the model, so a failed load leaves the model exactly as it was.
+A legacy ``adapter_model.bin`` is read only with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakern.config import LoraConfig
+from lorakern.distributed import gather_full_tensors
+from lorakern.model import (
+    ModulesToSave,
+    inject_planned,
+    adapter_configs,
+    adapter_state,
+    delete_adapter,
+    lora_layers,
+    plan_modules_to_save,
+    plan_targets,
+    saved_modules,
+    set_adapter,
+)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that cannot be loaded into this model (the model is unchanged)."""
+
+
+# ---- save -------------------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for `adapter_name`, keyed as in adapter_model.safetensors."""
+    state = adapter_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(state.configs)}")
+    cfg = state.configs[adapter_name]
+    out: dict[str, torch.Tensor] = {}
+    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    for name, layer in layers:
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    if cfg.bias == "all":
+        for name, p in _bias_params(model):
+            out[PREFIX + name] = p
+    elif cfg.bias == "lora_only":
+        for name, layer in layers:
+            if layer.base_layer.bias is not None:
+                out[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+    for name, wrapper in saved_modules(model):
+        if adapter_name in wrapper.modules_to_save:
+            for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PREFIX}{name}.{k}"] = v
+    return out
+
+
+def _bias_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, param) of every parameter whose name contains "bias", outside LoRA A/B and
+    saved-module wrappers (those are saved as the modules' own state dicts)."""
+    skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
+    for _, layer in lora_layers(model):
+        skip.update(id(p) for p in layer.lora_A.parameters())
+        skip.update(id(p) for p in layer.lora_B.parameters())
+    return [(n, p) for n, p in model.named_parameters() if "bias" in n and id(p) not in skip]
+
+
+def _write_bytes(f, data: bytes) -> None:
+    """Write `data` to the open file `f` (one place, so tests can make a write fail midway)."""
+    f.write(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Save `adapter_name` to directory `path` in PEFT's format (see module docstring).
+
+    Both files are fully written and fsynced as temporaries before either replaces an
+    existing file; on any error the temporaries are removed and `path` is as before.
+    On an FSDP2-sharded model call it on every rank: the shards are gathered into full
+    tensors (a collective) and each rank writes the same files.
+
+    Example:
+        >>> lorakern.save_adapter(model, "my-adapter")          # doctest: +SKIP
+        >>> PeftModel.from_pretrained(base, "my-adapter")       # doctest: +SKIP
+    """
+    from safetensors.torch import save as st_save
+
+    cfg = adapter_state(model).configs.get(adapter_name)
+    # An FSDP2-sharded model holds DTensors: gather full tensors (a collective, so on a
+    # sharded model every rank calls save_adapter; each writes the same files).
+    tensors = gather_full_tensors(adapter_state_dict(model, adapter_name))
+    # safetensors refuses shared or strided storage: give every tensor its own copy.
+    data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    weights = st_save(data, metadata={"format": "pt"})
+    config = (json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True) + "\n").encode()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Write both temporaries before replacing anything, so either both new files land or
+    # (on an error while writing) neither does.
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, blob in ((WEIGHTS_NAME, weights), (CONFIG_NAME, config)):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
+            staged.append((tmp, path / name))
+            with os.fdopen(fd, "wb") as f:
+                _write_bytes(f, blob)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        staged = []
+        _fsync_dir(path)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+# ---- load -------------------------------------------------------------------------
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read (config, tensors) from an adapter directory, without touching any model.
+
+    Raises FileNotFoundError when the directory or a file is missing, AdapterLoadError
+    for an unreadable / corrupt file or a config for another peft_type.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{str(cfg_file)!r} is missing")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"{str(cfg_file)!r} is not valid JSON: {exc}") from None
+    try:
+        config = LoraConfig.from_peft_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise AdapterLoadError(f"{str(cfg_file)!r}: {exc}") from None
+    st_file, bin_file = path / WEIGHTS_NAME, path / LEGACY_WEIGHTS_NAME
+    if st_file.is_file():
+        from safetensors.torch import load as st_load
+
+        try:
+            tensors = st_load(st_file.read_bytes())
+        except Exception as exc:  # safetensors raises its own error type for corrupt headers/data
+            raise AdapterLoadError(f"{str(st_file)!r} is not a readable safetensors file: {exc}") from None
+    elif bin_file.is_file():
+        try:
+            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterLoadError(f"{str(bin_file)!r} cannot be read with torch.load(weights_only=True): {exc}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterLoadError(f"{str(bin_file)!r} does not hold a dict of tensors")
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME} in {str(path)!r}")
+    return config, tensors
+
+
+def _canonical(key: str) -> str:
+    """Biases of LoRA-wrapped layers are saved as `<layer>.base_layer.bias`; compare them as `<layer>.bias`."""
+    return key[: -len(".base_layer.bias")] + ".bias" if key.endswith(".base_layer.bias") else key
+
+
+def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing: bool, targets, to_save):
+    """{canonical key: (target tensor or None, expected shape, module name, what)} for loading
+    `config` into `model` (targets / to_save planned already). Changes nothing."""
+    exp: dict[str, tuple] = {}
+    for t in targets:
+        a = t.module.lora_A[adapter_name].weight if existing else None
+        b = t.module.lora_B[adapter_name].weight if existing else None
+        exp[f"{t.name}.lora_A.weight"] = (a, (t.r, t.in_features), t.name, "lora_A")
+        exp[f"{t.name}.lora_B.weight"] = (b, (t.out_features, t.r), t.name, "lora_B")
+    saved_names = [n for n, _ in to_save]
+    for name, module in to_save:
+        if existing:
+            if not isinstance(module, ModulesToSave) or adapter_name not in module.modules_to_save:
+                raise AdapterLoadError(f"the file saves module {name!r} but adapter {adapter_name!r} has no copy of it")
+            src = module.modules_to_save[adapter_name]
+        else:
+            src = module.original_module if isinstance(module, ModulesToSave) else module
+        for k, v in src.state_dict(keep_vars=True).items():
+            exp[f"{name}.{k}"] = (v if existing else None, tuple(v.shape), name, "modules_to_save")
+    if config.bias == "all":
+        for pname, p in _bias_params(model):
+            if any(pname.startswith(s + ".") for s in saved_names):
+                continue
+            exp[_canonical(pname)] = (p, tuple(p.shape), pname.rsplit(".", 1)[0], "bias")
+    elif config.bias == "lora_only":
+        for t in targets:
+            bias = t.module.base_layer.bias if hasattr(t.module, "base_layer") else t.module.bias
+            if bias is not None:
+                exp[f"{t.name}.bias"] = (bias, tuple(bias.shape), t.name, "bias")
+    return exp, saved_names
+
+
+def _check_agreement(model: nn.Module, config: LoraConfig, adapter_name: str, targets) -> None:
+    """The file's config must describe the adapter already in the model (same modules, r, alpha)."""
+    have = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    want = {t.name: t for t in targets}
+    if set(have) != set(want):
+        only_model = sorted(set(have) - set(want))[:5]
+        only_file = sorted(set(want) - set(have))[:5]
+        raise AdapterLoadError(
+            f"adapter {adapter_name!r} is in different modules than the file's config targets: "
+            f"only in the model {only_model}, only in the file {only_file}"
+        )
+    for name, layer in have.items():
+        t = want[name]
+        if layer.r[adapter_name] != t.r or layer.lora_alpha[adapter_name] != t.alpha or layer.use_rslora[adapter_name] != config.use_rslora:
+            raise AdapterLoadError(
+                f"module {name!r}: adapter {adapter_name!r} has r={layer.r[adapter_name]}, "
+                f"lora_alpha={layer.lora_alpha[adapter_name]}, use_rslora={layer.use_rslora[adapter_name]} in the model "
+                f"but the file's config gives r={t.r}, lora_alpha={t.alpha}, use_rslora={config.use_rslora}"
+            )
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> nn.Module:
+    """Load a PEFT-format adapter from directory `path` into `model` as `adapter_name`.
+
+    If the model has no adapter of that name, LoRA layers are injected from the file's
+    config first (the adapter becomes active if it is the model's first, as in PEFT);
+    otherwise the file must describe the existing adapter (same modules, r, alpha) and its
+    weights are replaced. Everything is validated before the model changes; on any error
+    (AdapterLoadError / FileNotFoundError) the model is exactly as before.
+
+    is_trainable=False (PEFT's default) loads the adapter frozen, for inference.
+
+    Example:
+        >>> model = lorakern.load_adapter(model, "peft-adapter-dir")   # doctest: +SKIP
+    """
+    config, tensors = read_adapter(path)
+    state = getattr(model, "_lorakern", None)
+    existing = adapter_name in adapter_configs(model)
+    try:
+        targets = plan_targets(model, config)
+        to_save = plan_modules_to_save(model, config)
+        if existing:
+            _check_agreement(model, config, adapter_name, targets)
+        exp, saved_names = _expected(model, config, adapter_name, existing, targets, to_save)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, AdapterLoadError):
+            raise
+        raise AdapterLoadError(f"adapter in {str(path)!r} does not fit this model: {exc}") from None
+
+    found: dict[str, torch.Tensor] = {}
+    unexpected, problems = [], []
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            unexpected.append(key)
+            continue
+        ck = _canonical(key[len(PREFIX):])
+        if ck in exp:
+            found[ck] = value
+            continue
+        # PEFT with bias="all" also writes a saved module's biases as
+        # `<module>.modules_to_save.<k>` and `<module>.original_module.<k>`; accept and skip them.
+        owner = next((s for s in saved_names if ck.startswith(s + ".modules_to_save.") or ck.startswith(s + ".original_module.")), None)
+        if owner is None or "bias" not in ck:
+            unexpected.append(key)
+    missing = [k for k in exp if k not in found]
+    for ck, value in found.items():
+        _, shape, module_name, what = exp[ck]
+        if not value.is_floating_point():
+            problems.append(f"{PREFIX}{ck}: dtype {value.dtype} is not floating point")
+        elif tuple(value.shape) != shape:
+            hint = ""
+            if what == "lora_A" and value.dim() == 2 and value.shape[1] == shape[1]:
+                hint = f" (rank {value.shape[0]} in the file, r={shape[0]} in the config)"
+            elif what == "lora_B" and value.dim() == 2 and value.shape[0] == shape[0]:
+                hint = f" (rank {value.shape[1]} in the file, r={shape[1]} in the config)"
+            problems.append(
+                f"module {module_name!r} {what}: expected shape {list(shape)}, found {list(value.shape)}{hint}"
+            )
+        elif not torch.isfinite(value).all():
+            problems.append(f"{PREFIX}{ck}: has non-finite values (NaN or inf)")
+    if missing or unexpected or problems:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {[PREFIX + k for k in missing[:8]]}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:8]}" + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        parts.extend(problems[:8])
+        raise AdapterLoadError(f"cannot load adapter from {str(path)!r} into {type(model).__name__}: " + "; ".join(parts))
+
+    # Everything checked: now change the model. Keep what gets overwritten in place so an
+    # unexpected failure below can still be rolled back.
+    overwritten = {ck: exp[ck][0].detach().clone() for ck in found if exp[ck][3] == "bias"}
+    try:
+        with torch.no_grad():
+            if not existing:
+                with torch.random.fork_rng(devices=[]):  # do not consume the caller's RNG
+                    inject_planned(model, config, adapter_name, targets, to_save, inference=not is_trainable)
+            layers = dict(lora_layers(model))
+            wrappers = dict(saved_modules(model))
+            for ck, value in found.items():
+                _, _, module_name, what = exp[ck]
+                if what in ("lora_A", "lora_B"):
+                    dst = getattr(layers[module_name], what)[adapter_name].weight
+                elif what == "modules_to_save":
+                    copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)
+                    dst = copy_sd[ck[len(module_name) + 1:]]
+                else:
+                    dst = exp[ck][0]
+                dst.copy_(value.to(dtype=dst.dtype, device=dst.device))
+            if existing:
+                st = adapter_state(model)
+                if is_trainable:
+                    st.inference.discard(adapter_name)
+                else:
+                    st.inference.add(adapter_name)
+                set_adapter(model, st.active)
+    except BaseException:
+        with torch.no_grad():
+            for ck, old in overwritten.items():
+                exp[ck][0].copy_(old)
+        if not existing and adapter_name in adapter_configs(model):
+            delete_adapter(model, adapter_name)
+        if state is None and hasattr(model, "_lorakern"):
+            del model._lorakern
+        raise
+    return model
+
+

@@ -1,0 +1,285 @@
+"""Results to files: results.json, results.csv (+ memory.csv, e2e.csv), results.md and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+ROW_COLUMNS = (
+    "provider", "mode", "K", "N", "M", "r", "dtype", "dropout", "median_ms", "p20_ms", "p80_ms", "reps",
+    "tflops", "gbps", "ratio_to_base", "roofline_frac", "rel_err", "agrees",
+)
+MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes")
+E2E_COLUMNS = (
+    "provider", "size", "params", "trainable_params", "tokens_per_step", "step_ms_median", "step_ms_p20",
+    "step_ms_p80", "tokens_per_s", "peak_bytes", "saved_bytes", "loss_first", "loss_last",
+)
+PROVIDER_STYLE = {
+    "base": ("black", "--"), "eager": ("tab:orange", "-"), "addmm": ("tab:green", "-"),
+    "peft": ("tab:red", "-"), "lorakern": ("tab:blue", "-"),
+}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mib(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.2f}"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def machine_line(results: dict) -> str:
+    m = results["machine"]
+    parts = [f"**{m['card']}** ({m['device']})"]
+    if m.get("driver"):
+        parts.append(f"driver {m['driver']}")
+    parts.append(f"torch {m['torch']}")
+    parts.append(f"Triton {m['triton'] or 'absent'}")
+    parts.append(f"lorakern {m['lorakern']} @ {(m['commit'] or 'unknown commit')[:12]}")
+    parts.append(f"auto backend: {m['auto_backend']}")
+    return ", ".join(parts)
+
+
+def _err_cell(row: dict) -> str:
+    if row["rel_err"] is None:
+        return "–"
+    cell = f"{row['rel_err']:.1e}"
+    return cell if row["agrees"] is not False else f"**{cell} MISMATCH**"
+
+
+def timing_table(results: dict) -> str:
+    """Markdown: one row per measurement, grouped by shape and mode."""
+    header = ["mode", "K×N", "M", "r", "p", "provider", "median ms", "p20–p80 ms", "TFLOP/s", "GB/s",
+              "× base", "roofline", "rel err"]
+    order = {name: i for i, name in enumerate(results.get("providers", []))}
+    rows = sorted(results["rows"], key=lambda r: (("decode", "fwd", "fwd+bwd").index(r["mode"]), r["K"], r["N"],
+                                                   r["r"], r["M"], r["dropout"], order.get(r["provider"], 99)))
+    body = [[
+        r["mode"], f"{r['K']}×{r['N']}", str(r["M"]), str(r["r"]), _fmt(r["dropout"], 2), r["provider"],
+        _fmt(r["median_ms"]), f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["tflops"]), _fmt(r["gbps"], 2),
+        _fmt(r["ratio_to_base"]), _fmt(r["roofline_frac"], 2), _err_cell(r),
+    ] for r in rows]
+    return _table(header, body)
+
+
+def memory_table(results: dict) -> str:
+    header = ["K×N", "M", "r", "provider", "saved MiB (p=0)", "saved MiB (p=0.1)", "peak MiB (p=0)", "peak MiB (p=0.1)"]
+    cells: dict[tuple, dict] = {}
+    for m in results["memory"]:
+        key = (m["K"], m["N"], m["M"], m["r"], m["provider"])
+        cells.setdefault(key, {})[m["dropout"]] = m
+    order = {name: i for i, name in enumerate(results.get("providers", []))}
+    body = []
+    for key in sorted(cells, key=lambda k: (k[:4], order.get(k[4], 99))):
+        c = cells[key]
+        g = lambda p, f: c[p][f] if p in c else None  # noqa: E731
+        body.append([f"{key[0]}×{key[1]}", str(key[2]), str(key[3]), key[4], _mib(g(0.0, "saved_bytes")),
+                     _mib(g(0.1, "saved_bytes")), _mib(g(0.0, "peak_bytes")), _mib(g(0.1, "peak_bytes"))])
+    return _table(header, body)
+
+
+def e2e_table(results: dict) -> str:
+    header = ["provider", "model", "params", "tokens/step", "step ms (median)", "p20–p80 ms", "tokens/s",
+              "peak MiB", "saved MiB", "first loss"]
+    body = [[e["provider"], e["size"], f"{e['params'] / 1e6:.1f}M", str(e["tokens_per_step"]), _fmt(e["step_ms_median"]),
+             f"{_fmt(e['step_ms_p20'])}–{_fmt(e['step_ms_p80'])}", _fmt(e["tokens_per_s"], 4), _mib(e["peak_bytes"]),
+             _mib(e["saved_bytes"]), _fmt(e["loss_first"], 5)] for e in results["e2e"]]
+    return _table(header, body)
+
+
+def targets_table(results: dict) -> str:
+    header = ["target", "measured", "limit", "met", "detail"]
+    body = [[t["target"], _fmt(t["value"]), "–" if t["limit"] is None else f"{t['op']} {t['limit']}",
+             {True: "yes", False: "**no**", None: "–"}[t["met"]], t["detail"]] for t in results["targets"]]
+    return _table(header, body)
+
+
+def to_markdown(results: dict) -> str:
+    """The whole run as a Markdown report."""
+    c = results["ceilings"]
+    cfg = results["config"]
+    parts = [
+        f"# lorakern benchmark — {results['machine']['card']}",
+        "",
+        machine_line(results) + ".",
+        "",
+        f"Run {results['started_utc']} → {results['finished_utc']}; preset `{cfg['preset']}`, dtype {cfg['dtype']}, "
+        f"providers {', '.join(results['providers'])}"
+        + (f" (skipped: {results['skipped_providers']})" if results["skipped_providers"] else "") + ".",
+        "",
+        f"Timer: {results['timer']}.",
+        "",
+        f"Ceilings measured at the start: copy {c['copy_GBps']:.1f} GB/s, {c['dtype']} matmul "
+        f"{c['matmul_TFLOPs']:.3f} TFLOP/s (n={c['matmul_n']}). `roofline` = ideal time at these ceilings / measured "
+        "time; `× base` = median / the frozen nn.Linear's median (same shape, mode); `rel err` = ‖y − y_fp64‖/‖y_fp64‖.",
+        "",
+        "Modes: `fwd` = training forward (autograd recording, W frozen); `fwd+bwd` = forward + backward; "
+        "`decode` = inference forward (torch.inference_mode) at M ≤ 16.",
+    ]
+    if results["targets"]:
+        parts += ["", "## Targets", "", targets_table(results)]
+    parts += ["", "## Layer timings", "", timing_table(results)]
+    if results["memory"]:
+        parts += ["", "## Memory of fwd+bwd (saved activations exclude parameters; peak is CUDA only)", "",
+                  memory_table(results)]
+    if results.get("e2e_skipped"):
+        parts += ["", f"End-to-end step skipped: {results['e2e_skipped']}."]
+    if results["e2e"]:
+        s = results["e2e_size"]
+        parts += ["", f"## End-to-end training step (Llama, hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, "
+                  f"batch {s['batch']}×{s['seq_len']}, LoRA r=16 on all linear layers, dropout 0.05, AdamW)", "",
+                  e2e_table(results)]
+    return "\n".join(parts) + "\n"
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_ratios(results: dict, mode: str, path: Path) -> bool:
+    """Ratio to base vs tokens, one panel per (K, N, r), one line per provider. False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["mode"] == mode and r["ratio_to_base"] is not None and r["dropout"] == 0.0]
+    panels = sorted({(r["K"], r["N"], r["r"]) for r in rows})
+    if not panels:
+        return False
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (K, N, r) in zip(axes.flat, panels):
+        for provider in results["providers"]:
+            pts = sorted((row["M"], row["ratio_to_base"]) for row in rows
+                         if (row["K"], row["N"], row["r"], row["provider"]) == (K, N, r, provider))
+            if not pts:
+                continue
+            color, style = PROVIDER_STYLE.get(provider, ("gray", "-"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=4, color=color, label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"K={K} N={N} r={r}", fontsize=10)
+        ax.set_xlabel("tokens M")
+        ax.set_ylabel("time / base")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=9)
+    m = results["machine"]
+    fig.suptitle(f"{mode}: time relative to frozen nn.Linear (lower is better), dropout 0 — {m['card']} "
+                 f"({m['device']}), {results['config']['dtype']}", fontsize=11, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_memory(results: dict, path: Path) -> bool:
+    """Bars: saved-activation MiB per provider at dropout 0 and 0.1, one panel per shape; plus e2e."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    memory = results["memory"]
+    shapes = sorted({(m["K"], m["N"], m["M"], m["r"]) for m in memory})
+    e2e = results["e2e"]
+    n = len(shapes) + (1 if e2e else 0)
+    if n == 0:
+        return False
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
+    providers = [p for p in results["providers"]]
+    width = 0.38
+    for ax, (K, N, M, r) in zip(axes.flat, shapes):
+        for j, dropout in enumerate((0.0, 0.1)):
+            vals = []
+            for p in providers:
+                hit = [m for m in memory if (m["K"], m["N"], m["M"], m["r"], m["provider"], m["dropout"]) == (K, N, M, r, p, dropout)]
+                vals.append(hit[0]["saved_bytes"] / 2**20 if hit else 0.0)
+            xs = [i + (j - 0.5) * width for i in range(len(providers))]
+            bars = ax.bar(xs, vals, width, label=f"dropout {dropout}", color=("tab:blue", "tab:orange")[j])
+            ax.bar_label(bars, fmt="%.3g", fontsize=6)
+        ax.set_xticks(range(len(providers)), providers, fontsize=8)
+        ax.set_title(f"K={K} N={N} M={M} r={r}", fontsize=10)
+        ax.set_ylabel("saved activations, MiB")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    if e2e:
+        ax = list(axes.flat)[len(shapes)]
+        names = [e["provider"] for e in e2e]
+        key = "peak_bytes" if all(e["peak_bytes"] for e in e2e) else "saved_bytes"
+        bars = ax.bar(names, [e[key] / 2**20 for e in e2e], color=[PROVIDER_STYLE.get(n, ("gray",))[0] for n in names])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_title(f"end-to-end step ({e2e[0]['size']} Llama, dropout 0.05)", fontsize=10)
+        ax.set_ylabel(("peak memory" if key == "peak_bytes" else "saved activations") + ", MiB")
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Memory of one fwd+bwd — {results['machine']['card']} ({results['machine']['device']}), "
+                 f"{results['config']['dtype']}",
+                 fontsize=11, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_results(results: dict, out: str | Path, plots: bool = True) -> list[Path]:
+    """Write every output file into `out` (created); returns the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    written.append(path)
+    for name, columns, rows in (("results.csv", ROW_COLUMNS, results["rows"]),
+                                ("memory.csv", MEMORY_COLUMNS, results["memory"]),
+                                ("e2e.csv", E2E_COLUMNS, results["e2e"])):
+        if rows or name == "results.csv":
+            _write_csv(out / name, columns, rows)
+            written.append(out / name)
+    path = out / "results.md"
+    path.write_text(to_markdown(results))
+    written.append(path)
+    if plots and not _matplotlib_available():
+        print("plots skipped: matplotlib is not installed (pip install 'lorakern[bench]')")
+        plots = False
+    if plots:
+        for mode in ("fwd", "fwd+bwd", "decode"):
+            path = out / f"ratio_{mode.replace('+', '_')}.png"
+            if plot_ratios(results, mode, path):
+                written.append(path)
+        if plot_memory(results, out / "memory.png"):
+            written.append(out / "memory.png")
+    return written

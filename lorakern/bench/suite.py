@@ -1,0 +1,301 @@
+"""The benchmark suite: every provider on every shape and mode, same inputs, same process.
+
+`run_suite(config)` returns one JSON-serialisable dict:
+  machine   card, driver, versions, commit, backend "auto" picks (machine.py)
+  timer     which clock measured the numbers
+  ceilings  copy GB/s and matmul TFLOP/s measured at the start of the run
+  rows      one per (provider, mode, K, N, M, r, dropout): median/p20/p80 ms, TFLOP/s,
+            GB/s, ratio to base, fraction of roofline, relative error vs fp64
+  memory    saved-activation bytes (and CUDA peak) of fwd+bwd, dropout 0 and 0.1
+  e2e       Llama training step, lorakern vs PEFT
+  targets   the issue's measured targets, evaluated on these rows (targets.py)
+Modes: fwd = training forward (autograd records; W frozen, x and adapters need grad);
+fwd+bwd = that forward plus backward; decode = inference forward (torch.inference_mode,
+eval mode) at M <= 16.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lorakern.bench import e2e as e2e_mod
+from lorakern.bench.cost import MODES, linear_cost
+from lorakern.bench.machine import machine_info
+from lorakern.bench.memory import peak_bytes, saved_activation_bytes
+from lorakern.bench.progress import Progress
+from lorakern.bench.providers import PROVIDERS, Weights, available_providers, build, trainable
+from lorakern.bench.shapes import DECODE_MAX_M, PRESETS, modes_for
+from lorakern.bench.targets import evaluate_targets
+from lorakern.bench.timing import TimerSpec, measure_ceilings, time_many, timer_description
+
+# Max relative error vs fp64 for the providers to count as computing the same thing (DESIGN.md §5).
+AGREE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MEMORY_DROPOUTS = (0.0, 0.1)
+# Inputs are rotated through a pool at least this many times the last-level cache.
+ROTATE_FACTOR = 2
+ROTATE_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class BenchConfig:
+    """What to run. `for_device` fills in the defaults for a machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    preset: str
+    kn: tuple[tuple[int, int], ...]
+    tokens: tuple[int, ...]
+    ranks: tuple[int, ...]
+    modes: tuple[str, ...] = MODES
+    providers: tuple[str, ...] = PROVIDERS
+    dropouts: tuple[float, ...] = (0.0,)
+    bias: bool = False
+    memory: bool = True
+    e2e: bool = True
+    e2e_size: str = "auto"
+    timer: TimerSpec = field(default_factory=TimerSpec)
+    seed: int = 0
+
+    @classmethod
+    def for_device(cls, device: torch.device, preset: str | None = None, **overrides) -> BenchConfig:
+        """Defaults: GPU -> llama8b shapes, bf16, all providers; CPU -> small shapes, fp32,
+        base/eager/peft/lorakern, a wall-clock budget of 0.3 s per measurement."""
+        gpu = device.type == "cuda"
+        preset = preset or ("llama8b" if gpu else "small")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown shape preset {preset!r}; choose from {sorted(PRESETS)} or custom")
+        p = PRESETS[preset]
+        config = cls(
+            device=device,
+            dtype=torch.bfloat16 if gpu else torch.float32,
+            preset=preset,
+            kn=p.kn,
+            tokens=p.tokens,
+            ranks=p.ranks,
+            providers=PROVIDERS if gpu else ("base", "eager", "peft", "lorakern"),
+            timer=TimerSpec() if gpu else TimerSpec(warmup_ms=50, rep_ms=300, min_reps=5),
+        )
+        if preset == "tiny":
+            config = replace(config, timer=TimerSpec(warmup_ms=5, rep_ms=20, min_reps=3), e2e_size="micro")
+        return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return {
+            "device": str(self.device),
+            "dtype": _dtype_name(self.dtype),
+            "preset": self.preset,
+            "kn": [list(kn) for kn in self.kn],
+            "tokens": list(self.tokens),
+            "ranks": list(self.ranks),
+            "modes": list(self.modes),
+            "providers": list(self.providers),
+            "dropouts": list(self.dropouts),
+            "bias": self.bias,
+            "memory": self.memory,
+            "e2e": self.e2e,
+            "e2e_size": self.e2e_size,
+            "timer": vars(self.timer),
+            "seed": self.seed,
+        }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    num = (out.double() - ref).norm().item()
+    den = ref.norm().item()
+    return num / den if den else num
+
+
+def _cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) or (50 << 20)
+    return 32 << 20
+
+
+class _Inputs:
+    """A pool of (x, dY) pairs, rotated so successive calls do not find x in cache."""
+
+    def __init__(self, M: int, K: int, N: int, dtype: torch.dtype, device: torch.device):
+        per = M * (K + N) * torch.empty((), dtype=dtype).element_size()
+        n = max(1, min(8, math.ceil(ROTATE_FACTOR * _cache_bytes(device) / per), ROTATE_MAX_BYTES // per))
+        self.xs = [torch.randn(M, K, device=device, dtype=dtype).requires_grad_(True) for _ in range(n)]
+        self.dys = [torch.randn(M, N, device=device, dtype=dtype) for _ in range(n)]
+        self._next = itertools.cycle(range(n))
+
+    def next(self) -> int:
+        return next(self._next)
+
+
+def _step_fn(module: torch.nn.Module, mode: str, inputs: _Inputs) -> Callable[[], object]:
+    if mode == "fwd":
+        return lambda: module(inputs.xs[inputs.next()])
+    if mode == "fwd+bwd":
+
+        def fwd_bwd():
+            i = inputs.next()
+            module(inputs.xs[i]).backward(inputs.dys[i])
+
+        return fwd_bwd
+
+    def decode():
+        with torch.inference_mode():
+            return module(inputs.xs[inputs.next()])
+
+    return decode
+
+
+def _count_work(config: BenchConfig, providers: list[str]) -> int:
+    n = 0
+    lora = [p for p in providers if p != "base"]
+    for M in config.tokens:
+        for mode in modes_for(M, config.modes):
+            drops = (0.0,) if mode == "decode" else config.dropouts
+            n += len(config.kn) * len(config.ranks) * ("base" in providers) + len(config.kn) * len(config.ranks) * len(drops) * len(lora)
+    if config.memory and _memory_M(config) is not None:
+        n += len(config.kn) * len(config.ranks) * len(providers) * len(MEMORY_DROPOUTS)
+    return n + 2  # ceilings
+
+
+def _memory_M(config: BenchConfig) -> int | None:
+    train = [M for M in config.tokens if M > DECODE_MAX_M]
+    return max(train) if train and "fwd+bwd" in config.modes else None
+
+
+def _layer_rows(config: BenchConfig, providers: list[str], ceilings: dict, progress: Progress) -> list[dict]:
+    rows = []
+    dev, dtype = config.device, config.dtype
+    elem = torch.empty((), dtype=dtype).element_size()
+    for r, (K, N) in itertools.product(config.ranks, config.kn):
+        torch.manual_seed(config.seed)
+        w = Weights.random(K, N, r, dtype, dev, bias=config.bias)
+        for M in config.tokens:
+            modes = modes_for(M, config.modes)
+            if not modes:
+                continue
+            inputs = _Inputs(M, K, N, dtype, dev)
+            base_ms: dict[str, float] = {}
+            for dropout in config.dropouts:
+                modules = {name: build(name, w, dropout) for name in providers}
+                errors = {}
+                if dropout == 0.0:
+                    ref = w.reference(inputs.xs[0].detach())
+                    with torch.no_grad():
+                        errors = {n: _rel_error(m.eval()(inputs.xs[0]), ref) for n, m in modules.items() if n != "base"}
+                    for m in modules.values():
+                        m.train()
+                for mode in modes:
+                    if mode == "decode" and dropout > 0:
+                        continue
+                    timed = {n: m for n, m in modules.items() if not (n == "base" and mode in base_ms)}
+                    fns, grads = {}, {}
+                    for name, module in timed.items():
+                        module.train(mode != "decode")
+                        fns[name] = _step_fn(module, mode, inputs)
+                        grads[name] = inputs.xs + trainable(module) if mode == "fwd+bwd" else []
+                    timings = time_many(fns, dev, config.timer, grads)
+                    if "base" in timings:
+                        base_ms[mode] = timings["base"].median_ms
+                    for name, t in timings.items():
+                        progress.tick(f"{mode} K={K} N={N} M={M} r={r} p={dropout} {name}")
+                        cost = linear_cost(mode, M, K, N, r, elem, 4, config.bias, lora=name != "base")
+                        secs = t.median_ms * 1e-3
+                        rows.append({
+                            "provider": name, "mode": mode, "K": K, "N": N, "M": M, "r": r,
+                            "dtype": _dtype_name(dtype), "dropout": dropout if name != "base" else 0.0,
+                            "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps,
+                            "tflops": cost.flops / secs / 1e12, "gbps": cost.bytes / secs / 1e9,
+                            "ratio_to_base": t.median_ms / base_ms[mode] if mode in base_ms else None,
+                            "roofline_frac": cost.roofline_ms(ceilings["matmul_TFLOPs"], ceilings["copy_GBps"]) / t.median_ms,
+                            "rel_err": errors.get(name),
+                            "agrees": None if name not in errors else errors[name] <= AGREE_RTOL.get(dtype, 1e-5),
+                        })
+                del modules
+            del inputs
+    return rows
+
+
+def _memory_rows(config: BenchConfig, providers: list[str], progress: Progress) -> list[dict]:
+    M = _memory_M(config)
+    if M is None:
+        return []
+    rows = []
+    dev, dtype = config.device, config.dtype
+    for r, (K, N) in itertools.product(config.ranks, config.kn):
+        torch.manual_seed(config.seed)
+        w = Weights.random(K, N, r, dtype, dev, bias=config.bias)
+        x = torch.randn(M, K, device=dev, dtype=dtype, requires_grad=True)
+        dy = torch.randn(M, N, device=dev, dtype=dtype)
+        for dropout, name in itertools.product(MEMORY_DROPOUTS, providers):
+            module = build(name, w, dropout)
+            params = list(module.parameters())
+            saved = saved_activation_bytes(lambda: module(x), params)
+            peak = peak_bytes(lambda: module(x).backward(dy), dev)
+            x.grad = None
+            progress.tick(f"memory K={K} N={N} M={M} p={dropout} {name}")
+            rows.append({
+                "provider": name, "K": K, "N": N, "M": M, "r": r, "dtype": _dtype_name(dtype),
+                "dropout": dropout, "saved_bytes": saved, "peak_bytes": peak,
+            })
+            del module
+    return rows
+
+
+def run_suite(config: BenchConfig, progress: bool = True) -> dict:
+    """Run everything `config` asks for; returns the results dict (see the module docstring)."""
+    providers, skipped = available_providers(list(config.providers))
+    if providers and providers[0] != "base" and "base" in providers:
+        providers = ["base"] + [p for p in providers if p != "base"]
+    e2e_providers = [p for p in ("lorakern", "peft") if p in providers]
+    size = e2e_mod.size_for(config.device, config.e2e_size) if config.e2e else None
+    e2e_skipped = None
+    if size is not None and not e2e_mod.transformers_available():
+        size, e2e_skipped = None, "transformers is not installed (pip install 'lorakern[bench]')"
+    total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers) if size else 0)
+    bar = Progress(total, enabled=progress)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
+    bar.tick("ceilings: copy bandwidth")
+    bar.tick("ceilings: matmul rate")
+    rows = _layer_rows(config, providers, ceilings, bar)
+    memory = _memory_rows(config, providers, bar) if config.memory else []
+    e2e_rows = []
+    if size is not None and e2e_providers:
+        e2e_rows = e2e_mod.run_e2e(config.device, config.dtype, size, e2e_providers, tick=bar.tick, seed=config.seed)
+    bar.close()
+    results = {
+        "machine": machine_info(config.device, config.dtype),
+        "config": config.as_dict(),
+        "started_utc": started.isoformat(timespec="seconds"),
+        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timer": timer_description(config.device, config.timer),
+        "ceilings": ceilings,
+        "providers": providers,
+        "skipped_providers": skipped,
+        "rows": rows,
+        "memory": memory,
+        "e2e": e2e_rows,
+        "e2e_size": vars(size) if size is not None else None,
+        "e2e_skipped": e2e_skipped,
+        "dispatch": _dispatch_choices(),
+    }
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def _dispatch_choices() -> list[dict]:
+    """Which GEMM variant lorakern's measured dispatch picked per shape bucket (CUDA runs only)."""
+    import sys
+
+    dispatch = sys.modules.get("lorakern.kernels.dispatch")
+    if dispatch is None or not hasattr(dispatch, "recorded_choices"):
+        return []
+    return [{"key": [str(k) for k in key], "fused": fused} for key, fused in dispatch.recorded_choices().items()]

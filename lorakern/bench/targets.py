@@ -1,0 +1,115 @@
+"""The issue's measured targets, evaluated on a run's rows (reported, never asserted).
+
+GPU (bf16, r = 16, Llama-3-8B shapes): lorakern fwd <= 1.05x base and fwd+bwd <= 1.10x
+base at M = 8192; decode (M <= 16) <= 1.10x base; lorakern faster than every other LoRA
+provider on every headline row; saved activations with dropout 0.1 no larger than with
+dropout 0; end-to-end >= 1.25x PEFT tokens/s at lower peak memory.
+CPU: lorakern fwd+bwd within 1.05x of PEFT's time on the same shapes; lorakern's saved
+activations with dropout 0.1 no larger than PEFT's with dropout 0.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from lorakern.bench.shapes import LLAMA8B_KN
+
+HEADLINE_M = 8192
+
+
+def _target(name: str, value: float | None, limit: float | None, better: str, detail: str = "") -> dict:
+    """better: "<=" or ">=" (value against limit); limit None = reported for information only."""
+    met = None if value is None or limit is None else (value <= limit if better == "<=" else value >= limit)
+    return {"target": name, "value": value, "limit": limit, "op": better, "met": met, "detail": detail}
+
+
+def _worst(rows: list[dict], key: str) -> tuple[float | None, str]:
+    rows = [r for r in rows if r.get(key) is not None]
+    if not rows:
+        return None, "no rows"
+    worst = max(rows, key=lambda r: r[key])
+    return worst[key], f"worst of {len(rows)} rows: K={worst['K']} N={worst['N']} M={worst['M']} r={worst['r']}"
+
+
+def _lorakern_vs(rows: list[dict], other: str, mode: str, dropout: float | None = None) -> list[float]:
+    """lorakern time / other's time for every matching (mode, K, N, M, r, dropout)."""
+    by_key = defaultdict(dict)
+    for r in rows:
+        if r["mode"] == mode and (dropout is None or r["dropout"] == dropout):
+            by_key[(r["K"], r["N"], r["M"], r["r"], r["dropout"])][r["provider"]] = r["median_ms"]
+    return [v["lorakern"] / v[other] for v in by_key.values() if "lorakern" in v and other in v]
+
+
+def _saved(memory: list[dict], provider: str, dropout: float) -> dict:
+    return {(m["K"], m["N"], m["M"], m["r"]): m["saved_bytes"] for m in memory
+            if m["provider"] == provider and m["dropout"] == dropout}
+
+
+def _gpu_targets(results: dict) -> list[dict]:
+    rows = [r for r in results["rows"] if r["dtype"] == "bfloat16" and r["r"] == 16 and (r["K"], r["N"]) in LLAMA8B_KN]
+    lk = [r for r in rows if r["provider"] == "lorakern" and r["dropout"] == 0.0]
+    out = []
+    for mode, limit, pick in (
+        ("fwd", 1.05, lambda r: r["M"] == HEADLINE_M),
+        ("fwd+bwd", 1.10, lambda r: r["M"] == HEADLINE_M),
+        ("decode", 1.10, lambda r: True),
+    ):
+        value, detail = _worst([r for r in lk if r["mode"] == mode and pick(r)], "ratio_to_base")
+        out.append(_target(f"lorakern {mode} / base (bf16, r=16, Llama-3-8B)", value, limit, "<=", detail))
+    headline = [r for r in rows if r["M"] == HEADLINE_M or r["mode"] == "decode"]
+    for other in ("eager", "addmm", "peft"):
+        ratios = [x for mode in ("fwd", "fwd+bwd", "decode") for x in _lorakern_vs(headline, other, mode)]
+        value = max(ratios) if ratios else None
+        out.append(_target(f"lorakern faster than {other} on every headline row (worst time ratio)", value, 1.0, "<=",
+                           f"{sum(x < 1 for x in ratios)}/{len(ratios)} rows faster"))
+    out.extend(_saved_target(results, "lorakern", "lorakern"))
+    out.extend(_e2e_targets(results, tokens_limit=1.25))
+    return out
+
+
+def _saved_target(results: dict, provider: str, reference: str) -> list[dict]:
+    with_p = _saved(results["memory"], provider, 0.1)
+    without = _saved(results["memory"], reference, 0.0)
+    keys = [k for k in with_p if k in without and without[k]]
+    if not keys:
+        return []
+    worst = max(keys, key=lambda k: with_p[k] / without[k])
+    diff = with_p[worst] - without[worst]
+    return [_target(f"saved activations: {provider} (dropout 0.1) / {reference} (dropout 0)",
+                    with_p[worst] / without[worst], 1.0, "<=",
+                    f"worst of {len(keys)} shapes: K={worst[0]} N={worst[1]} M={worst[2]}, "
+                    f"{with_p[worst]} B vs {without[worst]} B ({diff:+d} B)")]
+
+
+def _e2e_targets(results: dict, tokens_limit: float | None) -> list[dict]:
+    e2e = {r["provider"]: r for r in results.get("e2e", [])}
+    if "lorakern" not in e2e or "peft" not in e2e:
+        return []
+    lk, pf = e2e["lorakern"], e2e["peft"]
+    out = [_target("end-to-end tokens/s: lorakern / PEFT", lk["tokens_per_s"] / pf["tokens_per_s"], tokens_limit, ">=")]
+    memory_limit = None if tokens_limit is None else 1.0
+    if lk["peak_bytes"] is not None and pf["peak_bytes"]:
+        out.append(_target("end-to-end peak memory: lorakern / PEFT", lk["peak_bytes"] / pf["peak_bytes"], memory_limit, "<="))
+    if pf["saved_bytes"]:
+        out.append(_target("end-to-end saved activations: lorakern / PEFT", lk["saved_bytes"] / pf["saved_bytes"], memory_limit, "<="))
+    return out
+
+
+def _cpu_targets(results: dict) -> list[dict]:
+    out = []
+    for dropout in sorted({r["dropout"] for r in results["rows"] if r["provider"] == "lorakern"}):
+        ratios = sorted(_lorakern_vs(results["rows"], "peft", "fwd+bwd", dropout))
+        out.append(_target(
+            f"CPU: lorakern fwd+bwd time / PEFT's, dropout {dropout:g} (worst row)", ratios[-1] if ratios else None,
+            1.05, "<=", f"{len(ratios)} rows, median {ratios[len(ratios) // 2]:.3f}" if ratios else "no rows",
+        ))
+    out.extend(_saved_target(results, "lorakern", "peft"))
+    out.extend(_e2e_targets(results, tokens_limit=None))  # no CPU end-to-end target: information only
+    return out
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """One dict per target: target, value, limit, op, met (True / False / None when not measured), detail."""
+    if results["machine"]["device"] == "cuda":
+        return _gpu_targets(results)
+    return _cpu_targets(results)

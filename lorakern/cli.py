@@ -1,0 +1,164 @@
+"""`lorakern` console script: `info`, `check`, `bench`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def _info(args: argparse.Namespace) -> int:
+    from lorakern.bench.machine import machine_info, pick_device
+
+    device = pick_device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    info = machine_info(device, dtype)
+    rows = [
+        ("device", info["device"]),
+        ("card", info["card"]),
+        ("driver", info["driver"] or ("–" if device.type == "cpu" else "unknown (no nvidia-smi)")),
+        ("CUDA runtime", info["cuda_runtime"] or "– (CPU build of torch)"),
+        ("torch", info["torch"]),
+        ("Triton", info["triton"] or "not installed"),
+        ("Triton interpreter", "on (TRITON_INTERPRET=1)" if info["triton_interpret"] else "off"),
+        ("Python", info["python"]),
+        ("CPU threads", str(info["cpu_threads"])),
+        ("lorakern", f"{info['lorakern']} ({info['commit'] or 'not a git checkout'})"),
+        (f"backend 'auto' ({info['auto_backend_dtype']})", f"{info['auto_backend']}: {info['auto_backend_reason']}"),
+    ]
+    if device.type == "cuda":
+        rows.insert(3, ("GPU memory", f"{info['gpu_memory_gib']} GiB, {info['sm_count']} SMs, sm_{info['compute_capability'].replace('.', '')}"))
+    for key, value in info["env"].items():
+        rows.append((key, value))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        # On CPU the kernels run in Triton's interpreter, which must be chosen before
+        # triton is first imported; importing lorakern may already have imported it
+        # (through torch), so run the check in a fresh interpreter with the switch set.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        return subprocess.run([sys.executable, "-m", "lorakern.cli", "check"], env=env).returncode
+    from lorakern.selfcheck import run_selfcheck
+
+    return 0 if run_selfcheck(print_fn=print) else 1
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace(",", " ").split())
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from lorakern.bench.machine import pick_device
+    from lorakern.bench.report import machine_line, targets_table, timing_table, write_results
+    from lorakern.bench.shapes import parse_kn
+    from lorakern.bench.suite import BenchConfig, run_suite
+
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = None if args.shapes in (None, "custom") else args.shapes
+    overrides = {
+        "dtype": getattr(torch, args.dtype) if args.dtype else None,
+        "tokens": tuple(args.tokens) if args.tokens else None,
+        "ranks": tuple(args.rank) if args.rank else None,
+        "modes": tuple(args.modes) if args.modes else None,
+        "providers": tuple(args.providers) if args.providers else None,
+        "dropouts": tuple(args.dropout) if args.dropout else None,
+        "bias": args.bias or None,
+        "memory": False if args.no_memory else None,
+        "e2e": False if args.no_e2e else None,
+        "e2e_size": args.e2e_size,
+    }
+    if args.shapes == "custom":
+        if not args.kn:
+            raise SystemExit("--shapes custom needs --kn KxN [KxN ...]")
+        overrides["kn"] = tuple(parse_kn(s) for s in args.kn)
+    elif args.kn:
+        raise SystemExit("--kn is only used with --shapes custom")
+    config = BenchConfig.for_device(device, preset, **overrides)
+    if args.shapes == "custom":
+        config = dataclasses.replace(config, preset="custom")
+    if args.dry_run:
+        print(config.as_dict())
+        return 0
+    print(f"lorakern bench: preset {config.preset} on {device}, {str(config.dtype).removeprefix('torch.')}, "
+          f"providers {', '.join(config.providers)}", file=sys.stderr)
+    results = run_suite(config, progress=not args.quiet)
+    print(machine_line(results))
+    print(f"timer: {results['timer']}")
+    print(timing_table(results))
+    if results["targets"]:
+        print()
+        print(targets_table(results))
+    if args.out:
+        out = args.out.format(card=results["machine"]["card_slug"], date=results["started_utc"][:10])
+        for path in write_results(results, out, plots=not args.no_plots):
+            print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorakern.bench.cost import MODES
+    from lorakern.bench.providers import PROVIDERS
+    from lorakern.bench.shapes import PRESETS
+
+    parser = argparse.ArgumentParser(prog="lorakern", description="Fused LoRA kernels for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="device, card, driver, torch, Triton, and what backend 'auto' picks")
+    info.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    info.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype for the backend choice")
+
+    sub.add_parser("check", help="run the fused path against the reference and print the errors")
+
+    bench = sub.add_parser(
+        "bench", help="benchmark suite: base vs eager vs addmm vs PEFT vs lorakern",
+        description="With no arguments: Llama-3-8B shapes in bf16 on a GPU; small shapes in fp32 on CPU "
+        "(a few minutes either way). decode runs at M <= 16, fwd and fwd+bwd at M > 16.",
+    )
+    bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    bench.add_argument("--shapes", choices=sorted(PRESETS) + ["custom"],
+                       help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()) + "; custom: --kn")
+    bench.add_argument("--kn", nargs="+", metavar="KxN", help="projections for --shapes custom, e.g. 4096x1024")
+    bench.add_argument("--tokens", nargs="+", type=int, metavar="M", help="token counts M (rows of x)")
+    bench.add_argument("--rank", nargs="+", type=int, metavar="R", help="LoRA ranks")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                       help="default bfloat16 on GPU, float32 on CPU")
+    bench.add_argument("--modes", nargs="+", choices=MODES)
+    bench.add_argument("--providers", nargs="+", choices=PROVIDERS)
+    bench.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropout of the timed rows (default 0)")
+    bench.add_argument("--bias", action="store_true", help="give the base layer a bias")
+    bench.add_argument("--no-memory", action="store_true", help="skip saved-activation / peak memory rows")
+    bench.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama training step")
+    bench.add_argument("--e2e-size", choices=["auto", "1b", "tiny", "micro"], help="end-to-end model size")
+    bench.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
+    bench.add_argument("--out", metavar="DIR", help="write results.json/.csv/.md and PNG plots here; {card} and "
+                       "{date} are filled in, e.g. benchmarks/results/{card}-{date}")
+    bench.add_argument("--no-plots", action="store_true")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "bench":
+        return _bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""LoraLinear: a drop-in replacement for nn.Linear with LoRA adapters, PEFT's layout.
+
+State-dict keys match PEFT's LoRA Linear: ``base_layer.weight``, ``base_layer.bias``,
+``lora_A.<adapter>.weight`` [r, in], ``lora_B.<adapter>.weight`` [out, r].
+
+The base layer may also be a transformers ``Conv1D`` (GPT-2 style, weight stored
+[in, out]): with ``fan_in_fan_out=True`` the op gets ``weight.t()``, a view, never a copy.
+
+Several active adapters are summed, each with its own scaling. Adapters that share a
+dropout probability run in one fused op call: their A's are concatenated along r and
+their B's (each multiplied by its own scaling) along r, with scaling 1.0:
+
+    Σ_i s_i·B_i A_i D(x)  =  [s_1 B_1 | s_2 B_2 | …] · [A_1; A_2; …] · D(x)
+
+(autograd flows through the concatenation, so every A_i and B_i gets its own gradient).
+Adapters in one group share the dropout mask; with dropout 0 — always the case in eval
+mode — every active adapter is in one group and the layer makes one fused call.
+Groups with a different dropout probability each make one more op call with a
+zero base weight (a stride-0 view, no memory), so no adapter ever takes a different
+code path than the fused op.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from lorakern.ops import ScalarDict, lora_linear
+
+
+def _check_adapter_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be an int >= 1, got {r!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+
+
+def conv1d_class() -> type | None:
+    """transformers' Conv1D class if transformers is already imported, else None.
+
+    A model can only hold Conv1D modules once transformers has been imported, so this
+    never imports it (no import-time cost, no hard dependency).
+    """
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for nn.Linear and transformers Conv1D (the layers LoraLinear can wrap)."""
+    conv1d = conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _scaled(B: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """s·B in B's dtype and device; s a Python number or a one-element CPU tensor (ScalarDict)."""
+    if isinstance(s, torch.Tensor):
+        return B * s.to(device=B.device, dtype=B.dtype)
+    return B * s
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float, float]],
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x Wᵀ + bias + Σ_i s_i·(D_i(x) A_iᵀ) B_iᵀ`` with as few fused op calls as possible.
+
+    Args:
+        x: [..., K]; weight: [N, K] (any strides, e.g. a Conv1D weight's ``.t()``); bias: [N] | None.
+        adapters: non-empty list of (lora_A [r_i, K], lora_B [N, r_i], scaling s_i, dropout p_i),
+            p_i a Python float, already 0 when not training; s_i a Python number or a
+            one-element CPU tensor (see ops.ScalarDict).
+        backend: op backend.
+    Returns:
+        [..., N] in x's dtype.
+
+    Adapters with equal p are fused into one call (A's concatenated along r, s_i folded
+    into B_i, scaling 1.0); the first group is fused with the base GEMM, each further
+    group is one call on a zero base weight.
+    """
+    if len(adapters) == 1:  # s and p may be 0-d CPU tensors here: no host read
+        A, B, s, p = adapters[0]
+        return lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
+    groups: dict[float, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for A, B, s, p in adapters:
+        groups.setdefault(float(p), []).append((A, B, s))
+    y = None
+    for p, members in groups.items():
+        if len(members) == 1:
+            A, B, s = members[0]
+        else:
+            dtype = members[0][0].dtype
+            if any(m[0].dtype != dtype or m[1].dtype != dtype for m in members):
+                dtype = torch.float32
+            A = torch.cat([m[0].to(dtype) for m in members], dim=0)
+            B = torch.cat([_scaled(m[1].to(dtype), m[2]) for m in members], dim=1)
+            s = 1.0
+        if y is None:
+            y = lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
+        else:
+            zero_w = torch.zeros((), dtype=x.dtype, device=x.device).expand(weight.shape)
+            y = y + lora_linear(x, zero_w, None, A, B, s, dropout_p=p, backend=backend)
+    return y
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An adapter weight as the op takes it: in the compute dtype, or an fp32 master."""
+    return t if t.dtype in (dtype, torch.float32) else t.to(dtype)
+
+
+class LoraLinear(nn.Module):
+    """nn.Linear plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
+
+    Args:
+        base_layer: the nn.Linear to wrap (frozen here; its parameters are reused, not copied),
+            or a transformers Conv1D (weight [in, out]) with fan_in_fan_out=True.
+        r: adapter rank (>= 1).
+        lora_alpha: scale numerator; scaling = lora_alpha / r (/ sqrt(r) with use_rslora).
+        lora_dropout: dropout probability on the adapter input, applied in training mode only.
+        use_rslora: rank-stabilised scaling.
+        init_lora_weights: True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r),
+            B zero) or False (both random: for tests only, output differs from the base).
+        adapter_name: name of the first adapter.
+        backend: op backend, "auto" | "triton" | "reference".
+        fan_in_fan_out: the base weight is stored [in, out] (transformers Conv1D). As in
+            PEFT, it is switched on (with a warning) for a Conv1D and off for an nn.Linear.
+
+    Shapes: x [..., in_features] -> [..., out_features].
+
+    Example:
+        >>> import torch, lorakern
+        >>> layer = lorakern.LoraLinear(torch.nn.Linear(16, 32), r=4, lora_alpha=8)
+        >>> layer(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+        backend: str = "auto",
+        fan_in_fan_out: bool = False,
+    ):
+        super().__init__()
+        conv1d = conv1d_class()
+        if conv1d is not None and isinstance(base_layer, conv1d):
+            if not fan_in_fan_out:
+                warnings.warn("base_layer is a Conv1D (weight [in, out]): setting fan_in_fan_out=True", stacklevel=2)
+            fan_in_fan_out = True
+        elif isinstance(base_layer, nn.Linear):
+            if fan_in_fan_out:
+                warnings.warn("base_layer is nn.Linear (weight [out, in]): setting fan_in_fan_out=False", stacklevel=2)
+            fan_in_fan_out = False
+        else:
+            raise TypeError(f"base_layer must be nn.Linear (or transformers Conv1D), got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        # Dicts of floats that also keep 0-d CPU tensor mirrors (see forward).
+        self.lora_dropout: dict[str, float] = ScalarDict()
+        self.scaling: dict[str, float] = ScalarDict()
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.backend = backend
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in]: a transposed view for Conv1D, never a copy."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        """Add (or replace) adapter `adapter_name` and make it the active one."""
+        _check_adapter_args(r, lora_alpha, lora_dropout)
+        # Checked before anything is registered, so a bad value leaves the layer unchanged.
+        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
+        if not (isinstance(init_lora_weights, bool) or gaussian):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        w = self.base_layer.weight
+        # Adapters are fp32 masters unless the base itself is fp32/fp64 (PEFT's default).
+        dtype = torch.float32
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.active_adapters = [adapter_name]
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            return
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+        else:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        nn.init.zeros_(B)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
+
+        As in PEFT, the active adapters' parameters become trainable and the others frozen.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.lora_A:
+            requires_grad = name in names
+            self.lora_A[name].weight.requires_grad_(requires_grad)
+            self.lora_B[name].weight.requires_grad_(requires_grad)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; have {list(self.lora_A)}")
+        remerge = [a for a in self.merged_adapters if a != adapter_name]
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+            self.merge(remerge)
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora):
+            del d[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged or not active:
+            return self.base_layer(x)
+        w = self.base_weight()
+        # nn.Linear would raise on x / weight dtypes that differ outside autocast: compute
+        # in the base weight's dtype (adapters in it or fp32) and answer in x's dtype.
+        # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        mixed = x.is_floating_point() and x.dtype != w.dtype and not autocast
+        # Scaling (and, with one adapter, dropout) go to the op as the ScalarDicts' [1]
+        # CPU tensors: torch.compile does not recompile when they change. Several adapters
+        # are grouped by dropout value on the host, so there p stays a float.
+        single = len(active) == 1
+        adapters = [
+            (
+                self.lora_A[name].weight if autocast else _in_dtype(self.lora_A[name].weight, w.dtype),
+                self.lora_B[name].weight if autocast else _in_dtype(self.lora_B[name].weight, w.dtype),
+                self.scaling.tensor(name),
+                (self.lora_dropout.tensor(name) if single else self.lora_dropout[name]) if self.training else 0.0,
+            )
+            for name in active
+        ]
+        if mixed:
+            return lora_linear_multi(x.to(w.dtype), w, self.base_layer.bias, adapters, self.backend).to(x.dtype)
+        return lora_linear_multi(x, w, self.base_layer.bias, adapters, self.backend)
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s·B A [out, in] in fp32 (also for a Conv1D base, whose weight is [in, out])."""
+        A = self.lora_A[adapter_name].weight.float()
+        B = self.lora_B[adapter_name].weight.float()
+        return (B @ A) * self.scaling[adapter_name]
+
+    @torch.no_grad()
+    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """The base weight (its own layout and dtype) plus the deltas of `adapter_names`,
+        summed in fp32 and cast once. Does not change the layer."""
+        for name in adapter_names:
+            if name not in self.lora_A:
+                raise ValueError(f"no adapter named {name!r}; have {list(self.lora_A)}")
+        w = self.base_layer.weight
+        delta = sum(self.get_delta_weight(name) for name in adapter_names)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        return (w.float() + delta).to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """W += Σ s·B A for each adapter (default: the active ones), summed in fp32, cast once.
+
+        safe_merge: check the merged weight is finite first; raise ValueError (layer
+        unchanged) if it is not.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not names:
+            return
+        new_w = self.merged_weight(names)
+        if safe_merge and not torch.isfinite(new_w).all():
+            raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
+        self.base_layer.weight.copy_(new_w)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W -= Σ s·B A over every merged adapter, in fp32, cast once."""
+        if not self.merged_adapters:
+            return
+        w = self.base_layer.weight
+        delta = sum(self.get_delta_weight(name) for name in self.merged_adapters)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        w.copy_((w.float() - delta).to(w.dtype))
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}"
+            for name in self.lora_A
+        ]
+        fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{fifo}, " + "; ".join(parts)

@@ -1,0 +1,614 @@
+"""Model-level LoRA: inject adapters into any nn.Module, switch, combine, merge, unload.
+
+PEFT's semantics, on the model itself (no wrapper class): `inject` swaps the targeted
+nn.Linear / transformers Conv1D layers for `LoraLinear` in place (one generic walk over
+`named_modules()`, parent `setattr`), freezes the base, and wraps `modules_to_save` in
+`ModulesToSave` (a trainable copy per adapter, the original kept). Adapter bookkeeping
+(configs, active adapters) lives in `model._lorakern`, an `AdapterState`.
+
+    >>> import torch, lorakern
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    >>> mlp = lorakern.inject(mlp, lorakern.LoraConfig(r=4, target_modules=["0", "2"]))
+    >>> lorakern.trainable_parameters(mlp)
+    (336, 1012)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
+from lorakern.layer import LoraLinear, is_linear_like
+
+COMBINATION_TYPES = ("linear", "cat", "svd")
+
+
+@dataclass
+class AdapterState:
+    """What `inject` records on a model: configs by adapter name, the active adapters,
+    and the adapters loaded for inference only (kept frozen by `set_adapter`)."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    inference: set[str] = field(default_factory=set)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full with an adapter: `original_module` (frozen) plus one trainable
+    copy per adapter in `modules_to_save[name]` (PEFT's ModulesToSaveWrapper layout, so
+    state-dict keys match). Forward runs the active adapter's copy, else the original.
+    Attributes not found on the wrapper (e.g. `weight`) are read from the module in use."""
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        for p in module.parameters():
+            p.requires_grad_(False)
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str, source: nn.Module | None = None) -> None:
+        """Add a trainable copy of `source` (default: the original module) for `adapter_name`."""
+        new = copy.deepcopy(self.original_module if source is None else source).train(self.training)
+        for p in new.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = new
+
+    def active_module(self) -> nn.Module:
+        name = self.active_adapter
+        if self.disable_adapters or name is None or name not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[name]
+
+    def forward(self, *args, **kwargs):
+        return self.active_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Own state (and anything private or asked for mid-construction / unpickling)
+            # is never forwarded, so lookups cannot recurse.
+            own = ("original_module", "modules_to_save", "active_adapter", "disable_adapters")
+            if name.startswith("_") or name in own or "active_adapter" not in self.__dict__:
+                raise
+        return getattr(self.active_module(), name)
+
+
+# ---- bookkeeping ------------------------------------------------------------------
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's AdapterState; ValueError if no adapter was injected."""
+    state = getattr(model, "_lorakern", None)
+    if not isinstance(state, AdapterState):
+        raise ValueError(f"{type(model).__name__} has no lorakern adapters (call lorakern.inject first)")
+    return state
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """{adapter name: LoraConfig} for every adapter on the model ({} if none)."""
+    state = getattr(model, "_lorakern", None)
+    return dict(state.configs) if isinstance(state, AdapterState) else {}
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    return list(adapter_state(model).active)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(dotted name, layer) for every LoraLinear in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """(dotted name, wrapper) for every ModulesToSave in the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() minus everything inside a LoraLinear or a ModulesToSave wrapper."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, (LoraLinear, ModulesToSave)):
+            inside.append(name)
+        yield name, module
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear, Conv1D or LoraLinear."""
+    if isinstance(module, LoraLinear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # Conv1D: [in, out]
+    return w.shape[0], w.shape[1]
+
+
+# ---- planning (no side effects; shared with adapters.load_adapter) ----------------
+
+
+@dataclass
+class Target:
+    """One module an adapter goes into: its dotted name, the module, r, alpha, in/out features."""
+
+    name: str
+    module: nn.Module
+    r: int
+    alpha: float
+    in_features: int
+    out_features: int
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """config.target_modules with "all-linear" expanded to full names and None replaced by
+    the architecture's default (PEFT's rules)."""
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"LoraConfig.target_modules is None and there is no default for model type {model_type!r}; "
+                "give target_modules (a list of names, a regex, or 'all-linear')"
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        head = None
+        get_out = getattr(model, "get_output_embeddings", None)
+        if callable(get_out):
+            head = get_out()
+        return [
+            name
+            for name, module in outer_modules(model)
+            if name and (is_linear_like(module) or isinstance(module, LoraLinear)) and module is not head
+            and not (isinstance(head, ModulesToSave) and module is head.original_module)
+        ]
+    return targets
+
+
+def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
+    """The modules `config` puts an adapter into, with r/alpha per module. Changes nothing.
+
+    Raises ValueError (listing some module names the model has) when nothing matches,
+    TypeError when a matched module is not nn.Linear / Conv1D / LoraLinear.
+    """
+    targets = resolve_targets(model, config)
+    found: list[Target] = []
+    for name, module in outer_modules(model):
+        if not name or not config.matches(name, targets):
+            continue
+        if isinstance(module, ModulesToSave):
+            raise ValueError(f"module {name!r} is in another adapter's modules_to_save; it cannot also get LoRA")
+        if not (is_linear_like(module) or isinstance(module, LoraLinear)):
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; lorakern's LoRA supports "
+                "nn.Linear and transformers Conv1D"
+            )
+        found.append(Target(name, module, config.rank_for(name), config.alpha_for(name), *_features(module)))
+    if not found:
+        linear = [n for n, m in outer_modules(model) if n and (is_linear_like(m) or isinstance(m, LoraLinear))]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}; "
+            f"its linear modules include {linear[:6]} (leaf names {leaves[:12]})"
+        )
+    return found
+
+
+def plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) for each module `config.modules_to_save` wraps (existing wrappers included)."""
+    if not config.modules_to_save:
+        return []
+    out = []
+    for name, module in outer_modules(model):
+        if not name or not config.module_to_save(name):
+            continue
+        if isinstance(module, LoraLinear):
+            raise ValueError(f"module {name!r} has LoRA adapters; it cannot also be in modules_to_save")
+        if not isinstance(module, ModulesToSave) and any(isinstance(m, (LoraLinear, ModulesToSave)) for m in module.modules()):
+            raise ValueError(f"module {name!r} contains LoRA layers or saved modules; it cannot be in modules_to_save")
+        out.append((name, module))
+    return out
+
+
+# ---- inject / switch / delete -----------------------------------------------------
+
+
+def inject(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", *, backend: str = "auto"
+) -> nn.Module:
+    """Add adapter `adapter_name` to `model` in place and return the model.
+
+    Targeted nn.Linear / Conv1D layers become LoraLinear (a Conv1D keeps its [in, out]
+    weight, used through a transposed view); every base parameter is frozen; modules in
+    `config.modules_to_save` get a trainable copy (original kept, restorable by `unload`);
+    biases become trainable per `config.bias`. As in PEFT, the first adapter becomes
+    active; a further adapter (another `inject` call) is added inactive and frozen
+    until `set_adapter` selects it.
+
+    Args:
+        model: any nn.Module (e.g. a transformers model built from a config).
+        config: the LoraConfig.
+        adapter_name: a new name (no dots).
+        backend: op backend for the new LoraLinear layers.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakern.LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without dots, got {adapter_name!r}")
+    state = getattr(model, "_lorakern", None)
+    if isinstance(state, AdapterState) and adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+    targets = plan_targets(model, config)
+    taken = [t.name for t in targets if isinstance(t.module, LoraLinear) and adapter_name in t.module.lora_A]
+    if taken:
+        raise ValueError(f"layers {taken[:4]} already have an adapter named {adapter_name!r}")
+    to_save = plan_modules_to_save(model, config)
+    return inject_planned(model, config, adapter_name, targets, to_save, backend=backend, inference=False)
+
+
+def inject_planned(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    targets: list[Target],
+    to_save: list[tuple[str, nn.Module]],
+    *,
+    backend: str = "auto",
+    inference: bool = False,
+) -> nn.Module:
+    """`inject` after planning: put adapter `adapter_name` into `targets` (from
+    `plan_targets`) and wrap `to_save` (from `plan_modules_to_save`). inference=True adds
+    it frozen (and keeps it frozen on `set_adapter`), as `load_adapter(is_trainable=False)`."""
+    state = getattr(model, "_lorakern", None)
+    if not isinstance(state, AdapterState):
+        state = AdapterState()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    stored = replace(config)
+    if config.target_modules is None:
+        stored.target_modules = resolve_targets(model, config)
+    for t in targets:
+        dropout = config.lora_dropout
+        if isinstance(t.module, LoraLinear):
+            previous = list(t.module.active_adapters)
+            t.module.update_layer(adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights)
+            t.module.active_adapters = previous
+        else:
+            layer = LoraLinear(
+                t.module, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights,
+                adapter_name, backend, fan_in_fan_out=config.fan_in_fan_out,
+            )
+            layer.active_adapters = []
+            layer.train(t.module.training)  # injection never changes train/eval mode
+            _set_submodule(model, t.name, layer)
+    for name, module in to_save:
+        if isinstance(module, ModulesToSave):
+            module.update(adapter_name)
+        else:
+            _set_submodule(model, name, ModulesToSave(module, adapter_name).train(module.training))
+    state.configs[adapter_name] = stored
+    if inference:
+        state.inference.add(adapter_name)
+    model._lorakern = state
+    set_adapter(model, state.active or [adapter_name])
+    if not inference and adapter_name in state.active:
+        _mark_biases(model, config)
+    return model
+
+
+def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
+    if config.bias == "all":
+        skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
+        for _, layer in lora_layers(model):
+            skip.update(id(p) for p in layer.lora_A.parameters())
+            skip.update(id(p) for p in layer.lora_B.parameters())
+        for name, p in model.named_parameters():
+            if "bias" in name and id(p) not in skip:
+                p.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
+def _check_names(state: AdapterState, names: list[str]) -> None:
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; the model has {list(state.configs)}")
+
+
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """Activate one adapter or several (their outputs are summed, each with its own scaling).
+
+    The active adapters' parameters become trainable and the others frozen (adapters loaded
+    with is_trainable=False stay frozen). Several active adapters may not each have a copy
+    of the same modules_to_save module.
+    """
+    state = adapter_state(model)
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if not names:
+        raise ValueError("set_adapter needs at least one adapter name")
+    _check_names(state, names)
+    for wname, wrapper in saved_modules(model):
+        owners = [n for n in names if n in wrapper.modules_to_save]
+        if len(owners) > 1:
+            raise ValueError(f"adapters {owners} each have a copy of {wname!r} (modules_to_save); activate only one")
+    for _, layer in lora_layers(model):
+        layer.set_adapter(names)
+        for n in state.inference & set(layer.lora_A):
+            layer.lora_A[n].weight.requires_grad_(False)
+            layer.lora_B[n].weight.requires_grad_(False)
+    for _, wrapper in saved_modules(model):
+        owners = [n for n in names if n in wrapper.modules_to_save]
+        wrapper.active_adapter = owners[0] if owners else None
+        for n, m in wrapper.modules_to_save.items():
+            for p in m.parameters():
+                p.requires_grad_(n in owners and n not in state.inference)
+    state.active = names
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter everywhere (unmerging it first where merged). Layers or saved modules
+    left with no adapter go back to the plain module. If it was active, the remaining active
+    adapters stay active, or the first remaining adapter is activated."""
+    state = adapter_state(model)
+    _check_names(state, [adapter_name])
+    for name, layer in list(lora_layers(model)):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+            if not layer.lora_A:
+                _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+            if not wrapper.modules_to_save:
+                _set_submodule(model, name, wrapper.original_module)
+    del state.configs[adapter_name]
+    state.inference.discard(adapter_name)
+    active = [a for a in state.active if a != adapter_name]
+    if not state.configs:
+        del model._lorakern
+        return
+    set_adapter(model, active or [next(iter(state.configs))])
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it the model runs as the base model (merged adapters are
+    unmerged on the first forward, as in PEFT; saved modules use their originals)."""
+    adapter_state(model)
+    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    before = [m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.disable_adapters = True
+        yield model
+    finally:
+        for m, flag in zip(layers, before):
+            m.disable_adapters = flag
+
+
+# ---- combine ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> None:
+    """Add adapter `adapter_name` combining `adapters` with `weights`, PEFT's definitions.
+
+    With ΔW_i = s_i·B_i A_i:
+    - "linear": all ranks equal r; A = Σ sign(w_i s_i)·sqrt|w_i s_i|·A_i, B = Σ sqrt|w_i s_i|·B_i
+      (a rough approximation, not Σ w_i ΔW_i).
+    - "cat": r = Σ r_i; A = [w_1 s_1 A_1; …], B = [B_1 | …]: exactly Σ w_i ΔW_i.
+    - "svd": truncated SVD of Σ w_i ΔW_i to rank `svd_rank` (default: the largest r_i).
+    The new adapter has lora_alpha = r (scaling 1), no rank/alpha patterns and no rsLoRA
+    (PEFT keeps use_rslora from the first adapter, which would rescale the result by
+    sqrt(r); lorakern does not). It is added inactive and frozen. A single adapter is
+    always combined "linear" (as PEFT does). A modules_to_save copy is carried over when
+    exactly one of `adapters` has one for that module.
+    """
+    state = adapter_state(model)
+    _check_names(state, list(adapters))
+    if not adapters or len(adapters) != len(weights):
+        raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    if adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
+    cfgs = [state.configs[a] for a in adapters]
+    wrappers = list(saved_modules(model))
+    for wname, wrapper in wrappers:
+        if sum(a in wrapper.modules_to_save for a in adapters) > 1:
+            raise ValueError(f"adapters {adapters} share the modules_to_save module {wname!r}; they cannot be combined")
+    if len(adapters) == 1:
+        combination_type = "linear"
+    ranks = [max([c.r, *c.rank_pattern.values()]) for c in cfgs]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(adapters, ranks))}")
+        new_r = ranks[0]
+    elif combination_type == "cat":
+        new_r = sum(ranks)
+    else:
+        new_r = svd_rank or max(ranks)
+    kinds = {type(c.target_modules) for c in cfgs}
+    if len(kinds) > 1:
+        raise ValueError("cannot combine adapters whose target_modules mix lists and regex strings")
+    if isinstance(cfgs[0].target_modules, str):
+        new_targets: list[str] | str = "|".join(f"({c.target_modules})" for c in cfgs)
+    else:
+        new_targets = sorted({t for c in cfgs for t in c.target_modules})
+    # The new adapter goes exactly where any of the combined adapters is.
+    where = [name for name, layer in lora_layers(model) if any(a in layer.lora_A for a in adapters)]
+    saved = [(n, w) for n, w in wrappers if any(a in w.modules_to_save for a in adapters)]
+    new_cfg = replace(
+        cfgs[0], r=new_r, lora_alpha=new_r, target_modules=new_targets, rank_pattern={}, alpha_pattern={},
+        use_rslora=False, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+        modules_to_save=sorted(n for n, _ in saved) or None,
+    )
+    targets = [Target(n, model.get_submodule(n), new_r, new_r, *_features(model.get_submodule(n))) for n in where]
+    for n, t in zip(where, targets):
+        layer = t.module
+        if combination_type == "svd" and new_r > min(layer.in_features, layer.out_features):
+            raise ValueError(f"svd_rank {new_r} > min(in, out) = {min(layer.in_features, layer.out_features)} of {n!r}")
+    with torch.random.fork_rng(devices=[]):
+        inject_planned(model, new_cfg, adapter_name, targets, [], inference=False)
+    for _, wrapper in saved:
+        source = next(wrapper.modules_to_save[a] for a in adapters if a in wrapper.modules_to_save)
+        wrapper.update(adapter_name, source)
+    for t in targets:
+        layer: LoraLinear = t.module
+        A_new, B_new = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
+        if combination_type == "cat":
+            As = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], 0)
+            Bs = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], 1)
+            A_new.zero_()
+            B_new.zero_()
+            A_new[: As.shape[0]] = As.to(A_new.dtype)
+            B_new[:, : Bs.shape[1]] = Bs.to(B_new.dtype)
+        elif combination_type == "linear":
+            A_sum = torch.zeros_like(A_new, dtype=torch.float32)
+            B_sum = torch.zeros_like(B_new, dtype=torch.float32)
+            for a, w in present:
+                ws = w * layer.scaling[a]
+                root = math.sqrt(abs(ws))
+                A_sum += (root if ws >= 0 else -root) * layer.lora_A[a].weight.float()
+                B_sum += root * layer.lora_B[a].weight.float()
+            A_new.copy_(A_sum)
+            B_new.copy_(B_sum)
+        else:
+            delta = sum(w * layer.get_delta_weight(a) for a, w in present)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            B_new.copy_(U[:, :new_r] * S[:new_r])
+            A_new.copy_(Vh[:new_r])
+    # Added frozen and inactive, as in PEFT.
+    for t in targets:
+        t.module.lora_A[adapter_name].weight.requires_grad_(False)
+        t.module.lora_B[adapter_name].weight.requires_grad_(False)
+    for _, wrapper in saved:
+        for p in wrapper.modules_to_save[adapter_name].parameters():
+            p.requires_grad_(False)
+
+
+# ---- merge / unload ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    """Add s·B A into the base weights for `adapter_names` (default: the active adapters).
+
+    Deltas are summed in fp32 and cast to the weight's dtype once. After merging, the
+    layers run as plain linears (until `unmerge`). safe_merge: every merged weight is
+    computed and checked to be finite first; if any is not, ValueError names the layers
+    and no weight is changed. Saved modules are not affected (they already hold their
+    trained copies).
+
+    Precision of a merge/unmerge round trip: fp32 weights come back within 1e-6 relative;
+    a bf16 (u = 2⁻⁸) weight element W moves by at most u·|W+ΔW| + u·(|W| + u·|W+ΔW|)
+    (one rounding when merging, one when unmerging; ΔW itself stays in fp32).
+    """
+    state = adapter_state(model)
+    names = list(state.active) if adapter_names is None else list(adapter_names)
+    _check_names(state, names)
+    layers = list(lora_layers(model))
+    if safe_merge:
+        bad = []
+        for lname, layer in layers:
+            todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
+            if todo and not torch.isfinite(layer.merged_weight(todo)).all():
+                bad.append(lname)
+        if bad:
+            raise ValueError(f"safe_merge: merging {names} gives non-finite weights in {bad[:8]}; nothing was merged")
+    for _, layer in layers:
+        todo = [n for n in names if n in layer.lora_A]
+        if todo:
+            layer.merge(todo)
+
+
+_merge_fn = merge
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter from the base weights again (fp32, cast once)."""
+    adapter_state(model)
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove lorakern from `model` and return it with plain modules.
+
+    merge=True: the active adapters are merged into the base weights first and each saved
+    module is replaced by the active adapter's trained copy (PEFT's merge_and_unload).
+    merge=False: merged adapters are unmerged and the original modules come back (PEFT's
+    unload). Base parameters stay frozen.
+    """
+    state = adapter_state(model)
+    if merge:
+        _merge_fn(model)
+    else:
+        unmerge(model)
+    for name, layer in list(lora_layers(model)):
+        _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        keep = wrapper.active_module() if merge and not wrapper.disable_adapters else wrapper.original_module
+        _set_submodule(model, name, keep)
+    del state
+    del model._lorakern
+    return model
+
+
+# ---- counting -----------------------------------------------------------------------
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each shared parameter counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def trainable_parameters_summary(model: nn.Module) -> str:
+    """PEFT's one-line summary: ``trainable params: 9,728 || all params: 108,352 || trainable%: 8.9781``."""
+    trainable, total = trainable_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print `trainable_parameters_summary(model)` (PEFT's method of the same name)."""
+    print(trainable_parameters_summary(model))

@@ -1,0 +1,113 @@
+"""Run an existing PEFT model's LoRA math through lorakern's fused op.
+
+`patch_peft(peft_model)` gives every PEFT LoRA `Linear` (nn.Linear or Conv1D base) an
+instance-level `forward` that calls `lorakern.layer.lora_linear_multi` on PEFT's own
+parameters — `base_layer.weight` (a transposed view for fan_in_fan_out), its bias,
+`lora_A[name].weight`, `lora_B[name].weight`, `scaling[name]` and the dropout
+probability — so nothing is copied: training, optimisers, `save_pretrained` and
+merging all stay PEFT's. `unpatch_peft` removes the instance attribute again.
+
+Calls the fused op cannot reproduce exactly fall back to PEFT's own forward, per call:
+adapters disabled or merged, DoRA / other LoRA variants, lora_bias, mixed-batch
+`adapter_names=`, extra forward arguments, a quantized or other non-Linear base layer,
+a dropout module that is not nn.Dropout, or dtypes the op does not take.
+
+    >>> from peft import get_peft_model, LoraConfig            # doctest: +SKIP
+    >>> model = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
+    >>> lorakern.patch_peft(model)                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from lorakern.layer import is_linear_like, lora_linear_multi
+from lorakern.ops import SUPPORTED_DTYPES
+
+_PATCHED = "_lorakern_patched"
+
+
+def _peft_lora_linear_class() -> type:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError as exc:
+        raise ImportError("patch_peft needs the `peft` package (pip install peft)") from exc
+    return Linear
+
+
+def _dropout_p(module: nn.Module, name: str) -> float | None:
+    """The dropout probability of adapter `name` in training mode, or None if not plain dropout."""
+    drop = module.lora_dropout[name]
+    if isinstance(drop, nn.Identity):
+        return 0.0
+    if type(drop) is nn.Dropout:
+        return float(drop.p)
+    return None
+
+
+def _fusable_adapters(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict):
+    """[(A, B, scaling, p)] for the active adapters, or None if this call must go to PEFT."""
+    if args or any(v is not None for v in kwargs.values()):
+        return None
+    if module.disable_adapters or module.merged:
+        return None
+    base = module.get_base_layer()
+    if not is_linear_like(base) or x.dtype not in SUPPORTED_DTYPES or base.weight.dtype != x.dtype:
+        return None
+    if base.bias is not None and base.bias.dtype != x.dtype:
+        return None
+    adapters = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if module.use_dora.get(name, False) or getattr(module, "lora_variant", {}).get(name) is not None:
+            return None
+        A, B = module.lora_A[name], module.lora_B[name]
+        if type(A) is not nn.Linear or type(B) is not nn.Linear or B.bias is not None or A.bias is not None:
+            return None
+        if A.weight.dtype not in (x.dtype, torch.float32) or B.weight.dtype not in (x.dtype, torch.float32):
+            return None
+        p = _dropout_p(module, name)
+        if p is None:
+            return None
+        adapters.append((A.weight, B.weight, float(module.scaling[name]), p if module.training else 0.0))
+    return adapters or None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapters = _fusable_adapters(self, x, args, kwargs)
+    if adapters is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight = base.weight.t() if self.fan_in_fan_out else base.weight
+    return lora_linear_multi(x, weight, base.bias, adapters, getattr(self, _PATCHED))
+
+
+def patch_peft(peft_model: nn.Module, backend: str = "auto") -> int:
+    """Route the forward (and so the backward) of every PEFT LoRA Linear in `peft_model`
+    through lorakern's fused op, sharing PEFT's parameters. Returns the number of layers
+    patched; ValueError if there are none. Idempotent; undo with `unpatch_peft`."""
+    linear_cls = _peft_lora_linear_class()
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, linear_cls):
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, _PATCHED, backend)
+            count += 1
+    if count == 0:
+        raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA Linear layers to patch")
+    return count
+
+
+def unpatch_peft(peft_model: nn.Module) -> int:
+    """Restore PEFT's own forward on every layer `patch_peft` patched. Returns how many."""
+    count = 0
+    for module in peft_model.modules():
+        if hasattr(module, _PATCHED):
+            del module.forward
+            delattr(module, _PATCHED)
+            count += 1
+    return count

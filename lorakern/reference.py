@@ -1,0 +1,236 @@
+"""Pure-PyTorch reference for every lorakern kernel.
+
+One function per kernel, with the same math, the same dtypes in and out, and the
+same dropout mask for the same seed (bit for bit: `philox_uniform` reproduces
+Triton's `tl.rand`). This module is both the CPU execution path and the oracle the
+Triton kernels are tested against. It imports nothing from lorakern.
+
+Shapes (DESIGN.md §1): x [M, K], weight [N, K], bias [N], lora_A [r, K],
+lora_B [N, r], S [M, r] (fp32), dy [M, N].
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import torch
+
+# Philox4x32-10 constants, as in triton.language.random.
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_MASK32 = 0xFFFFFFFF
+# tl.rand's uint32 -> [0, 1) scale (the largest value with MAX_INT * scale < 1).
+_UNIFORM_SCALE = 4.6566127342e-10
+# Philox counters per chunk when generating masks: keeps the temporaries in cache.
+_CHUNK = 1 << 16
+
+
+def _philox_np(seed: int, counters: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 on uint64 numpy counters; the four output words as uint64 arrays.
+
+    numpy, not torch: torch has no uint64 multiply, and uint64 products of 32-bit
+    words give the high and low halves exactly (3 ops instead of ~10 with int64 splits).
+    """
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
+    c0 = counters & mask
+    c1 = counters >> shift
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
+    for _ in range(10):
+        np.multiply(c2, round_b, out=prod_b)
+        np.multiply(c0, round_a, out=prod_a)
+        c0 = prod_b >> shift
+        c0 ^= c1
+        c0 ^= np.uint64(k0)
+        c2 = prod_a >> shift
+        c2 ^= c3
+        c2 ^= np.uint64(k1)
+        c1 = prod_b & mask
+        c3 = prod_a & mask
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform_np(u: np.ndarray) -> np.ndarray:
+    # Triton's uint32 -> [0, 1) map: reinterpret as int32, fold negatives with ~x, scale in fp32.
+    folded = np.where(u >= np.uint64(1 << 31), np.uint64(_MASK32) - u, u)
+    return folded.astype(np.float32) * np.float32(_UNIFORM_SCALE)
+
+
+def philox4x32(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 of counters (c0, c1) = (low, high 32 bits), c2 = c3 = 0, key = seed.
+
+    Bit-identical to Triton's `tl.randint4x(seed, counters)`. counters: int64 >= 0.
+    Returns four int64 CPU tensors with values in [0, 2**32).
+    """
+    words = _philox_np(int(seed), counters.cpu().numpy().astype(np.uint64))
+    return tuple(torch.from_numpy(w.astype(np.int64)) for w in words)
+
+
+def uint_to_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Triton's uint32 -> [0, 1) float32 map: reinterpret as int32, fold negatives with ~x, scale."""
+    return torch.from_numpy(_uniform_np(u.cpu().numpy().astype(np.uint64)))
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) floats, bit-identical to Triton's `tl.rand(seed, offsets)`.
+
+    seed: 0 <= seed < 2**63; offsets: int64 tensor (>= 0). Returns float32 of offsets' shape.
+    """
+    return uint_to_uniform(philox4x32(seed, offsets)[0])
+
+
+def dropout_keep_mask(seed: int, m: int, k: int, p: float, device=None) -> torch.Tensor:
+    """Keep mask [m, k] (bool) of inverted dropout.
+
+    One Philox call yields four uniforms, so element (i, j) takes lane j % 4 of the
+    call at counter i * ceil(k / 4) + j // 4 (the kernels do the same, 4x fewer Philox
+    evaluations than one per element). An element is kept when its uniform is > p,
+    compared in fp32 as the kernels do.
+    """
+    groups = -(-k // 4)
+    keep = np.empty((m, 4 * groups), dtype=np.bool_)
+    p32 = np.float32(p)
+    rows_per_chunk = max(1, _CHUNK // max(groups, 1))
+
+    def fill(r0: int) -> None:
+        r1 = min(r0 + rows_per_chunk, m)
+        counters = np.arange(r0 * groups, r1 * groups, dtype=np.uint64)
+        lanes = np.stack(_philox_np(int(seed), counters), axis=-1)  # [rows * groups, 4]
+        keep[r0:r1] = (_uniform_np(lanes) > p32).reshape(r1 - r0, 4 * groups)
+
+    starts = range(0, m, rows_per_chunk)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads > 1:
+        # numpy releases the GIL inside its array loops: chunks run in parallel, on as
+        # many threads as torch itself is allowed (torch.set_num_threads).
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fill, starts))
+    else:
+        for r0 in starts:
+            fill(r0)
+    return torch.from_numpy(keep[:, :k]).to(device)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """t in the accumulation dtype: float32, or float64 for float64 inputs (never rounded down)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
+    """The keep mask for a 2-D tensor shaped like x, or None when p == 0."""
+    if p == 0.0:
+        return None
+    return dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+
+
+def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    # where(), not multiply: a dropped element contributes exactly 0, as in the kernels.
+    return t if keep is None else torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout D(x) of a 2-D x [M, K] with the seeded mask; identity when p == 0."""
+    keep = _keep(x, p, seed)
+    return x if keep is None else _masked(x, keep) / (1.0 - p)
+
+
+# The kernels apply the mask to the operand (exact) and the 1/(1-p) factor to the fp32
+# accumulator after the dot; the functions below do the same, so their roundings match.
+
+
+def lora_shrink(
+    x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """S = D(x) Aᵀ.  x [M, K], lora_A [r, K] -> S [M, r] float32.
+
+    Computed in x's dtype (lora_A cast to it), returned in fp32 (fp64 for fp64 x).
+    `keep` is the mask when the caller already has it (else regenerated from the seed).
+    """
+    keep = _keep(x, p, seed) if keep is None else keep
+    S = _acc(_masked(x, keep) @ lora_A.to(x.dtype).t())
+    return S if p == 0.0 else S.mul_(1.0 / (1.0 - p))
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    S: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """y = x Wᵀ + s·S Bᵀ + bias.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> y [M, N]."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    # S and B enter the epilogue in x's dtype, as the kernel's tensor-core dot does.
+    return y.addmm_(S.to(x.dtype), lora_B.to(x.dtype).t(), alpha=scaling)
+
+
+def lora_backward_dsdb(
+    dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dS = s·dY B [M, r] (fp32) and dB = s·dYᵀ S [N, r] (lora_B's dtype)."""
+    dS = _acc(dy @ lora_B.to(dy.dtype)).mul_(scaling)
+    dB = _acc(dy.t() @ S.to(dy.dtype)).mul_(scaling)
+    return dS, dB.to(lora_B.dtype)
+
+
+def lora_backward_dx(
+    dy: torch.Tensor,
+    weight: torch.Tensor,
+    dS: torch.Tensor,
+    lora_A: torch.Tensor,
+    p: float,
+    seed: int,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dx = dY W + D(dS A).  dy [M, N], weight [N, K], dS [M, r] fp32, lora_A [r, K] -> [M, K]."""
+    dx = dy @ weight
+    dS, lora_A = dS.to(dy.dtype), lora_A.to(dy.dtype)
+    if p == 0.0:
+        return dx.addmm_(dS, lora_A)  # no [M, K] temporary for the LoRA term
+    keep = _keep(dx, p, seed) if keep is None else keep
+    return dx.add_(_masked(dS @ lora_A, keep), alpha=1.0 / (1.0 - p))
+
+
+def lora_backward_da(
+    dS: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    p: float,
+    seed: int,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dA = dSᵀ D(x).  dS [M, r] fp32, x [M, K] -> dA [r, K] in lora_A's dtype."""
+    keep = _keep(x, p, seed) if keep is None else keep
+    dA = _acc(dS.to(x.dtype).t() @ _masked(x, keep))
+    if p != 0.0:
+        dA.mul_(1.0 / (1.0 - p))
+    return dA.to(lora_A.dtype)
+
+
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32)."""
+    S = lora_shrink(x, lora_A, p, seed)
+    return lora_forward(x, weight, bias, S, lora_B, scaling), S
+
+
+def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs):
+    """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags.
+
+    Returns (dx, dA, dB), None where not needed. The mask is generated once and
+    shared by dx and dA.
+    """
+    need_x, need_a, need_b = needs
+    dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling)
+    keep = _keep(x, p, seed) if (need_x or need_a) else None
+    dx = lora_backward_dx(dy, weight, dS, lora_A, p, seed, keep) if need_x else None
+    dA = lora_backward_da(dS, x, lora_A, p, seed, keep) if need_a else None
+    return dx, dA, (dB if need_b else None)

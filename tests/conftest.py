@@ -1,0 +1,75 @@
+"""Shared test setup: interpreter switch, skip marks, seeding."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+# The Triton interpreter must be chosen before any @triton.jit function is defined,
+# i.e. before lorakern.kernels is imported. With no GPU, every kernel test runs in it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One GEMM tile instead of autotuning each of the suite's many small shapes
+    # (kernels/forward.gemm_configs); `lorakern check` and the benchmarks autotune.
+    os.environ.setdefault("LORAKERN_AUTOTUNE", "0")
+
+HAS_CUDA = torch.cuda.is_available()
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+# The device kernel tests run on: CUDA when present, else CPU through the interpreter.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Test shapes are tiny: intra-op threads only add barrier waits (tens of ms per
+    call on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+# Fixtures of the model / adapter / interop modules.
+
+
+@pytest.fixture(scope="module")
+def quiet_warnings():
+    """transformers and PEFT warn about tiny random configs; those tests do not check
+    warnings (they opt in with pytestmark = pytest.mark.usefixtures("quiet_warnings"))."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A tiny random-weight Llama built from a config (no download)."""
+    pytest.importorskip("transformers")
+    from tests.test_model_helpers import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """A tiny random-weight GPT-2 (Conv1D projections) built from a config."""
+    pytest.importorskip("transformers")
+    from tests.test_model_helpers import tiny_gpt2
+
+    return tiny_gpt2()

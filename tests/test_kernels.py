@@ -1,0 +1,360 @@
+"""Every Triton kernel alone against its reference function and an fp64 oracle.
+
+On a machine without a GPU these run in Triton's interpreter (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakern import reference
+from tests.conftest import KERNEL_DEVICE, requires_triton
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from lorakern.kernels.common import cast, interpreting  # noqa: E402
+from tests.kernel_cases import DTYPE_IDS, DTYPES, check_against_oracle, poisoned, randn
+
+pytestmark = requires_triton
+
+K, N = 45, 37  # odd, not multiples of 16
+SEED = 1234
+MS = [0, 1, 7, 130]
+RANKS = [1, 7, 16, 64]
+PS = [0.0, 0.1]
+# (x dtype, adapter dtype): adapters fp32 with half-precision x is PEFT's default.
+DTYPE_PAIRS = [(dt, dt) for dt in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+def _pair_id(pair):
+    x_dt, a_dt = pair
+    return DTYPE_IDS[x_dt] if x_dt == a_dt else f"{DTYPE_IDS[x_dt]}-A{DTYPE_IDS[a_dt]}"
+
+
+def _kernels():
+    from lorakern import kernels
+
+    return kernels
+
+
+params = pytest.mark.parametrize
+dtype_pairs = params("dtypes", DTYPE_PAIRS, ids=_pair_id)
+ms = params("M", MS, ids=lambda m: f"M{m}")
+ranks = params("r", RANKS, ids=lambda r: f"r{r}")
+ps = params("p", PS, ids=lambda p: f"p{p}")
+
+
+@dtype_pairs
+@ms
+@ranks
+@ps
+def test_shrink(dtypes, M, r, p):
+    dt, adt = dtypes
+    x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
+    A = randn(r, K, dtype=adt, device=KERNEL_DEVICE)
+    out = poisoned(lambda: _kernels().lora_shrink(x, A, p, SEED))
+    assert out.dtype == torch.float32
+    ref = reference.lora_shrink(x, A, p, SEED)
+    oracle = reference.lora_shrink(x.double(), A.double(), p, SEED)
+    check_against_oracle(out, ref, oracle, dt, "S")
+
+
+@dtype_pairs
+@ms
+@ranks
+@params("has_bias", [True, False], ids=["bias", "nobias"])
+@params("variant", ["fused", "unfused"])
+def test_forward(dtypes, M, r, has_bias, variant):
+    dt, adt = dtypes
+    x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
+    W = randn(N, K, dtype=dt, device=KERNEL_DEVICE)
+    bias = randn(N, dtype=dt, device=KERNEL_DEVICE) if has_bias else None
+    S = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    B = randn(N, r, dtype=adt, device=KERNEL_DEVICE)
+    fn = _kernels().lora_forward_fused if variant == "fused" else _kernels().lora_forward_unfused
+    out = poisoned(lambda: fn(x, W, bias, S, B, 0.5))
+    assert out.dtype == dt
+    ref = reference.lora_forward(x, W, bias, S, B, 0.5)
+    b64 = None if bias is None else bias.double()
+    oracle = reference.lora_forward(x.double(), W.double(), b64, S.double(), B.double(), 0.5)
+    check_against_oracle(out, ref, oracle, dt, "y")
+
+
+@dtype_pairs
+@ms
+@ranks
+def test_backward_dsdb(dtypes, M, r):
+    dt, adt = dtypes
+    dy = randn(M, N, dtype=dt, device=KERNEL_DEVICE)
+    B = randn(N, r, dtype=adt, device=KERNEL_DEVICE)
+    S = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    dS, dB = poisoned(lambda: _kernels().lora_backward_dsdb(dy, B, S, 0.5))
+    assert dS.dtype == torch.float32 and dB.dtype == adt
+    dS_ref, dB_ref = reference.lora_backward_dsdb(dy, B, S, 0.5)
+    dS_64, dB_64 = reference.lora_backward_dsdb(dy.double(), B.double(), S.double(), 0.5)
+    check_against_oracle(dS, dS_ref, dS_64, dt, "dS")
+    if M == 0:
+        assert torch.equal(dB, torch.zeros_like(dB))
+    else:
+        check_against_oracle(dB, dB_ref, dB_64, dt, "dB")
+
+
+@dtype_pairs
+@ms
+@ranks
+@ps
+@params("fused", [True, False], ids=["fused", "unfused"])
+def test_backward_dx(dtypes, M, r, p, fused):
+    dt, adt = dtypes
+    dy = randn(M, N, dtype=dt, device=KERNEL_DEVICE)
+    W = randn(N, K, dtype=dt, device=KERNEL_DEVICE)
+    dS = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    A = randn(r, K, dtype=adt, device=KERNEL_DEVICE)
+    out = poisoned(lambda: _kernels().lora_backward_dx(dy, W, dS, A, p, SEED, fused=fused))
+    assert out.dtype == dt
+    ref = reference.lora_backward_dx(dy, W, dS, A, p, SEED)
+    oracle = reference.lora_backward_dx(dy.double(), W.double(), dS.double(), A.double(), p, SEED)
+    check_against_oracle(out, ref, oracle, dt, "dx")
+
+
+@dtype_pairs
+@ms
+@ranks
+@ps
+def test_backward_da(dtypes, M, r, p):
+    dt, adt = dtypes
+    dS = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
+    A = randn(r, K, dtype=adt, device=KERNEL_DEVICE)
+    out = poisoned(lambda: _kernels().lora_backward_da(dS, x, A, p, SEED))
+    assert out.dtype == adt
+    if M == 0:
+        assert torch.equal(out, torch.zeros_like(out))
+        return
+    ref = reference.lora_backward_da(dS, x, A, p, SEED)
+    oracle = reference.lora_backward_da(dS.double(), x.double(), A.double(), p, SEED)
+    check_against_oracle(out, ref, oracle, dt, "dA")
+
+
+def test_da_split_reduction_covers_every_row():
+    """M spanning many row blocks and splits: every row must land in exactly one partial."""
+    M, r = 517, 5
+    dS = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    x = randn(M, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    A = randn(r, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    out = _kernels().lora_backward_da(dS, x, A, 0.2, SEED)
+    oracle = reference.lora_backward_da(dS.double(), x.double(), A.double(), 0.2, SEED)
+    check_against_oracle(out, reference.lora_backward_da(dS, x, A, 0.2, SEED), oracle, torch.float32, "dA")
+
+
+@params("layout", ["transposed", "sliced"])
+def test_kernels_accept_strided_inputs(layout):
+    """Non-contiguous x / W / A / B are read through their strides, not copied."""
+    M, r, dt = 33, 7, torch.float32
+    if layout == "transposed":
+        x = randn(K, M, dtype=dt, device=KERNEL_DEVICE).t()
+        W = randn(K, N, dtype=dt, device=KERNEL_DEVICE).t()
+        A = randn(K, r, dtype=dt, device=KERNEL_DEVICE).t()
+        B = randn(r, N, dtype=dt, device=KERNEL_DEVICE).t()
+    else:
+        x = randn(M, 2 * K, dtype=dt, device=KERNEL_DEVICE)[:, ::2]
+        W = randn(N, 2 * K, dtype=dt, device=KERNEL_DEVICE)[:, 1::2]
+        A = randn(r, K + 3, dtype=dt, device=KERNEL_DEVICE)[:, :K]
+        B = randn(N, r + 2, dtype=dt, device=KERNEL_DEVICE)[:, 2:]
+    assert not x.is_contiguous()
+    kn = _kernels()
+    S = kn.lora_shrink(x, A, 0.1, SEED)
+    y = kn.lora_forward_fused(x, W, None, S, B, 2.0)
+    dy = randn(M, N, dtype=dt, device=KERNEL_DEVICE).t().contiguous().t()
+    dS, dB = kn.lora_backward_dsdb(dy, B, S, 2.0)
+    dx = kn.lora_backward_dx(dy, W, dS, A, 0.1, SEED)
+    dA = kn.lora_backward_da(dS, x, A, 0.1, SEED)
+    x64, W64, A64, B64 = x.double(), W.double(), A.double(), B.double()
+    S64 = reference.lora_shrink(x64, A64, 0.1, SEED)
+    dS64, dB64 = reference.lora_backward_dsdb(dy.double(), B64, S64, 2.0)
+    pairs = {
+        "S": (S, reference.lora_shrink(x, A, 0.1, SEED), S64),
+        "y": (y, reference.lora_forward(x, W, None, S, B, 2.0), reference.lora_forward(x64, W64, None, S64, B64, 2.0)),
+        "dS": (dS, reference.lora_backward_dsdb(dy, B, S, 2.0)[0], dS64),
+        "dB": (dB, reference.lora_backward_dsdb(dy, B, S, 2.0)[1], dB64),
+        "dx": (dx, reference.lora_backward_dx(dy, W, dS, A, 0.1, SEED), reference.lora_backward_dx(dy.double(), W64, dS64, A64, 0.1, SEED)),
+        "dA": (dA, reference.lora_backward_da(dS, x, A, 0.1, SEED), reference.lora_backward_da(dS64, x64, A64, 0.1, SEED)),
+    }
+    for name, (out, ref, oracle) in pairs.items():
+        check_against_oracle(out, ref, oracle, dt, name)
+
+
+def test_launchers_reject_mismatched_shapes():
+    kn = _kernels()
+    x = randn(4, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=r"\(4, 45\).*\(3, 44\)"):
+        kn.lora_shrink(x, randn(3, K - 1, dtype=torch.float32, device=KERNEL_DEVICE), 0.0, 0)
+    W = randn(N, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    S = randn(4, 3, dtype=torch.float32, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=r"lora_B \(37, 2\)"):
+        kn.lora_forward_fused(x, W, None, S, randn(N, 2, dtype=torch.float32, device=KERNEL_DEVICE), 1.0)
+
+
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, cast(x, y_ptr.dtype.element_ty, UPCAST), mask=offs < n)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # fp16(3.4e38) -> inf, as torch
+def test_cast_rounds_to_nearest_even_like_torch():
+    """kernels.common.cast must round fp32 -> bf16/fp16 as the GPU and torch do (the
+    interpreter's own bf16 cast truncates), NaN and inf included."""
+    x = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-3, 4, (1000,)), torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.4e38])])
+    x = x.to(KERNEL_DEVICE)
+    for dt in (torch.bfloat16, torch.float16):
+        y = torch.empty(x.numel(), dtype=dt, device=KERNEL_DEVICE)
+        _cast_kernel[(1,)](x, y, x.numel(), BLOCK=2048, UPCAST=interpreting())
+        expected = x.to(dt)
+        same = (y == expected) | (y.isnan() & expected.isnan())
+        assert same.all(), f"{dt}: {int((~same).sum())} values differ, e.g. {x[~same][:3].tolist()} -> {y[~same][:3].tolist()} vs {expected[~same][:3].tolist()}"
+
+
+def test_fp32_dot_precision_follows_torch_setting():
+    from lorakern.kernels.common import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_fused_gemm_override_is_validated(monkeypatch):
+    from lorakern.kernels.dispatch import fused_gemm_override
+
+    monkeypatch.setenv("LORAKERN_FUSED_GEMM", "yes")
+    with pytest.raises(ValueError, match="LORAKERN_FUSED_GEMM"):
+        fused_gemm_override()
+    monkeypatch.setenv("LORAKERN_FUSED_GEMM", "0")
+    assert fused_gemm_override() is False
+
+
+@pytest.mark.parametrize("r", [100, 128], ids=lambda r: f"r{r}")
+def test_ranks_above_64(r):
+    """Ranks past the test grid pad to the next power of two in registers."""
+    M, dt = 20, torch.float16
+    x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
+    A = randn(r, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    W = randn(N, K, dtype=dt, device=KERNEL_DEVICE)
+    B = randn(N, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    S = _kernels().lora_shrink(x, A, 0.1, SEED)
+    check_against_oracle(S, reference.lora_shrink(x, A, 0.1, SEED), reference.lora_shrink(x.double(), A.double(), 0.1, SEED), dt, "S")
+    y = _kernels().lora_forward_fused(x, W, None, S, B, 0.5)
+    oracle = reference.lora_forward(x.double(), W.double(), None, S.double(), B.double(), 0.5)
+    check_against_oracle(y, reference.lora_forward(x, W, None, S, B, 0.5), oracle, dt, "y")
+
+
+@dtype_pairs
+@params("M", [0, 1, 7, 16, 130], ids=lambda m: f"M{m}")
+@ranks
+@ps
+@params("has_bias", [True, False], ids=["bias", "nobias"])
+def test_forward_onepass(dtypes, M, r, p, has_bias):
+    """Shrink inside the GEMM (the small-M forward): y and S against reference and oracle."""
+    dt, adt = dtypes
+    x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
+    W = randn(N, K, dtype=dt, device=KERNEL_DEVICE)
+    bias = randn(N, dtype=dt, device=KERNEL_DEVICE) if has_bias else None
+    A = randn(r, K, dtype=adt, device=KERNEL_DEVICE)
+    B = randn(N, r, dtype=adt, device=KERNEL_DEVICE)
+    y, S = poisoned(lambda: _kernels().lora_forward_onepass(x, W, bias, A, B, 0.5, p, SEED))
+    assert y.dtype == dt and S.dtype == torch.float32
+    y_ref, S_ref = reference.lora_linear_forward(x, W, bias, A, B, 0.5, p, SEED)
+    b64 = None if bias is None else bias.double()
+    y_64, S_64 = reference.lora_linear_forward(x.double(), W.double(), b64, A.double(), B.double(), 0.5, p, SEED)
+    check_against_oracle(S, S_ref, S_64, dt, "S")
+    check_against_oracle(y, y_ref, y_64, dt, "y")
+
+
+def test_onepass_mask_is_the_shrink_mask():
+    """The one-launch forward applies exactly the shrink kernel's dropout mask."""
+    M, Kx, p = 5, 64, 0.4
+    x = torch.ones(M, Kx, device=KERNEL_DEVICE)
+    eye = torch.eye(Kx, device=KERNEL_DEVICE)
+    W = torch.zeros(3, Kx, device=KERNEL_DEVICE)
+    _, S = _kernels().lora_forward_onepass(x, W, None, eye, torch.zeros(3, Kx, device=KERNEL_DEVICE), 1.0, p, 321)
+    assert torch.equal((S != 0).cpu(), reference.dropout_keep_mask(321, M, Kx, p))
+
+
+@pytest.mark.parametrize("r", [16, 64, 128], ids=lambda r: f"r{r}")
+def test_dsdb_gpu_row_blocks(monkeypatch, r):
+    """The GPU configs of the dS/dB pass (BLOCK_M 64/128/256 chosen by r), run here in
+    the interpreter: partial buffers of every size still sum to the reference."""
+    from lorakern.kernels import backward
+
+    monkeypatch.setattr(backward, "interpreting", lambda: False)
+    M, dt = 300, torch.bfloat16
+    cfg = backward._dsdb_config(M, r, 2)
+    assert cfg["BLOCK_M"] == {16: 64, 64: 128, 128: 256}[r]
+    dy = randn(M, N, dtype=dt, device=KERNEL_DEVICE)
+    B = randn(N, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    S = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    dS, dB = _kernels().lora_backward_dsdb(dy, B, S, 0.5)
+    dS_ref, dB_ref = reference.lora_backward_dsdb(dy, B, S, 0.5)
+    dS_64, dB_64 = reference.lora_backward_dsdb(dy.double(), B.double(), S.double(), 0.5)
+    check_against_oracle(dS, dS_ref, dS_64, dt, "dS")
+    check_against_oracle(dB, dB_ref, dB_64, dt, "dB")
+
+
+def test_shrink_and_da_gpu_blocks(monkeypatch):
+    """The GPU block sizes of shrink and dA (BLOCK_K 128, dA split over M for ~264
+    programs), run here in the interpreter with dropout on."""
+    from lorakern.kernels import backward, shrink
+
+    monkeypatch.setattr(shrink, "interpreting", lambda: False)
+    monkeypatch.setattr(backward, "interpreting", lambda: False)
+    M, Kx, r, p, dt = 700, 300, 16, 0.1, torch.bfloat16
+    x = randn(M, Kx, dtype=dt, device=KERNEL_DEVICE)
+    A = randn(r, Kx, dtype=torch.float32, device=KERNEL_DEVICE)
+    dS = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    S = _kernels().lora_shrink(x, A, p, SEED)
+    check_against_oracle(S, reference.lora_shrink(x, A, p, SEED), reference.lora_shrink(x.double(), A.double(), p, SEED), dt, "S")
+    dA = _kernels().lora_backward_da(dS, x, A, p, SEED)
+    oracle = reference.lora_backward_da(dS.double(), x.double(), A.double(), p, SEED)
+    check_against_oracle(dA, reference.lora_backward_da(dS, x, A, p, SEED), oracle, dt, "dA")
+
+
+@pytest.mark.parametrize("tile", [(128, 256, 64), (256, 128, 64), (16, 128, 128), (64, 64, 64)], ids=lambda t: "x".join(map(str, t)))
+def test_gemms_at_gpu_tiles(monkeypatch, tile):
+    """The forward (fused and one-pass) and dx GEMMs at GPU tile shapes, in the
+    interpreter: each tile's masking and grouped ordering on ragged M, N, K."""
+    from lorakern.kernels import backward, forward
+
+    bm, bc, br = tile
+    fwd_cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": 8}, num_warps=4)
+    dx_cfg = triton.Config({"BLOCK_M": bm, "BLOCK_K": bc, "BLOCK_N": br, "GROUP_M": 8}, num_warps=4)
+    monkeypatch.setattr(forward._lora_fwd_kernel, "configs", [fwd_cfg])
+    monkeypatch.setattr(forward._lora_fwd_kernel, "cache", {})
+    monkeypatch.setattr(backward._lora_bwd_dx_kernel_tuned, "configs", [dx_cfg])
+    monkeypatch.setattr(backward._lora_bwd_dx_kernel_tuned, "cache", {})
+    M, Kx, Nx, r, p, dt = 150, 200, 300, 7, 0.1, torch.float16
+    x, W = randn(M, Kx, dtype=dt, device=KERNEL_DEVICE), randn(Nx, Kx, dtype=dt, device=KERNEL_DEVICE)
+    bias = randn(Nx, dtype=dt, device=KERNEL_DEVICE)
+    A, B = randn(r, Kx, dtype=torch.float32, device=KERNEL_DEVICE), randn(Nx, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    S = reference.lora_shrink(x, A, p, SEED)
+    y = _kernels().lora_forward_fused(x, W, bias, S, B, 0.5)
+    y64 = reference.lora_forward(x.double(), W.double(), bias.double(), S.double(), B.double(), 0.5)
+    check_against_oracle(y, reference.lora_forward(x, W, bias, S, B, 0.5), y64, dt, "y")
+    y1, S1 = _kernels().lora_forward_onepass(x, W, bias, A, B, 0.5, p, SEED)
+    y1_64, S1_64 = reference.lora_linear_forward(x.double(), W.double(), bias.double(), A.double(), B.double(), 0.5, p, SEED)
+    check_against_oracle(S1, S, S1_64, dt, "S (one-pass)")
+    check_against_oracle(y1, reference.lora_linear_forward(x, W, bias, A, B, 0.5, p, SEED)[0], y1_64, dt, "y (one-pass)")
+    dy = randn(M, Nx, dtype=dt, device=KERNEL_DEVICE)
+    dS = randn(M, r, dtype=torch.float32, device=KERNEL_DEVICE)
+    dx = _kernels().lora_backward_dx(dy, W, dS, A, p, SEED, fused=True)
+    dx64 = reference.lora_backward_dx(dy.double(), W.double(), dS.double(), A.double(), p, SEED)
+    check_against_oracle(dx, reference.lora_backward_dx(dy, W, dS, A, p, SEED), dx64, dt, "dx")

@@ -1,0 +1,455 @@
+"""The pure-PyTorch reference path: gradcheck, the naive formula, per-kernel functions, dropout.
+
+Everything here runs on CPU with backend="reference". The oracle is always an fp64
+computation written out naively in this file (fla's `naive.py` idea), so the
+reference is checked against something that shares none of its code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from lorakern import lora_linear, reference
+from lorakern.ops import LoraLinearFunction, interpreting
+from tests.conftest import HAS_CUDA, requires_triton
+from tests.utils import RTOL, assert_close
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def naive_lora_linear(x, weight, bias, lora_A, lora_B, scaling, p=0.0, seed=0):
+    """x Wᵀ + bias + s·(dropout(x) Aᵀ) Bᵀ, written out; dropout uses the seeded mask."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if p > 0.0:
+        keep = reference.dropout_keep_mask(seed, x2.shape[0], k, p).to(x.dtype)
+        xd = x2 * keep / (1.0 - p)
+    else:
+        xd = x2
+    y = x2 @ weight.t() + scaling * (xd @ lora_A.t()) @ lora_B.t()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def keep_or_ones(seed: int, m: int, k: int, p: float) -> torch.Tensor:
+    """The keep mask as fp64 0/1 (all ones when p == 0)."""
+    if p == 0.0:
+        return torch.ones(m, k, dtype=torch.float64)
+    return reference.dropout_keep_mask(seed, m, k, p).double()
+
+
+def make_inputs(lead, k, n, r, dtype=torch.float64, adapter_dtype=None, bias=True):
+    """x [*lead, K], weight [N, K], bias [N], lora_A [r, K], lora_B [N, r]; randn, never zeros."""
+    adapter_dtype = dtype if adapter_dtype is None else adapter_dtype
+    x = torch.randn(*lead, k, dtype=dtype)
+    weight = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    lora_A = (torch.randn(r, k) / math.sqrt(k)).to(adapter_dtype)
+    lora_B = torch.randn(n, r, dtype=adapter_dtype)
+    return x, weight, b, lora_A, lora_B
+
+
+# ----------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["2d", "3d"])
+def test_gradcheck_lora_linear(lead, bias, p):
+    x, w, b, A, B = make_inputs(lead, 7, 5, 3, bias=bias)
+    inputs = [t.requires_grad_() for t in (x, w, b, A, B) if t is not None]
+
+    def f(x, w, *rest):
+        b = rest[0] if bias else None
+        A, B = rest[-2:]
+        return lora_linear(x, w, b, A, B, 0.75, dropout_p=p, seed=1234, backend="reference")
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_gradcheck_function_direct():
+    """LoraLinearFunction itself (2-D x), dropout on, every differentiable input."""
+    x, w, b, A, B = make_inputs((6,), 5, 3, 2)
+    inputs = [t.requires_grad_() for t in (x, w, b, A, B)]
+
+    def f(x, w, b, A, B):
+        return LoraLinearFunction.apply(x, w, b, A, B, 1.5, 0.3, 77, "reference")
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- naive formula
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("lead", [(1,), (13,), (3, 11)], ids=["M1", "M13", "3d"])
+def test_matches_naive_formula_fp64(lead, bias, p):
+    """Forward and every gradient (x, W, bias, A, B) against the naive formula, fp64."""
+    seed = 987654321
+    x, w, b, A, B = make_inputs(lead, 19, 23, 5, bias=bias)
+    leaves = [t.requires_grad_() for t in (x, w, b, A, B) if t is not None]
+    y = lora_linear(x, w, b, A, B, 0.6, dropout_p=p, seed=seed, backend="reference")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    clones = [t.detach().clone().requires_grad_() for t in leaves]
+    xc, wc = clones[0], clones[1]
+    bc = clones[2] if bias else None
+    Ac, Bc = clones[-2:]
+    y_ref = naive_lora_linear(xc, wc, bc, Ac, Bc, 0.6, p, seed)
+    grads_ref = torch.autograd.grad(y_ref, clones, dy)
+
+    assert_close(y, y_ref, RTOL[torch.float64], "y")
+    names = ["dx", "dW"] + (["dbias"] if bias else []) + ["dA", "dB"]
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
+        assert g.dtype == torch.float64, name
+        assert_close(g, g_ref, RTOL[torch.float64], name)
+
+
+# ----------------------------------------------------------------------------- per-kernel functions
+
+K_ODD, N_ODD = 37, 29
+MR = [(m, r) for m in (0, 1, 7, 130) for r in (1, 7, 16, 64)]
+MR_IDS = [f"M{m}-r{r}" for m, r in MR]
+# (x dtype, adapter dtype): same dtype, and PEFT's fp32 adapters on a bf16 base.
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+]
+DTYPE_IDS = ["fp32", "fp16", "bf16", "bf16-adapters-fp32"]
+SEED = 2024
+
+
+def _d(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("m", "r"), MR, ids=MR_IDS)
+def test_lora_shrink(m, r, dtypes, p):
+    dtype, adtype = dtypes
+    x, _, _, A, _ = make_inputs((m,), K_ODD, N_ODD, r, dtype, adtype)
+    S = reference.lora_shrink(x, A, p, SEED)
+    assert S.dtype == torch.float32 and S.shape == (m, r)
+    keep = keep_or_ones(SEED, m, K_ODD, p)
+    S_ref = (_d(x) * keep / (1.0 - p)) @ _d(A).t()
+    assert_close(S, S_ref, RTOL[dtype], "S")
+    # A mask passed in is used as given: the regenerated one gives the same bits.
+    if p > 0.0:
+        given = reference.lora_shrink(x, A, p, SEED, keep=reference.dropout_keep_mask(SEED, m, K_ODD, p))
+        assert torch.equal(given, S)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("m", "r"), MR, ids=MR_IDS)
+def test_lora_forward(m, r, dtypes, bias):
+    dtype, adtype = dtypes
+    x, w, b, _, B = make_inputs((m,), K_ODD, N_ODD, r, dtype, adtype, bias=bias)
+    S = torch.randn(m, r, dtype=torch.float32)
+    y = reference.lora_forward(x, w, b, S, B, 0.5)
+    assert y.dtype == dtype and y.shape == (m, N_ODD)
+    y_ref = _d(x) @ _d(w).t() + 0.5 * _d(S) @ _d(B).t()
+    if bias:
+        y_ref = y_ref + _d(b)
+    assert_close(y, y_ref, RTOL[dtype], "y")
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("m", "r"), MR, ids=MR_IDS)
+def test_lora_backward_dsdb(m, r, dtypes):
+    dtype, adtype = dtypes
+    B = torch.randn(N_ODD, r, dtype=adtype)
+    S = torch.randn(m, r, dtype=torch.float32)
+    dy = torch.randn(m, N_ODD, dtype=dtype)
+    dS, dB = reference.lora_backward_dsdb(dy, B, S, 1.25)
+    assert dS.dtype == torch.float32 and dS.shape == (m, r)
+    assert dB.dtype == adtype and dB.shape == (N_ODD, r)
+    assert_close(dS, 1.25 * _d(dy) @ _d(B), RTOL[dtype], "dS")
+    assert_close(dB, 1.25 * _d(dy).t() @ _d(S), RTOL[dtype], "dB")
+    if m == 0:
+        assert torch.count_nonzero(dB) == 0
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("m", "r"), MR, ids=MR_IDS)
+def test_lora_backward_dx(m, r, dtypes, p):
+    dtype, adtype = dtypes
+    _, w, _, A, _ = make_inputs((m,), K_ODD, N_ODD, r, dtype, adtype)
+    dy = torch.randn(m, N_ODD, dtype=dtype)
+    dS = torch.randn(m, r, dtype=torch.float32)
+    dx = reference.lora_backward_dx(dy, w, dS, A, p, SEED)
+    assert dx.dtype == dtype and dx.shape == (m, K_ODD)
+    keep = keep_or_ones(SEED, m, K_ODD, p)
+    dx_ref = _d(dy) @ _d(w) + keep * (_d(dS) @ _d(A)) / (1.0 - p)
+    assert_close(dx, dx_ref, RTOL[dtype], "dx")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(("m", "r"), MR, ids=MR_IDS)
+def test_lora_backward_da(m, r, dtypes, p):
+    dtype, adtype = dtypes
+    x, _, _, A, _ = make_inputs((m,), K_ODD, N_ODD, r, dtype, adtype)
+    dS = torch.randn(m, r, dtype=torch.float32)
+    dA = reference.lora_backward_da(dS, x, A, p, SEED)
+    assert dA.dtype == adtype and dA.shape == (r, K_ODD)
+    keep = keep_or_ones(SEED, m, K_ODD, p)
+    dA_ref = _d(dS).t() @ (_d(x) * keep / (1.0 - p))
+    assert_close(dA, dA_ref, RTOL[dtype], "dA")
+    if m == 0:
+        assert torch.count_nonzero(dA) == 0
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+def test_whole_forward_backward_compose_the_kernels(p, needs):
+    """lora_linear_forward / _backward equal the per-kernel functions chained, None where not needed."""
+    x, w, b, A, B = make_inputs((9,), K_ODD, N_ODD, 7, torch.float32)
+    y, S = reference.lora_linear_forward(x, w, b, A, B, 0.5, p, SEED)
+    assert torch.equal(S, reference.lora_shrink(x, A, p, SEED))
+    assert torch.equal(y, reference.lora_forward(x, w, b, S, B, 0.5))
+    dy = torch.randn_like(y)
+    dx, dA, dB = reference.lora_linear_backward(dy, x, w, A, B, S, 0.5, p, SEED, needs)
+    dS, dB_ref = reference.lora_backward_dsdb(dy, B, S, 0.5)
+    expected = (
+        reference.lora_backward_dx(dy, w, dS, A, p, SEED),
+        reference.lora_backward_da(dS, x, A, p, SEED),
+        dB_ref,
+    )
+    for name, need, got, exp in zip(("dx", "dA", "dB"), needs, (dx, dA, dB), expected, strict=True):
+        if need:
+            assert torch.equal(got, exp), name
+        else:
+            assert got is None, name
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 5, 2**63 - 1])
+def test_philox_uniform_in_unit_interval(seed):
+    # Offsets past 2**32 exercise the high counter word.
+    offs = torch.cat([torch.arange(50_000), torch.arange(2**32 - 25_000, 2**32 + 25_000)])
+    u = reference.philox_uniform(seed, offs)
+    assert u.dtype == torch.float32 and u.shape == offs.shape
+    assert bool((u >= 0).all()) and bool((u < 1).all())
+    # Spread over the whole interval, mean 1/2 within 5σ (σ = sqrt(1/12 / n)).
+    assert u.min().item() < 1e-3 and u.max().item() > 1 - 1e-3
+    assert abs(u.double().mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / offs.numel())
+
+
+def test_philox_largest_draw_maps_below_one():
+    """The fold-and-scale step sends the largest possible 31-bit value strictly below 1."""
+    largest = torch.tensor([2**31 - 1], dtype=torch.int64).to(torch.float32)
+    assert (largest * torch.tensor(reference._UNIFORM_SCALE, dtype=torch.float32)).item() < 1.0
+
+
+@functools.cache
+def _tl_rand_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rand_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.rand(seed, offs), mask=offs < n)
+
+    @triton.jit
+    def randint4x_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        mask = offs < n
+        tl.store(out_ptr + offs, r0.to(tl.int64), mask=mask)
+        tl.store(out_ptr + n + offs, r1.to(tl.int64), mask=mask)
+        tl.store(out_ptr + 2 * n + offs, r2.to(tl.int64), mask=mask)
+        tl.store(out_ptr + 3 * n + offs, r3.to(tl.int64), mask=mask)
+
+    return rand_kernel, randint4x_kernel
+
+
+@requires_triton
+@pytest.mark.skipif(not (HAS_CUDA or interpreting()), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 3])
+def test_philox_bit_identical_to_triton(seed):
+    """The reference's Philox reproduces Triton's tl.rand and tl.randint4x bit for bit."""
+    n = 3000
+    device = "cuda" if HAS_CUDA else "cpu"
+    rand_kernel, randint4x_kernel = _tl_rand_kernels()
+    out = torch.full((n,), float("nan"), device=device)
+    rand_kernel[(-(-n // 1024),)](out, seed, n, BLOCK=1024)
+    assert torch.equal(out.cpu(), reference.philox_uniform(seed, torch.arange(n)))
+    lanes = torch.full((4 * n,), -1, dtype=torch.int64, device=device)
+    randint4x_kernel[(-(-n // 1024),)](lanes, seed, n, BLOCK=1024)
+    ref = torch.stack(reference.philox4x32(seed, torch.arange(n)))
+    # Triton's lanes are uint32; compare the low 32 bits whatever the int64 cast did.
+    assert torch.equal(lanes.cpu().view(4, n) & 0xFFFFFFFF, ref)
+
+
+def _keep_mask_by_definition(seed: int, m: int, k: int, p: float) -> torch.Tensor:
+    """Element (i, j) keeps iff lane j % 4 of Philox at counter i*ceil(k/4) + j//4, as a uniform, is > p."""
+    groups = -(-k // 4)
+    i = torch.arange(m).view(m, 1)
+    j = torch.arange(k).view(1, k)
+    counters = (i * groups + j // 4).reshape(-1)
+    lanes = torch.stack(reference.philox4x32(seed, counters), dim=-1)  # [m*k, 4]
+    u = reference.uint_to_uniform(lanes.gather(1, (j % 4).expand(m, k).reshape(-1, 1)))
+    return (u > torch.tensor(p, dtype=torch.float32)).view(m, k)
+
+
+@pytest.mark.parametrize("k", [1, 4, 50, 67])
+def test_keep_mask_layout_and_chunking(monkeypatch, k):
+    """Element (i, j) takes lane j % 4 of the Philox call at counter i*ceil(k/4) + j//4,
+    also across the generator's chunk boundaries (k not a multiple of 4)."""
+    m, p = 60, 0.3
+    direct = _keep_mask_by_definition(77, m, k, p)
+    monkeypatch.setattr(reference, "_CHUNK", 7 * 13 + 3)  # odd chunk: boundaries mid-matrix
+    keep = reference.dropout_keep_mask(77, m, k, p)
+    assert keep.dtype == torch.bool and keep.shape == (m, k)
+    assert torch.equal(keep, direct)
+
+
+def test_philox_uniform_is_lane_zero():
+    offs = torch.arange(1000) * 7919
+    lanes = reference.philox4x32(5, offs)
+    assert torch.equal(reference.philox_uniform(5, offs), reference.uint_to_uniform(lanes[0]))
+    for lane in lanes:
+        assert bool((lane >= 0).all()) and bool((lane < 2**32).all())
+    # The four lanes are different streams.
+    assert len({tuple(lane[:8].tolist()) for lane in lanes}) == 4
+
+
+def test_dropout_function_is_inverted_dropout():
+    x = torch.randn(40, 30, dtype=torch.float64)
+    keep = reference.dropout_keep_mask(5, 40, 30, 0.4)
+    out = reference.dropout(x, 0.4, 5)
+    assert torch.equal(out[~keep], torch.zeros_like(out[~keep]))
+    assert torch.allclose(out[keep], x[keep] / 0.6, rtol=0, atol=0)
+    assert reference.dropout(x, 0.0, 5) is x
+
+
+def test_same_seed_bit_identical_mask():
+    a = reference.dropout_keep_mask(31337, 70, 90, 0.3)
+    b = reference.dropout_keep_mask(31337, 70, 90, 0.3)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_different_seeds_different_masks(p):
+    m, k = 100, 100
+    a = reference.dropout_keep_mask(1, m, k, p)
+    b = reference.dropout_keep_mask(2, m, k, p)
+    # Independent masks disagree at rate 2p(1-p); check it within 5σ.
+    n = m * k
+    q = 2 * p * (1 - p)
+    disagree = (a != b).sum().item()
+    assert abs(disagree - n * q) <= 5 * math.sqrt(n * q * (1 - q))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("seed", [0, 424242])
+def test_keep_rate_binomial_band(p, seed):
+    m, k = 317, 331  # ~1.05e5 elements
+    keep = reference.dropout_keep_mask(seed, m, k, p)
+    n = m * k
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(keep.sum().item() - n * (1 - p)) <= 5 * sigma
+    # No drift along the index: each half keeps at the same rate (5σ each).
+    for half in (keep[: m // 2], keep[m // 2 :]):
+        nh = half.numel()
+        assert abs(half.sum().item() - nh * (1 - p)) <= 5 * math.sqrt(nh * p * (1 - p))
+
+
+def _run_op(x, w, b, A, B, p, seed):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, A, B)]
+    y = lora_linear(*leaves, 0.8, dropout_p=p, seed=seed, backend="reference")
+    y.backward(torch.ones_like(y))
+    return y.detach(), [t.grad for t in leaves]
+
+
+def test_same_seed_same_output_and_grads():
+    x, w, b, A, B = make_inputs((4, 9), 21, 17, 6, torch.float32)
+    y1, g1 = _run_op(x, w, b, A, B, 0.3, 99)
+    y2, g2 = _run_op(x, w, b, A, B, 0.3, 99)
+    assert torch.equal(y1, y2)
+    for a, c in zip(g1, g2, strict=True):
+        assert torch.equal(a, c)
+    # A different seed changes the output (B is non-zero): the seed really is used.
+    y3, _ = _run_op(x, w, b, A, B, 0.3, 100)
+    assert not torch.equal(y1, y3)
+
+
+def test_manual_seed_makes_seed_none_reproducible():
+    x, w, b, A, B = make_inputs((8,), 21, 17, 6, torch.float32)
+    torch.manual_seed(123)
+    y1, g1 = _run_op(x, w, b, A, B, 0.5, None)
+    torch.manual_seed(123)
+    y2, g2 = _run_op(x, w, b, A, B, 0.5, None)
+    assert torch.equal(y1, y2)
+    for a, c in zip(g1, g2, strict=True):
+        assert torch.equal(a, c)
+    # Without re-seeding, the next call draws another seed, hence another mask.
+    y3, _ = _run_op(x, w, b, A, B, 0.5, None)
+    assert not torch.equal(y1, y3)
+
+
+def test_backward_uses_forward_mask():
+    """Grads equal the naive formula's with the mask rebuilt from the same seed, not another one."""
+    seed, p = 4242, 0.4
+    x, w, b, A, B = make_inputs((12,), 15, 11, 4)
+    y, (dx, dw, db, dA, dB) = _run_op(x, w, b, A, B, p, seed)
+    for s, must_match in ((seed, True), (seed + 1, False)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, A, B)]
+        y_ref = naive_lora_linear(*leaves, 0.8, p, s)
+        y_ref.backward(torch.ones_like(y_ref))
+        if must_match:
+            assert_close(y, y_ref, RTOL[torch.float64], "y")
+            for name, g, ref in zip(("dx", "dA", "dB"), (dx, dA, dB), (leaves[0].grad, leaves[3].grad, leaves[4].grad), strict=True):
+                assert_close(g, ref, RTOL[torch.float64], name)
+        else:
+            assert not torch.allclose(dA, leaves[3].grad)
+            assert not torch.allclose(dx, leaves[0].grad)
+
+
+def test_dropped_non_finite_element_contributes_exactly_zero():
+    """D(x) selects (where), it does not multiply: a dropped inf/NaN gives 0, not NaN, as in the kernels."""
+    m, k, r, p, seed = 6, 10, 3, 0.5, 21
+    keep = reference.dropout_keep_mask(seed, m, k, p)
+    (i_drop, j_drop), (i_keep, j_keep) = (~keep).nonzero()[0].tolist(), keep.nonzero()[-1].tolist()
+    assert i_drop != i_keep
+    x = torch.randn(m, k)
+    x[i_drop, j_drop] = float("inf")
+    x[i_keep, j_keep] = float("nan")
+    A = torch.randn(r, k)
+    assert reference.dropout(x, p, seed)[i_drop, j_drop].item() == 0.0
+    S = reference.lora_shrink(x, A, p, seed)
+    assert torch.isfinite(S[i_drop]).all() and torch.isnan(S[i_keep]).all()
+    dS = torch.randn(m, r)
+    dA = reference.lora_backward_da(dS, x, A, p, seed)
+    assert torch.isfinite(dA[:, j_drop]).all() or j_drop == j_keep
+    assert torch.isnan(dA[:, j_keep]).all()
+
+
+def test_keep_mask_is_the_same_on_several_threads(monkeypatch):
+    """The mask is generated chunk-parallel when torch may use several threads; the
+    chunks must tile the matrix exactly, whatever the thread count."""
+    monkeypatch.setattr(reference, "_CHUNK", 5 * 13)  # many chunks, ragged last one
+    one = reference.dropout_keep_mask(99, 77, 50, 0.2)
+    n = torch.get_num_threads()
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(reference.dropout_keep_mask(99, 77, 50, 0.2), one)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, _keep_mask_by_definition(99, 77, 50, 0.2))
