@@ -58,6 +58,20 @@ def test_check_runs_the_selfcheck_in_a_fresh_interpreter(capfd, monkeypatch):
     assert "PASS" in out and "FAIL" not in out
 
 
+def test_error_bound_scales_only_the_fp32_floor_with_the_condition_number():
+    from lorakern.selfcheck import ERROR_FLOOR, RTOL, error_bound
+
+    assert torch.get_float32_matmul_precision() == "highest"  # else fp32's RTOL is tf32's
+    f32 = ERROR_FLOOR[torch.float32]
+    assert error_bound(torch.float32, 0.0) == f32
+    assert error_bound(torch.float32, 1e-6) == 2e-6  # 2x PyTorch's error when above the floor
+    assert error_bound(torch.float32, 0.0, cond=10.0) == 10 * f32
+    assert error_bound(torch.float32, 0.0, cond=1e9) == RTOL[torch.float32]  # never above RTOL
+    # Half precision: accumulation is fp32, so a moderate cond leaves the dtype's floor as is.
+    for dt in (torch.float16, torch.bfloat16):
+        assert error_bound(dt, 0.0, cond=50.0) == ERROR_FLOOR[dt]
+
+
 # ---- argument handling ------------------------------------------------------------------
 
 

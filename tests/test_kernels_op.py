@@ -9,7 +9,7 @@ import torch
 import lorakern
 from lorakern import reference
 from tests.conftest import HAS_CUDA, KERNEL_DEVICE, requires_cuda, requires_triton
-from tests.kernel_cases import DTYPE_IDS, DTYPES, check_against_oracle, randn
+from tests.kernel_cases import DTYPE_IDS, DTYPES, check_against_oracle, condition_number, randn
 
 pytestmark = requires_triton
 params = pytest.mark.parametrize
@@ -39,13 +39,17 @@ def run_op_case(x, W, bias, A, B, s, p, dy, dtype, want_w=False):
     y_ref, g_ref = _grads(x, W, bias, A, B, s, p, SEED, "reference", dy, want_w)
     to64 = (lambda t: None if t is None else t.double())
     y_64, g_64 = _grads(to64(x), to64(W), to64(bias), to64(A), to64(B), s, p, SEED, "reference", to64(dy), want_w)
+    # The same oracle on |inputs| sums |terms|: each result's condition number.
+    abs64 = (lambda t: None if t is None else t.double().abs())
+    y_abs, g_abs = _grads(abs64(x), abs64(W), abs64(bias), abs64(A), abs64(B), abs(s), p, SEED, "reference", abs64(dy), want_w)
     assert y.dtype == x.dtype
-    errors = {"y": check_against_oracle(y, y_ref, y_64, dtype, "y")}
+    errors = {"y": check_against_oracle(y, y_ref, y_64, dtype, "y", condition_number(y_abs, y_64))}
     for name, grad in g.items():
         source = {"x": x, "A": A, "B": B, "bias": bias, "W": W}[name]
         assert grad is not None, f"no gradient reached {name}"
         assert grad.dtype == source.dtype, f"d{name} dtype {grad.dtype} != {name} dtype {source.dtype}"
-        errors[name] = check_against_oracle(grad, g_ref[name], g_64[name], dtype, f"d{name}")
+        cond = condition_number(g_abs[name], g_64[name])
+        errors[name] = check_against_oracle(grad, g_ref[name], g_64[name], dtype, f"d{name}", cond)
     return errors
 
 
