@@ -15,6 +15,9 @@ else:
     # (kernels/forward.gemm_configs); `lorakern check` and the benchmarks autotune.
     os.environ.setdefault("LORAKERN_AUTOTUNE", "0")
 
+# Tests build every model from a config: nothing may reach the Hugging Face hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 HAS_CUDA = torch.cuda.is_available()
 try:
     import triton  # noqa: F401

@@ -69,7 +69,10 @@ def _init(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
 
 
-def _run(worker, tmp_path: Path) -> None:
+def _run(worker, tmp_path: Path, monkeypatch) -> None:
+    # Gloo's pair sockets bind to the address the host name resolves to unless told an
+    # interface; keep every byte on loopback (the spawned workers inherit the variable).
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     mp.spawn(worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
 
 
@@ -106,8 +109,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_matches_single_process(tmp_path):
-    _run(_ddp_worker, tmp_path)
+def test_ddp_matches_single_process(tmp_path, monkeypatch):
+    _run(_ddp_worker, tmp_path, monkeypatch)
     _check_against_single_process([torch.load(tmp_path / f"ddp{r}.pt") for r in range(WORLD)])
 
 
@@ -134,11 +137,11 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_fsdp2_matches_single_process_and_saves_full_adapter(tmp_path):
+def test_fsdp2_matches_single_process_and_saves_full_adapter(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2 (torch.distributed.fsdp.fully_shard)")
-    _run(_fsdp_worker, tmp_path)
+    _run(_fsdp_worker, tmp_path, monkeypatch)
     states = [torch.load(tmp_path / f"fsdp{r}.pt") for r in range(WORLD)]
     _check_against_single_process(states)
 
