@@ -3,81 +3,62 @@
 Two processes on the gloo backend (CPU) train the tiny model on different halves of each
 batch; the adapters must end identical across ranks and equal (fp32, 1e-5) to one process
 trained on the whole batch. FSDP2 (`fully_shard`) runs on gloo/CPU with this torch, so it
-is tested here too, including saving the adapter from the sharded model.
+is tested here too, including saving the adapter from the sharded model. The two ranks
+run in tests/distributed_workers.py, launched as a separate program (own session, time
+limit), so a hung or killed gloo job fails its test and nothing else.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import socket
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lorakern
-from lorakern.distributed import full_tensor, is_sharded
-from tests.training_utils import HIDDEN, K, lora_layers, tiny_lora_model
+from tests.distributed_workers import WORLD, adapters, train
+from tests.training_utils import tiny_lora_model
 from tests.utils import RTOL, assert_close
 
-WORLD, STEPS, BATCH, LR = 2, 3, 8, 0.5
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 300
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _batch(step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(BATCH, 5, K, generator=g)
-
-
-def _train(model, forward, rank: int | None) -> None:
-    """STEPS of SGD on mean(out²); rank None = the whole batch, else this rank's half."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    for step in range(STEPS):
-        x = _batch(step)
-        if rank is not None:
-            x = x.chunk(WORLD)[rank]
-        forward(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-def _adapters(model) -> dict[str, torch.Tensor]:
-    return {n: full_tensor(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _single_process_adapters() -> dict[str, torch.Tensor]:
     model = tiny_lora_model()
-    _train(model, model, rank=None)
-    return _adapters(model)
+    train(model, model, rank=None)
+    return adapters(model)
 
 
-def _init(rank: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-
-
-def _run(worker, tmp_path: Path, monkeypatch) -> None:
-    # Gloo's pair sockets bind to the address the host name resolves to unless told an
-    # interface; keep every byte on loopback (the spawned workers inherit the variable).
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def _run(job: str, tmp_path: Path) -> None:
+    """Run the two-rank `job` (tests/distributed_workers.py) and fail with its output if it fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.distributed_workers", job, str(tmp_path)],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        out, _ = proc.communicate()
+        pytest.fail(f"{job} job did not finish in {JOB_TIMEOUT_S} s; output:\n{out}")
+    assert proc.returncode == 0, f"{job} job exited with {proc.returncode}; output:\n{out}"
 
 
 def _check_against_single_process(states: list[dict[str, torch.Tensor]]) -> None:
-    initial = _adapters(tiny_lora_model())
+    initial = adapters(tiny_lora_model())
     single = _single_process_adapters()
     assert len(single) == 4
     for state in states:
@@ -92,63 +73,26 @@ def _check_against_single_process(states: list[dict[str, torch.Tensor]]) -> None
 # ----------------------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    _init(rank, port)
-    try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = tiny_lora_model()
-        base_before = model.up.base_layer.weight.detach().clone()
-        # Frozen base: DDP only tracks parameters that require grad, every one of which
-        # gets a gradient, so find_unused_parameters=False is right.
-        ddp = DDP(model, find_unused_parameters=False)
-        _train(model, ddp, rank)
-        assert torch.equal(model.up.base_layer.weight, base_before)
-        torch.save(_adapters(model), Path(out) / f"ddp{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_matches_single_process(tmp_path, monkeypatch):
-    _run(_ddp_worker, tmp_path, monkeypatch)
+def test_ddp_matches_single_process(tmp_path):
+    _run("ddp", tmp_path)
     _check_against_single_process([torch.load(tmp_path / f"ddp{r}.pt") for r in range(WORLD)])
 
 
 # ----------------------------------------------------------------------------- FSDP2
 
 
-def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    _init(rank, port)
-    try:
-        from torch.distributed.fsdp import fully_shard
-
-        model = tiny_lora_model()
-        # Recommended wrapping (README): one FSDP unit per block (here per LoraLinear),
-        # frozen base and trainable adapters together, then the root.
-        for layer in lora_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
-        assert all(is_sharded(p) for p in model.parameters())
-        assert model.up.lora_B["default"].weight.to_local().shape == (HIDDEN // WORLD, 4)
-        _train(model, model, rank)
-        torch.save(_adapters(model), Path(out) / f"fsdp{rank}.pt")
-        lorakern.save_adapter(model, Path(out) / f"adapter{rank}")  # collective: every rank
-    finally:
-        dist.destroy_process_group()
-
-
-def test_fsdp2_matches_single_process_and_saves_full_adapter(tmp_path, monkeypatch):
+def test_fsdp2_matches_single_process_and_saves_full_adapter(tmp_path):
     from safetensors.torch import load_file
 
     pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2 (torch.distributed.fsdp.fully_shard)")
-    _run(_fsdp_worker, tmp_path, monkeypatch)
+    _run("fsdp", tmp_path)
     states = [torch.load(tmp_path / f"fsdp{r}.pt") for r in range(WORLD)]
     _check_against_single_process(states)
 
     # The adapter saved from the sharded model is the same PEFT file an unsharded model
     # writes: same keys, full shapes, dtypes and config; tensors = the gathered params.
     unsharded = tiny_lora_model()
-    _train(unsharded, unsharded, rank=None)
+    train(unsharded, unsharded, rank=None)
     lorakern.save_adapter(unsharded, tmp_path / "unsharded")
     ref = load_file(tmp_path / "unsharded" / "adapter_model.safetensors")
     ref_config = json.loads((tmp_path / "unsharded" / "adapter_config.json").read_text())
