@@ -319,6 +319,24 @@ def test_keep_mask_layout_and_chunking(monkeypatch, k):
     assert torch.equal(keep, direct)
 
 
+@pytest.mark.parametrize("p", [1e-9, 0.05, 0.5, 0.999999, 1 - 2**-30])
+@pytest.mark.parametrize("seed", [0, 2**40 + 3, 2**63 - 1])
+def test_keep_mask_threshold_matches_the_float_comparison(seed, p):
+    """The generator tests `uniform > p` as an integer range check on the raw Philox word;
+    it must agree with the fp32 comparison everywhere, at extreme p too."""
+    m, k = 37, 53
+    assert torch.equal(reference.dropout_keep_mask(seed, m, k, p), _keep_mask_by_definition(seed, m, k, p))
+
+
+def test_keep_threshold_is_the_first_value_above_p():
+    scale = torch.tensor(reference._UNIFORM_SCALE, dtype=torch.float32)
+    for p in (1e-9, 0.1, 1 / 3, 0.9):
+        t = reference._keep_threshold(p)
+        around = torch.arange(t - 3, t + 3).to(torch.float32) * scale
+        assert torch.equal(around > torch.tensor(p, dtype=torch.float32), torch.arange(t - 3, t + 3) >= t)
+    assert reference._keep_threshold(1.0) == 2**31  # nothing is kept
+
+
 def test_philox_uniform_is_lane_zero():
     offs = torch.arange(1000) * 7919
     lanes = reference.philox4x32(5, offs)
