@@ -117,6 +117,9 @@ def _lora_fwd_kernel(
     s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr
     s_mask = m_ok[:, None] & r_ok[None, :]
     if FUSE_SHRINK:
+        # The rank padding's columns hold x·0, NaN where x is ±Inf: zero them, as the
+        # two-pass path's masked load of S does, before they meet B's zero padding.
+        s = tl.where(r_ok[None, :], s, 0.0)
         if HAS_DROPOUT:
             s = s * inv_keep
         if pid_n == 0:

@@ -142,6 +142,25 @@ def test_nan_inf_in_x_propagate_like_naive(p):
     assert_close(y, y_ref, RTOL[torch.float32], "y")
 
 
+@pytest.mark.parametrize("M", [9, 70], ids=["onepass", "twopass"])
+@pytest.mark.parametrize("r", [1, 5])
+def test_nan_inf_in_x_propagate_on_the_triton_backend(M, r):
+    """Kernels pad the rank inside registers; an Inf in x must not turn the padding's
+    x·0 into a NaN that spreads over the row (M <= 64 runs the one-launch forward)."""
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or ops.interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, b, A, B = make_inputs((M,), 17, 12, r)
+    x[1, 3] = float("nan")
+    x[4, 0] = float("inf")
+    x[6, 16] = float("-inf")
+    y = lora_linear(*(t.to(dev) for t in (x, w, b, A, B)), 0.7, backend="triton").cpu()
+    y_ref = naive(x, w, b, A, B, 0.7)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.equal(torch.isinf(y), torch.isinf(y_ref))
+    assert_close(y, y_ref, RTOL[torch.float32], "y")
+
+
 def test_nan_in_x_gradients_like_naive():
     x, w, b, A, B = make_inputs((9,), 17, 12, 5)
     x[2, 5] = float("nan")
