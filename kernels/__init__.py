@@ -36,7 +36,8 @@ def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
 def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
     """dx = dY W + D(dS A), by the faster of the fused and cuBLAS variants."""
     M, N = dy.shape
-    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), dy.dtype, dy.device)
+    # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
+    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), p > 0.0, dy.dtype, dy.device)
     args = (dy, weight, dS, lora_A, p, seed)
     fused = prefer_fused(
         key, lambda: lora_backward_dx(*args, fused=True), lambda: lora_backward_dx(*args, fused=False), dy.device

@@ -183,7 +183,11 @@ def _layer_rows(config: BenchConfig, providers: list[str], ceilings: dict, progr
                 continue
             inputs = _Inputs(M, K, N, dtype, dev)
             base_ms: dict[str, float] = {}
-            for dropout in config.dropouts:
+            # Decode is inference (dropout off): it runs at p = 0 even when --dropout omits 0.
+            dropouts = config.dropouts
+            if "decode" in modes and 0.0 not in dropouts:
+                dropouts = (0.0, *dropouts)
+            for dropout in dropouts:
                 modules = {name: build(name, w, dropout) for name in providers}
                 errors = {}
                 if dropout == 0.0:
@@ -193,7 +197,7 @@ def _layer_rows(config: BenchConfig, providers: list[str], ceilings: dict, progr
                     for m in modules.values():
                         m.train()
                 for mode in modes:
-                    if mode == "decode" and dropout > 0:
+                    if (mode == "decode" and dropout > 0) or (mode != "decode" and dropout not in config.dropouts):
                         continue
                     timed = {n: m for n, m in modules.items() if not (n == "base" and mode in base_ms)}
                     fns, grads = {}, {}
