@@ -292,16 +292,19 @@ class LoraLinear(nn.Module):
         # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
         autocast = torch.is_autocast_enabled(x.device.type)
         mixed = x.is_floating_point() and x.dtype != w.dtype and not autocast
-        # Scaling (and, with one adapter, dropout) go to the op as the ScalarDicts' [1]
-        # CPU tensors: torch.compile does not recompile when they change. Several adapters
-        # are grouped by dropout value on the host, so there p stays a float.
+        # Traced, scaling (and, with one adapter, dropout) go to the op as the ScalarDicts'
+        # [1] CPU tensors: torch.compile does not recompile when they change. Several
+        # adapters are grouped by dropout value on the host, so there p stays a float.
+        # Eager, they go as Python floats (a tensor would only be read back on the host).
+        as_tensor = torch.compiler.is_compiling()
         single = len(active) == 1
+        lora_A, lora_B, scaling, dropout = self.lora_A, self.lora_B, self.scaling, self.lora_dropout
         adapters = [
             (
-                self.lora_A[name].weight if autocast else _in_dtype(self.lora_A[name].weight, w.dtype),
-                self.lora_B[name].weight if autocast else _in_dtype(self.lora_B[name].weight, w.dtype),
-                self.scaling.tensor(name),
-                (self.lora_dropout.tensor(name) if single else self.lora_dropout[name]) if self.training else 0.0,
+                lora_A[name].weight if autocast else _in_dtype(lora_A[name].weight, w.dtype),
+                lora_B[name].weight if autocast else _in_dtype(lora_B[name].weight, w.dtype),
+                scaling.tensor(name) if as_tensor else scaling[name],
+                (dropout.tensor(name) if as_tensor and single else dropout[name]) if self.training else 0.0,
             )
             for name in active
         ]

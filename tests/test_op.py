@@ -270,6 +270,13 @@ def test_no_grad_forward_same_values():
         y_ng = lora_linear(x, w, b, A, B, 0.5, dropout_p=0.3, seed=2, backend="reference")
     assert y_ng.grad_fn is None and not y_ng.requires_grad
     assert torch.equal(y.detach(), y_ng)
+    # Nothing requiring grad takes the same path as no_grad; a drawn seed is the same draw.
+    torch.manual_seed(5)
+    y_drawn = lora_linear(x, w, b, A, B, 0.5, dropout_p=0.3, backend="reference")
+    torch.manual_seed(5)
+    y_plain = lora_linear(x, w, b, A.detach(), B, 0.5, dropout_p=0.3, backend="reference")
+    assert y_drawn.requires_grad and not y_plain.requires_grad
+    assert torch.equal(y_drawn.detach(), y_plain)
 
 
 # ----------------------------------------------------------------------------- backend dispatch
