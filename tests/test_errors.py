@@ -163,6 +163,15 @@ def test_non_tensor_input():
         call(x, w, b, A, B.tolist())
 
 
+@pytest.mark.parametrize("odd_one", ["weight", "bias", "lora_A", "lora_B"])
+def test_tensors_on_different_devices_cpu(odd_one):
+    """The device check needs no GPU: one tensor on the meta device is enough."""
+    named = dict(zip(("x", "weight", "bias", "lora_A", "lora_B"), inputs(), strict=True))
+    named[odd_one] = named[odd_one].to("meta")
+    with pytest.raises(ValueError, match=rf"one device.*'{odd_one}': device\(type='meta'\)"):
+        lora_linear(*named.values(), 1.0)
+
+
 @requires_cuda
 def test_tensors_on_different_devices():
     x, w, b, A, B = inputs()
