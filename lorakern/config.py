@@ -8,7 +8,9 @@ Field names, defaults and matching follow PEFT's LoRA config, so a config (and a
   as a str: a regex that must ``re.fullmatch`` the whole dotted name;
   ``"all-linear"``: every nn.Linear / transformers Conv1D except the output head.
 - ``exclude_modules`` (same list / str rules) is checked first; modules named in
-  ``modules_to_save`` are never LoRA targets.
+  ``modules_to_save`` (as whole dotted components) are never LoRA targets. Wrapping
+  uses a looser rule (plain ``endswith``, see ``module_to_save``), so ``"proj"`` still
+  wraps ``q_proj``: ``inject`` raises for such a module rather than lose its LoRA.
 - ``layers_to_transform`` / ``layers_pattern`` keep list-matched modules whose layer
   index (the first ``<pattern>.<digits>.`` in the name) is selected.
 - ``rank_pattern`` / ``alpha_pattern``: the first key ``k`` (in insertion order) with
@@ -28,7 +30,9 @@ BIAS_OPTIONS = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
 
 # PEFT's default targets for a few common architectures (used when target_modules is
-# None), keyed by transformers' `config.model_type`.
+# None), keyed by transformers' `config.model_type`. Copied from PEFT's
+# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING rather than imported, because PEFT
+# is optional; tests/test_model.py checks every entry against the installed PEFT.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
@@ -37,7 +41,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "qwen3": ["q_proj", "v_proj"],
     "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "opt": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "gpt_neox": ["query_key_value"],
@@ -84,7 +88,7 @@ class LoraConfig:
         target_modules: list of names (suffix match), a regex str (fullmatch), "all-linear", or None
             (PEFT's default for known transformers architectures).
         exclude_modules: list or regex str of modules never to target.
-        bias: "none" | "all" (every parameter whose name contains "bias" is trained and saved)
+        bias: "none" | "all" (every parameter named "bias" or "<...>.bias" is trained and saved)
             | "lora_only" (biases of the LoRA-wrapped layers).
         use_rslora: scaling = lora_alpha / sqrt(r).
         modules_to_save: names (suffix match) of modules trained in full and saved with the adapter.
@@ -138,6 +142,8 @@ class LoraConfig:
                 raise ValueError("LoraConfig: layers_to_transform cannot be used when target_modules is a str (regex or 'all-linear')")
             if self.layers_pattern is not None:
                 raise ValueError("LoraConfig: layers_pattern cannot be used when target_modules is a str (regex or 'all-linear')")
+        # PEFT's exact check (peft/tuners/lora/config.py): only None is refused. An empty
+        # layers_to_transform is accepted and, as in PEFT's matching, selects every layer.
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig: layers_pattern needs layers_to_transform to be set too")
         lt = self.layers_to_transform
@@ -227,7 +233,11 @@ class LoraConfig:
         return idx == wanted if isinstance(wanted, int) else idx in wanted
 
     def module_to_save(self, name: str) -> bool:
-        """PEFT's modules_to_save rule: the dotted name ends with one of the entries."""
+        """PEFT's modules_to_save rule: the dotted name ends with one of the entries.
+
+        Plain endswith (as PEFT's _set_trainable), so "proj" matches "q_proj" although
+        `is_excluded` does not exclude q_proj from targeting; `inject` refuses that overlap.
+        """
         return bool(self.modules_to_save) and any(name.endswith(m) for m in self.modules_to_save)
 
     # ---- PEFT's adapter_config.json ---------------------------------------------

@@ -282,6 +282,7 @@ def inject_planned(
     """`inject` after planning: put adapter `adapter_name` into `targets` (from
     `plan_targets`) and wrap `to_save` (from `plan_modules_to_save`). inference=True adds
     it frozen (and keeps it frozen on `set_adapter`), as `load_adapter(is_trainable=False)`."""
+    _check_targets_not_saved(targets, to_save)
     state = getattr(model, "_lorakern", None)
     if not isinstance(state, AdapterState):
         state = AdapterState()
@@ -319,6 +320,31 @@ def inject_planned(
     return model
 
 
+def _check_targets_not_saved(targets: list[Target], to_save: list[tuple[str, nn.Module]]) -> None:
+    """Raise ValueError (before anything changes) when a LoRA target is also, or lies inside, a
+    modules_to_save module of the same adapter.
+
+    Both plans look at the unmodified model, and the two rules differ: targeting excludes
+    whole dotted components of modules_to_save, wrapping matches a plain suffix (both as in
+    PEFT). So modules_to_save=["proj"] plans LoRA for `q_proj` and also wraps it; wrapping
+    after injecting would copy the pre-LoRA module and drop the LoRA layer. PEFT raises
+    here too (its ModulesToSaveWrapper refuses a LoRA layer). A target inside a wrapped
+    module is refused as well, as plan_modules_to_save refuses a module holding LoRA layers.
+    """
+    for t in targets:
+        for name, _ in to_save:
+            if t.name == name:
+                where = "is also in modules_to_save"
+            elif t.name.startswith(name + "."):
+                where = f"lies inside the modules_to_save module {name!r}"
+            else:
+                continue
+            raise ValueError(
+                f"module {t.name!r} is a LoRA target and {where}; it cannot be both "
+                "(change target_modules, exclude_modules or modules_to_save)"
+            )
+
+
 def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
     if config.bias == "all":
         skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
@@ -326,7 +352,9 @@ def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
             skip.update(id(p) for p in layer.lora_A.parameters())
             skip.update(id(p) for p in layer.lora_B.parameters())
         for name, p in model.named_parameters():
-            if "bias" in name and id(p) not in skip:
+            # PEFT's rule: a parameter called bias, not any name containing "bias"
+            # (T5's relative_attention_bias is an embedding and stays frozen).
+            if (name == "bias" or name.endswith(".bias")) and id(p) not in skip:
                 p.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):

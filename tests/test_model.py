@@ -80,6 +80,39 @@ def test_config_validation(kwargs, match):
         LoraConfig(**kwargs)
 
 
+@pytest.mark.parametrize("layers_to_transform", [None, [], [0], 1], ids=["none", "empty", "list", "int"])
+def test_layers_pattern_needs_layers_to_transform_as_peft(layers_to_transform):
+    # PEFT refuses only layers_to_transform=None with a layers_pattern; [] is accepted and
+    # selects every layer. lorakern must accept and refuse exactly the same configs.
+    peft = pytest.importorskip("peft")
+    kwargs = dict(target_modules=["up"], layers_pattern="blocks", layers_to_transform=layers_to_transform)
+    try:
+        peft.LoraConfig(**kwargs)
+        peft_raises = False
+    except ValueError:
+        peft_raises = True
+    if peft_raises:
+        with pytest.raises(ValueError, match="layers_pattern needs layers_to_transform"):
+            LoraConfig(**kwargs)
+    else:
+        LoraConfig(**kwargs)
+    assert peft_raises == (layers_to_transform is None)
+
+
+def test_layers_pattern_with_empty_layers_to_transform_targets_every_layer():
+    model = lorakern.inject(tiny_mlp(), LoraConfig(target_modules=["up"], layers_pattern="blocks", layers_to_transform=[]))
+    assert {n for n, _ in lora_layers(model)} == {f"blocks.{i}.up" for i in range(3)}
+
+
+def test_default_target_modules_match_peft():
+    # lorakern copies PEFT's table (PEFT is optional at runtime); every entry must agree.
+    constants = pytest.importorskip("peft.utils.constants")
+    peft_table = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    for model_type, targets in lorakern.config.DEFAULT_TARGET_MODULES.items():
+        assert model_type in peft_table, f"{model_type!r} has no PEFT default"
+        assert targets == peft_table[model_type], f"default targets for {model_type!r}"
+
+
 def test_config_type_errors():
     with pytest.raises(TypeError, match="target_modules"):
         LoraConfig(target_modules=[1, 2])
@@ -172,6 +205,58 @@ def test_bias_trainability(bias, expected):
     model = lorakern.inject(tiny_mlp(), LoraConfig(target_modules=["up"], bias=bias))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert trainable == expected
+
+
+class _BiasNamesModel(nn.Module):
+    """A Linear with a bias next to an embedding whose name contains "bias" (as T5's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.relative_attention_bias = nn.Embedding(4, 2)
+        self.q = nn.Linear(8, 8)
+        self.o = nn.Linear(8, 8)
+
+
+def test_bias_all_selects_parameters_named_bias_only():
+    model = lorakern.inject(_BiasNamesModel(), LoraConfig(target_modules=["q"], bias="all"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"q.base_layer.bias", "o.bias"}
+    assert not model.relative_attention_bias.weight.requires_grad
+
+
+class _ProjModel(nn.Module):
+    """attn.{q_proj, v_proj} and a top-level proj: "proj" is a suffix of q_proj's name."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8)})
+        self.proj = nn.Linear(8, 8)
+
+
+def test_target_also_in_modules_to_save_raises_and_changes_nothing():
+    # modules_to_save=["proj"] does not exclude q_proj from targeting (whole-component rule)
+    # but does wrap it (suffix rule), as in PEFT, which then raises; lorakern must not drop
+    # the LoRA layer by wrapping the plain Linear.
+    model = _ProjModel()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"'attn\.q_proj' is a LoRA target and is also in modules_to_save"):
+        lorakern.inject(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["proj"]))
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert not hasattr(model, "_lorakern")
+
+
+def test_target_inside_modules_to_save_raises():
+    # "ttn" wraps attn by suffix but does not exclude attn.q_proj from targeting.
+    with pytest.raises(ValueError, match=r"'attn\.q_proj' .* inside the modules_to_save module 'attn'"):
+        lorakern.inject(_ProjModel(), LoraConfig(target_modules=["q_proj"], modules_to_save=["ttn"]))
+
+
+def test_modules_to_save_excluding_a_whole_component_keeps_other_targets():
+    # A module_to_save that is a whole dotted component is excluded from targeting, so
+    # "all-linear" puts LoRA everywhere else and wraps attn.v_proj, without raising.
+    model = lorakern.inject(_ProjModel(), LoraConfig(target_modules="all-linear", modules_to_save=["v_proj"]))
+    assert {n for n, _ in lora_layers(model)} == {"attn.q_proj", "proj"}
+    assert [n for n, _ in saved_modules(model)] == ["attn.v_proj"]
 
 
 # ------------------------------------------------------------------------------ Conv1D
