@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, check_device, common_meta, interpreting, keep_mask, mma, rank_pad
+from .common import cast, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
 from .forward import gemm_configs, grouped_tile, m_bucket
 
 # ---------------------------------------------------------------- dS and dB
@@ -140,7 +140,7 @@ def _lora_bwd_dx_kernel(
     a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
     lora = mma(cast(ds, dx_ptr.dtype.element_ty, UPCAST), cast(a, dx_ptr.dtype.element_ty, UPCAST), tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
     if HAS_DROPOUT:
-        lora = tl.where(keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), lora * inv_keep, 0.0)
+        lora = drop(lora * inv_keep, keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K))
     acc += lora
     tl.store(dx_ptrs, cast(acc, dx_ptr.dtype.element_ty, UPCAST), mask=out_mask)
 
@@ -239,7 +239,7 @@ def _lora_bwd_da_kernel(
         m_ok = rm < M
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K), x, 0.0)
+            x = drop(x, keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K))
         ds_t = tl.load(ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr, mask=m_ok[None, :] & r_ok[:, None], other=0.0)
         acc = mma(cast(ds_t, x.dtype, UPCAST), x, acc, UPCAST, PRECISION)
     tl.store(dap_ptr + pid_s.to(tl.int64) * stride_dap + rr[:, None] * stride_dar + rk[None, :] * stride_dak, acc, mask=r_ok[:, None] & k_ok[None, :])

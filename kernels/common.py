@@ -95,3 +95,12 @@ def keep_mask(seed, rows, k0, n_cols, p, BLOCK_K: tl.constexpr):
     i = u.to(tl.int32, bitcast=True)
     i = tl.where(i < 0, ~i, i)
     return i.to(tl.float32) * 4.6566127342e-10 > p
+
+
+@triton.jit
+def drop(x, keep):
+    """x with the dropped elements zeroed as torch's dropout does (x * 0): a finite x
+    becomes exactly ±0, an Inf or NaN becomes NaN (it propagates, as in PyTorch). A
+    where, not a multiply by keep.to(x.dtype): x keeps its dtype, and the interpreter
+    cannot cast a bool block to bfloat16."""
+    return tl.where(keep, x, x * 0.0)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, check_device, common_meta, interpreting, keep_mask, mma, rank_pad
+from .common import cast, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
 from .shrink import lora_shrink as _lora_shrink
 
 
@@ -111,7 +111,7 @@ def _lora_fwd_kernel(
         if FUSE_SHRINK:
             xd = x
             if HAS_DROPOUT:
-                xd = tl.where(keep_mask(seed, rm, k0, K, p, BLOCK_K), x, 0.0)
+                xd = drop(x, keep_mask(seed, rm, k0, K, p, BLOCK_K))
             a_t = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak, mask=r_ok[None, :] & k_ok[:, None], other=0.0)
             s = mma(xd, cast(a_t, x.dtype, UPCAST), s, UPCAST, PRECISION)
     s_ptrs = s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr

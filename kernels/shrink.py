@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, check_device, common_meta, interpreting, keep_mask, mma, rank_pad
+from .common import cast, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
 
 
 def _config(K: int) -> dict:
@@ -40,7 +40,7 @@ def _lora_shrink_kernel(
         x_mask = (rm[:, None] < M) & (rk[None, :] < K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=x_mask, other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rm, k0, K, p, BLOCK_K), x, 0.0)
+            x = drop(x, keep_mask(seed, rm, k0, K, p, BLOCK_K))
         a_mask = (rr[None, :] < R) & (rk[:, None] < K)
         a_t = tl.load(a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak, mask=a_mask, other=0.0)
         acc = mma(x, cast(a_t, x.dtype, UPCAST), acc, UPCAST, PRECISION)

@@ -190,8 +190,9 @@ def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
 
 
 def _masked(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    # where(), not multiply: a dropped element contributes exactly 0, as in the kernels.
-    return t if keep is None else torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+    # Multiply, as torch's dropout and the kernels do: a dropped finite element becomes
+    # exactly ±0, a dropped Inf/NaN becomes NaN (non-finite inputs propagate as in PyTorch).
+    return t if keep is None else t * keep
 
 
 def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

@@ -142,11 +142,13 @@ def test_nan_inf_in_x_propagate_like_naive(p):
     assert_close(y, y_ref, RTOL[torch.float32], "y")
 
 
+@pytest.mark.parametrize("p", [0.0, 0.5], ids=["p0", "p0.5"])
 @pytest.mark.parametrize("M", [9, 70], ids=["onepass", "twopass"])
 @pytest.mark.parametrize("r", [1, 5])
-def test_nan_inf_in_x_propagate_on_the_triton_backend(M, r):
+def test_nan_inf_in_x_propagate_on_the_triton_backend(M, r, p):
     """Kernels pad the rank inside registers; an Inf in x must not turn the padding's
-    x·0 into a NaN that spreads over the row (M <= 64 runs the one-launch forward)."""
+    x·0 into a NaN that spreads over the row (M <= 64 runs the one-launch forward).
+    With dropout, x's non-finite elements propagate whether dropped or kept, as torch's."""
     pytest.importorskip("triton")
     if not (torch.cuda.is_available() or ops.interpreting()):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
@@ -155,24 +157,41 @@ def test_nan_inf_in_x_propagate_on_the_triton_backend(M, r):
     x[1, 3] = float("nan")
     x[4, 0] = float("inf")
     x[6, 16] = float("-inf")
-    y = lora_linear(*(t.to(dev) for t in (x, w, b, A, B)), 0.7, backend="triton").cpu()
-    y_ref = naive(x, w, b, A, B, 0.7)
+    leaves = [t.to(dev).requires_grad_() for t in (x, w, b, A, B)]
+    y = lora_linear(*leaves, 0.7, dropout_p=p, seed=8, backend="triton")
+    dy = torch.randn(y.shape)
+    grads = [g.cpu() for g in torch.autograd.grad(y, leaves, dy.to(dev))]
+    y = y.detach().cpu()
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b, A, B)]
+    y_ref = naive(*leaves64, 0.7, p, 8)
+    grads_ref = torch.autograd.grad(y_ref, leaves64, dy.double())
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.equal(torch.isinf(y), torch.isinf(y_ref))
     assert_close(y, y_ref, RTOL[torch.float32], "y")
+    for name, g, ref in zip(("dx", "dW", "dbias", "dA", "dB"), grads, grads_ref, strict=True):
+        assert torch.equal(torch.isnan(g), torch.isnan(ref)), f"{name}: NaN positions differ"
+        assert_close(g, ref, RTOL[torch.float32], name)
 
 
-def test_nan_in_x_gradients_like_naive():
+@pytest.mark.parametrize("p", [0.0, 0.5], ids=["p0", "p0.5"])
+def test_nan_in_x_gradients_like_naive(p):
+    """With dropout the NaN sits in a dropped element: it still poisons S (as torch's
+    dropout, which multiplies by the mask), hence every dB and that column of dA."""
+    seed = 3
     x, w, b, A, B = make_inputs((9,), 17, 12, 5)
-    x[2, 5] = float("nan")
+    row, col = 2, 5
+    if p > 0:
+        row, col = (~reference.dropout_keep_mask(seed, 9, 17, p)).nonzero()[0].tolist()
+    x[row, col] = float("nan")
     leaves = [t.requires_grad_() for t in (x, w, b, A, B)]
-    y = lora_linear(*leaves, 0.7, backend="reference")
+    y = lora_linear(*leaves, 0.7, dropout_p=p, seed=seed, backend="reference")
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, dy)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b, A, B)]
-    grads_ref = torch.autograd.grad(naive(*leaves64, 0.7), leaves64, dy.double())
+    grads_ref = torch.autograd.grad(naive(*leaves64, 0.7, p, seed), leaves64, dy.double())
     for name, g, ref in zip(("dx", "dW", "dbias", "dA", "dB"), grads, grads_ref, strict=True):
         assert_close(g, ref, RTOL[torch.float32], name)  # checks non-finite positions agree
-    assert torch.isnan(grads[1][:, 5]).all() and torch.isfinite(grads[0]).all()
+    assert torch.isnan(grads[1][:, col]).all() and torch.isfinite(grads[0]).all()
+    assert torch.isnan(grads[4]).all()  # dB = s·dYᵀ S: the NaN row of S (dropped or not) reaches all of it
 
 
 # ----------------------------------------------------------------------------- which grads flow

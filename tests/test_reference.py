@@ -439,8 +439,9 @@ def test_backward_uses_forward_mask():
             assert not torch.allclose(dx, leaves[0].grad)
 
 
-def test_dropped_non_finite_element_contributes_exactly_zero():
-    """D(x) selects (where), it does not multiply: a dropped inf/NaN gives 0, not NaN, as in the kernels."""
+def test_dropped_non_finite_element_propagates_like_torch_dropout():
+    """D(x) multiplies by the mask, as torch's dropout does: a dropped finite element is
+    exactly 0, a dropped inf/NaN becomes NaN (non-finite inputs are never hidden)."""
     m, k, r, p, seed = 6, 10, 3, 0.5, 21
     keep = reference.dropout_keep_mask(seed, m, k, p)
     (i_drop, j_drop), (i_keep, j_keep) = (~keep).nonzero()[0].tolist(), keep.nonzero()[-1].tolist()
@@ -449,13 +450,19 @@ def test_dropped_non_finite_element_contributes_exactly_zero():
     x[i_drop, j_drop] = float("inf")
     x[i_keep, j_keep] = float("nan")
     A = torch.randn(r, k)
-    assert reference.dropout(x, p, seed)[i_drop, j_drop].item() == 0.0
+    d = reference.dropout(x, p, seed)
+    assert torch.isnan(d[i_drop, j_drop]) and torch.isnan(d[i_keep, j_keep])
+    finite = torch.isfinite(x)
+    assert torch.equal(d[finite & ~keep], torch.zeros_like(d[finite & ~keep]))
+    # torch's own inverted dropout with this mask gives the same non-finite pattern.
+    assert torch.equal(torch.isnan(x * keep / (1 - p)), torch.isnan(d))
     S = reference.lora_shrink(x, A, p, seed)
-    assert torch.isfinite(S[i_drop]).all() and torch.isnan(S[i_keep]).all()
+    assert torch.isnan(S[i_drop]).all() and torch.isnan(S[i_keep]).all()
+    others = [i for i in range(m) if i not in (i_drop, i_keep)]
+    assert torch.isfinite(S[others]).all()
     dS = torch.randn(m, r)
     dA = reference.lora_backward_da(dS, x, A, p, seed)
-    assert torch.isfinite(dA[:, j_drop]).all() or j_drop == j_keep
-    assert torch.isnan(dA[:, j_keep]).all()
+    assert torch.isnan(dA[:, j_drop]).all() and torch.isnan(dA[:, j_keep]).all()
 
 
 def test_keep_mask_is_the_same_on_several_threads(monkeypatch):
