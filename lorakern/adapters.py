@@ -3,26 +3,30 @@
 A directory holds:
 - ``adapter_model.safetensors``: keys ``base_model.model.<module path>.lora_A.weight``
   [r, in] and ``….lora_B.weight`` [out, r] (no adapter name), plus, as PEFT writes them,
-  the trainable biases (``bias="all"``: every parameter whose name contains "bias";
+  the trainable biases (``bias="all"``: every parameter named ``bias``, PEFT's rule;
   ``"lora_only"``: ``<lora layer>.base_layer.bias``) and each modules_to_save module's
   own state dict under its path; metadata ``{"format": "pt"}``.
 - ``adapter_config.json``: PEFT's LoRA keys, sorted, indented, ``"peft_type": "LORA"``.
   Scaling is never stored; it is recomputed from r / lora_alpha / the patterns.
 
-Saving writes each file to a temporary file in the target directory, fsyncs it and
-renames it over the old one, so a failed save leaves the previous adapter intact.
-Loading checks everything (keys, shapes, ranks and alphas, finiteness, peft_type)
-before it touches the model, so a failed load leaves the model exactly as it was.
+Saving writes both files to fsynced temporary files in the target directory (with the
+mode a plain open() would give) and then renames them over the old ones, weights first,
+config last, so an error while writing leaves the previous adapter intact.
+Loading checks everything (keys, shapes, ranks and alphas, finiteness, peft_type) and
+converts every value before it touches the model, and undoes its changes if anything
+fails after that, so a failed load leaves the model exactly as it was.
 A legacy ``adapter_model.bin`` is read only with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,11 +34,11 @@ from torch import nn
 from lorakern.config import LoraConfig
 from lorakern.distributed import gather_full_tensors
 from lorakern.model import (
+    AdapterState,
     ModulesToSave,
     inject_planned,
     adapter_configs,
     adapter_state,
-    delete_adapter,
     lora_layers,
     plan_modules_to_save,
     plan_targets,
@@ -80,19 +84,36 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return out
 
 
+def _is_bias(name: str) -> bool:
+    """PEFT's test for a bias (bias="all"): the parameter is named `bias`. A substring test
+    would also take e.g. T5's `relative_attention_bias.weight`, an embedding table."""
+    return name == "bias" or name.endswith(".bias")
+
+
 def _bias_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, param) of every parameter whose name contains "bias", outside LoRA A/B and
+    """(name, param) of every bias parameter (see `_is_bias`), outside LoRA A/B and
     saved-module wrappers (those are saved as the modules' own state dicts)."""
     skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
     for _, layer in lora_layers(model):
         skip.update(id(p) for p in layer.lora_A.parameters())
         skip.update(id(p) for p in layer.lora_B.parameters())
-    return [(n, p) for n, p in model.named_parameters() if "bias" in n and id(p) not in skip]
+    return [(n, p) for n, p in model.named_parameters() if _is_bias(n) and id(p) not in skip]
 
 
 def _write_bytes(f, data: bytes) -> None:
     """Write `data` to the open file `f` (one place, so tests can make a write fail midway)."""
     f.write(data)
+
+
+@functools.cache
+def _file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 less the umask. mkstemp creates its
+    files 0o600, which would leave saved adapters unreadable to other users (PEFT's files
+    follow the umask). The umask can only be read by setting it, and setting it is
+    process-wide (a thread creating a file meanwhile would get mode 0o666), so read it once."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,7 +133,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Save `adapter_name` to directory `path` in PEFT's format (see module docstring).
 
     Both files are fully written and fsynced as temporaries before either replaces an
-    existing file; on any error the temporaries are removed and `path` is as before.
+    existing file; on an error while writing, the temporaries are removed and `path` is as
+    before. Then the weights file is renamed into place first and adapter_config.json last,
+    and the directory is fsynced. A crash (power loss, kill -9) between the two renames can
+    leave the new weights beside the old config: the window is two renames, and a load then
+    fails validation unless the old config happens to fit the new weights' shapes.
+    The files get the mode a plain open() would give (0o644 under umask 0o022).
     On an FSDP2-sharded model call it on every rank: the shards are gathered into full
     tensors (a collective) and each rank writes the same files.
 
@@ -132,14 +158,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config = (json.dumps(cfg.to_peft_dict(), indent=2, sort_keys=True) + "\n").encode()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    # Write both temporaries before replacing anything, so either both new files land or
-    # (on an error while writing) neither does.
+    # Write both temporaries before replacing anything, so an error while writing lands
+    # neither file. The renames go weights first, config last: once the new config is in
+    # place, so are the weights it describes.
     staged: list[tuple[str, Path]] = []
     try:
         for name, blob in ((WEIGHTS_NAME, weights), (CONFIG_NAME, config)):
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path)
             staged.append((tmp, path / name))
             with os.fdopen(fd, "wb") as f:
+                # Before the fsync, so the mode is as durable as the contents.
+                os.chmod(tmp, _file_mode())
                 _write_bytes(f, blob)
                 f.flush()
                 os.fsync(f.fileno())
@@ -201,15 +230,31 @@ def _canonical(key: str) -> str:
     return key[: -len(".base_layer.bias")] + ".bias" if key.endswith(".base_layer.bias") else key
 
 
+class _Slot(NamedTuple):
+    """Where one tensor of the file goes."""
+
+    current: torch.Tensor | None  # the tensor it overwrites; None when the load creates it
+    shape: tuple[int, ...]
+    module: str  # the module's name
+    what: str  # "lora_A", "lora_B", "modules_to_save" or "bias"
+    dtype: torch.dtype  # the destination's dtype and device, known before anything is created
+    device: torch.device
+
+
 def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing: bool, targets, to_save):
-    """{canonical key: (target tensor or None, expected shape, module name, what)} for loading
-    `config` into `model` (targets / to_save planned already). Changes nothing."""
-    exp: dict[str, tuple] = {}
+    """{canonical key: _Slot} for loading `config` into `model` (targets / to_save planned
+    already), and the names of the saved modules. Changes nothing."""
+    exp: dict[str, _Slot] = {}
     for t in targets:
-        a = t.module.lora_A[adapter_name].weight if existing else None
-        b = t.module.lora_B[adapter_name].weight if existing else None
-        exp[f"{t.name}.lora_A.weight"] = (a, (t.r, t.in_features), t.name, "lora_A")
-        exp[f"{t.name}.lora_B.weight"] = (b, (t.out_features, t.r), t.name, "lora_B")
+        if existing:
+            a, b = t.module.lora_A[adapter_name].weight, t.module.lora_B[adapter_name].weight
+            a_spec, b_spec = (a.dtype, a.device), (b.dtype, b.device)
+        else:
+            # LoraLinear.update_layer creates A and B in fp32 on the base weight's device.
+            a = b = None
+            a_spec = b_spec = (torch.float32, t.module.weight.device)
+        exp[f"{t.name}.lora_A.weight"] = _Slot(a, (t.r, t.in_features), t.name, "lora_A", *a_spec)
+        exp[f"{t.name}.lora_B.weight"] = _Slot(b, (t.out_features, t.r), t.name, "lora_B", *b_spec)
     saved_names = [n for n, _ in to_save]
     for name, module in to_save:
         if existing:
@@ -218,19 +263,74 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
             src = module.modules_to_save[adapter_name]
         else:
             src = module.original_module if isinstance(module, ModulesToSave) else module
+        # A new copy is a deepcopy of `src`: same dtype and device.
         for k, v in src.state_dict(keep_vars=True).items():
-            exp[f"{name}.{k}"] = (v if existing else None, tuple(v.shape), name, "modules_to_save")
+            exp[f"{name}.{k}"] = _Slot(v if existing else None, tuple(v.shape), name, "modules_to_save", v.dtype, v.device)
     if config.bias == "all":
         for pname, p in _bias_params(model):
             if any(pname.startswith(s + ".") for s in saved_names):
                 continue
-            exp[_canonical(pname)] = (p, tuple(p.shape), pname.rsplit(".", 1)[0], "bias")
+            exp[_canonical(pname)] = _Slot(p, tuple(p.shape), pname.rsplit(".", 1)[0], "bias", p.dtype, p.device)
     elif config.bias == "lora_only":
         for t in targets:
             bias = t.module.base_layer.bias if hasattr(t.module, "base_layer") else t.module.bias
             if bias is not None:
-                exp[f"{t.name}.bias"] = (bias, tuple(bias.shape), t.name, "bias")
+                exp[f"{t.name}.bias"] = _Slot(bias, tuple(bias.shape), t.name, "bias", bias.dtype, bias.device)
     return exp, saved_names
+
+
+class _Undo:
+    """What load_adapter may change, recorded before it changes anything, so that a failure
+    partway (an OOM, a KeyboardInterrupt) can put the model back exactly as it was.
+
+    Recorded: the values of the tensors it overwrites, every parameter's requires_grad
+    (injection freezes the base, wraps modules whose originals it freezes, marks biases
+    trainable), the modules at the places injection may replace, each LoRA layer's and
+    saved-module wrapper's adapters and active adapters, and the AdapterState.
+    """
+
+    def __init__(self, model: nn.Module, adapter_name: str, overwritten: list[torch.Tensor], places: list[tuple[str, nn.Module]]):
+        self.model = model
+        self.adapter_name = adapter_name
+        self.values = [(t, t.detach().clone()) for t in overwritten]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.places = places  # (name, module there now), in the order injection replaces them
+        self.layers = [(m, adapter_name in m.lora_A, list(m.active_adapters)) for _, m in lora_layers(model)]
+        self.wrappers = [(m, adapter_name in m.modules_to_save, m.active_adapter) for _, m in saved_modules(model)]
+        self.state = getattr(model, "_lorakern", None)
+        if isinstance(self.state, AdapterState):
+            self.fields = (dict(self.state.configs), list(self.state.active), set(self.state.inference))
+
+    def restore(self) -> None:
+        model, name = self.model, self.adapter_name
+        # Layers and wrappers that were there before lose the adapter only if they lacked it.
+        for layer, had, active in self.layers:
+            if not had and name in layer.lora_A:
+                layer.delete_adapter(name)
+            layer.active_adapters = active
+        for wrapper, had, active in self.wrappers:
+            if not had and name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[name]
+            wrapper.active_adapter = active
+        # Put back the modules injection replaced, the last replaced first (a module wrapped
+        # for modules_to_save may contain a LoRA target, replaced before it).
+        for place, module in reversed(self.places):
+            if model.get_submodule(place) is not module:
+                parent, _, child = place.rpartition(".")
+                setattr(model.get_submodule(parent), child, module)
+        if self.state is None:
+            if hasattr(model, "_lorakern"):
+                del model._lorakern
+        else:
+            model._lorakern = self.state
+            if isinstance(self.state, AdapterState):
+                configs, active, inference = self.fields
+                self.state.configs, self.state.active, self.state.inference = dict(configs), list(active), set(inference)
+        with torch.no_grad():
+            for t, old in self.values:
+                t.copy_(old)
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
 
 
 def _check_agreement(model: nn.Module, config: LoraConfig, adapter_name: str, targets) -> None:
@@ -263,7 +363,8 @@ def load_adapter(
     config first (the adapter becomes active if it is the model's first, as in PEFT);
     otherwise the file must describe the existing adapter (same modules, r, alpha) and its
     weights are replaced. Everything is validated before the model changes; on any error
-    (AdapterLoadError / FileNotFoundError) the model is exactly as before.
+    (AdapterLoadError / FileNotFoundError, or an OOM / KeyboardInterrupt while writing the
+    weights) the model is exactly as before: values, modules, requires_grad flags.
 
     is_trainable=False (PEFT's default) loads the adapter frozen, for inference.
 
@@ -271,7 +372,6 @@ def load_adapter(
         >>> model = lorakern.load_adapter(model, "peft-adapter-dir")   # doctest: +SKIP
     """
     config, tensors = read_adapter(path)
-    state = getattr(model, "_lorakern", None)
     existing = adapter_name in adapter_configs(model)
     try:
         targets = plan_targets(model, config)
@@ -297,11 +397,11 @@ def load_adapter(
         # PEFT with bias="all" also writes a saved module's biases as
         # `<module>.modules_to_save.<k>` and `<module>.original_module.<k>`; accept and skip them.
         owner = next((s for s in saved_names if ck.startswith(s + ".modules_to_save.") or ck.startswith(s + ".original_module.")), None)
-        if owner is None or "bias" not in ck:
+        if owner is None or not _is_bias(ck):
             unexpected.append(key)
     missing = [k for k in exp if k not in found]
     for ck, value in found.items():
-        _, shape, module_name, what = exp[ck]
+        shape, module_name, what = exp[ck].shape, exp[ck].module, exp[ck].what
         if not value.is_floating_point():
             problems.append(f"{PREFIX}{ck}: dtype {value.dtype} is not floating point")
         elif tuple(value.shape) != shape:
@@ -324,9 +424,12 @@ def load_adapter(
         parts.extend(problems[:8])
         raise AdapterLoadError(f"cannot load adapter from {str(path)!r} into {type(model).__name__}: " + "; ".join(parts))
 
-    # Everything checked: now change the model. Keep what gets overwritten in place so an
-    # unexpected failure below can still be rolled back.
-    overwritten = {ck: exp[ck][0].detach().clone() for ck in found if exp[ck][3] == "bias"}
+    # Everything checked. Convert every value to its destination's dtype and device first
+    # (the step most likely to run out of memory) and record what the changes below touch,
+    # while the model is still untouched; then change it, undoing everything on any error.
+    values = {ck: value.to(dtype=exp[ck].dtype, device=exp[ck].device) for ck, value in found.items()}
+    places = [(t.name, t.module) for t in targets] + list(to_save)
+    undo = _Undo(model, adapter_name, [exp[ck].current for ck in found if exp[ck].current is not None], places)
     try:
         with torch.no_grad():
             if not existing:
@@ -334,16 +437,17 @@ def load_adapter(
                     inject_planned(model, config, adapter_name, targets, to_save, inference=not is_trainable)
             layers = dict(lora_layers(model))
             wrappers = dict(saved_modules(model))
-            for ck, value in found.items():
-                _, _, module_name, what = exp[ck]
+            for ck, value in values.items():
+                module_name, what = exp[ck].module, exp[ck].what
                 if what in ("lora_A", "lora_B"):
                     dst = getattr(layers[module_name], what)[adapter_name].weight
                 elif what == "modules_to_save":
                     copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)
                     dst = copy_sd[ck[len(module_name) + 1:]]
                 else:
-                    dst = exp[ck][0]
-                dst.copy_(value.to(dtype=dst.dtype, device=dst.device))
+                    dst = exp[ck].current
+                # Converted above; copy_ would still convert if update_layer's fp32 choice changed.
+                dst.copy_(value)
             if existing:
                 st = adapter_state(model)
                 if is_trainable:
@@ -351,14 +455,8 @@ def load_adapter(
                 else:
                     st.inference.add(adapter_name)
                 set_adapter(model, st.active)
-    except BaseException:
-        with torch.no_grad():
-            for ck, old in overwritten.items():
-                exp[ck][0].copy_(old)
-        if not existing and adapter_name in adapter_configs(model):
-            delete_adapter(model, adapter_name)
-        if state is None and hasattr(model, "_lorakern"):
-            del model._lorakern
+    except BaseException:  # KeyboardInterrupt included: the model must not stay half-loaded
+        undo.restore()
         raise
     return model
 

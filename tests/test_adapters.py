@@ -9,17 +9,19 @@ import copy
 import json
 import os
 import pickle
+import stat
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lorakern
 import lorakern.adapters as adapters_mod
 from lorakern import LoraConfig
 from lorakern.adapters import AdapterLoadError
-from lorakern.model import adapter_configs, lora_layers
+from lorakern.model import ModulesToSave, adapter_configs, adapter_state, lora_layers
 from tests.test_model_helpers import assert_same_state, full_state, input_ids, logits, tiny_mlp
 from tests.utils import RTOL, assert_close
 
@@ -142,6 +144,34 @@ def test_second_adapter_name_and_mlp_round_trip(tmp_path):
     lorakern.load_adapter(fresh, tmp_path / "b", adapter_name="two")
     lorakern.set_adapter(fresh, ["default", "two"])
     assert_close(fresh(x), ref, TOL, "two adapters")
+
+
+class _RelativeBias(nn.Module):
+    """A T5-like module: an embedding table whose name contains "bias" beside a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.relative_attention_bias = nn.Embedding(8, 4)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, idx):
+        return self.proj(self.relative_attention_bias(idx))
+
+
+def test_bias_all_takes_parameters_named_bias_only(tmp_path):
+    """bias="all" saves parameters named `bias` (PEFT: name == "bias" or name.endswith(".bias")),
+    not `relative_attention_bias.weight`; and a file with PEFT's keys loads."""
+    model = trained(_RelativeBias(), LoraConfig(r=2, target_modules=["proj"], bias="all"))
+    with torch.no_grad():
+        model.proj.base_layer.bias.add_(0.5)
+    lorakern.save_adapter(model, tmp_path)
+    assert set(load_file(tmp_path / ST)) == {
+        "base_model.model.proj.lora_A.weight", "base_model.model.proj.lora_B.weight", "base_model.model.proj.base_layer.bias",
+    }
+    loaded = lorakern.load_adapter(_RelativeBias(), tmp_path)
+    idx = torch.arange(8)
+    assert_close(loaded(idx), model(idx), TOL, "bias='all' round trip")
 
 
 def test_legacy_bin_is_read_with_weights_only(llama, saved, tmp_path):
@@ -319,6 +349,85 @@ def test_adapter_name_taken_by_other_config(llama, saved):
     _assert_load_fails(model, saved[0], AdapterLoadError, "different modules")
 
 
+# ------------------------------------------- loads that fail after validation (OOM, ^C)
+
+
+def _fail_nth_parameter_copy(monkeypatch, n, exc):
+    """Make the n-th `copy_` into an nn.Parameter raise `exc`: load_adapter writes every value
+    that way, so this is a failure after validation, partway through writing."""
+    real = torch.Tensor.copy_
+    calls = []
+
+    def copy_(self, *args, **kwargs):
+        if isinstance(self, nn.Parameter):
+            calls.append(1)
+            if len(calls) == n:
+                raise exc("out of memory (simulated)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+def _raise(exc):
+    def fail(*args, **kwargs):
+        raise exc("out of memory (simulated)")
+
+    return fail
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt], ids=["oom", "interrupt"])
+@pytest.mark.parametrize("fail_at", ["second-write", "last-write", "set_adapter"])
+def test_failure_while_loading_into_existing_adapter_rolls_back(llama, saved, monkeypatch, fail_at, exc):
+    """LoRA A/B and the modules_to_save copy of an existing adapter are overwritten in place:
+    a failure partway must put back every old value (and the trainable flags)."""
+    path, _ = saved
+    model = trained(llama, CONFIG, seed=5)  # trainable; the load below makes it inference-only
+    inference = set(adapter_state(model).inference)
+    if fail_at == "set_adapter":  # after every value was written
+        monkeypatch.setattr(adapters_mod, "set_adapter", _raise(exc))
+    else:
+        n = 2 if fail_at == "second-write" else len(load_file(path / ST))
+        _fail_nth_parameter_copy(monkeypatch, n, exc)
+    _assert_load_fails(model, path, exc, "simulated", is_trainable=False)
+    assert adapter_state(model).inference == inference
+
+
+MLP_CONFIG = LoraConfig(r=2, target_modules=["up", "down"], bias="all", modules_to_save=["head"])
+
+
+@pytest.fixture(scope="module")
+def saved_mlp(tmp_path_factory):
+    """An MLP adapter that exercises every kind of value: LoRA, biases, a saved module."""
+    path = tmp_path_factory.mktemp("mlp_adapter")
+    model = trained(tiny_mlp(), MLP_CONFIG, seed=3)
+    with torch.no_grad():
+        model.blocks[1].up.base_layer.bias.add_(0.5)
+        model.head.modules_to_save["default"].weight.mul_(1.5)
+    lorakern.save_adapter(model, path)
+    return path
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt], ids=["oom", "interrupt"])
+@pytest.mark.parametrize("fail_at", ["first-write", "last-write", "injection"])
+@pytest.mark.parametrize("base", ["fresh", "with-other-adapter"])
+def test_failure_while_loading_new_adapter_rolls_back(saved_mlp, monkeypatch, base, fail_at, exc):
+    """A new adapter is injected first (base frozen, modules wrapped, originals frozen, biases
+    marked trainable), then written: a failure at any point must undo all of it, including
+    a half-done injection."""
+    model = tiny_mlp()
+    if base == "fresh":
+        model.blocks[0].up.weight.requires_grad_(False)  # mixed flags, restored exactly
+    else:  # "up" is a LoraLinear already: the new adapter goes into an existing layer
+        lorakern.inject(model, LoraConfig(r=3, target_modules=["up"]), adapter_name="other")
+    if fail_at == "injection":  # the LoRA layers are in place, the head is not wrapped yet
+        monkeypatch.setattr(ModulesToSave, "update", _raise(exc))
+    else:
+        n = 1 if fail_at == "first-write" else len(load_file(saved_mlp / ST))
+        _fail_nth_parameter_copy(monkeypatch, n, exc)
+    _assert_load_fails(model, saved_mlp, exc, "simulated", adapter_name="new", is_trainable=True)
+    assert hasattr(model, "_lorakern") == (base != "fresh")
+
+
 # ------------------------------------------------------------------------- atomic saves
 
 
@@ -355,6 +464,43 @@ def test_interrupted_save_keeps_previous_adapter(llama, tmp_path, monkeypatch, f
     # And a save that is not interrupted replaces both files.
     lorakern.save_adapter(second, tmp_path)
     assert json.loads((tmp_path / CFG).read_text())["r"] == 3 and sorted(os.listdir(tmp_path)) == [CFG, ST]
+
+
+def test_save_replaces_weights_then_config_then_syncs_dir(tmp_path, monkeypatch):
+    """Both temporaries are fsynced before either rename; the weights are renamed first and
+    the config last, so a crash between the two leaves new weights beside the old config,
+    never the reverse; the directory is fsynced after the renames."""
+    model = trained(tiny_mlp(), LoraConfig(r=2, target_modules=["up"]))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"replace {os.path.basename(dst)}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    lorakern.save_adapter(model, tmp_path)
+    assert events == ["fsync file", "fsync file", f"replace {ST}", f"replace {CFG}", "fsync dir"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)], ids=oct)
+def test_saved_files_follow_the_umask(tmp_path, umask, mode):
+    """Saved files get the mode a plain open() gives (as PEFT's do), not mkstemp's 0o600."""
+    model = trained(tiny_mlp(), LoraConfig(r=2, target_modules=["up"]))
+    old = os.umask(umask)
+    adapters_mod._file_mode.cache_clear()  # the umask is read once and cached
+    try:
+        lorakern.save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(old)
+        adapters_mod._file_mode.cache_clear()
+    modes = {name: stat.S_IMODE(os.stat(tmp_path / "a" / name).st_mode) for name in os.listdir(tmp_path / "a")}
+    assert modes == {CFG: mode, ST: mode}
 
 
 def test_save_unknown_adapter(llama, tmp_path):
