@@ -66,6 +66,10 @@ def ddp_worker(rank: int, port: int, out: str) -> None:
         train(model, ddp, rank)
         assert torch.equal(model.up.base_layer.weight, base_before)
         torch.save(adapters(model), Path(out) / f"ddp{rank}.pt")
+        # Free DDP's reducer while its process group is alive: destroyed after
+        # destroy_process_group (when this frame's locals go), it hung one run in ~8.
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -86,6 +90,8 @@ def fsdp_worker(rank: int, port: int, out: str) -> None:
         train(model, model, rank)
         torch.save(adapters(model), Path(out) / f"fsdp{rank}.pt")
         lorakern.save_adapter(model, Path(out) / f"adapter{rank}")  # collective: every rank
+        del model  # as in ddp_worker: nothing holding the group outlives it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
