@@ -40,7 +40,7 @@ def _assert_same_step(compiled, eager, x, seed, dtype=torch.float32):
 # ----------------------------------------------------------------------------- opcheck
 
 
-def _op_args(lead, bias, p, x_dtype=torch.float32, adapter_dtype=torch.float32):
+def _op_args(lead, bias, p, x_dtype=torch.float32, adapter_dtype=torch.float32, backend="reference"):
     m_k = (*lead, 12)
     x = torch.randn(m_k, dtype=x_dtype, requires_grad=True)
     w = torch.randn(10, 12, dtype=x_dtype, requires_grad=True)
@@ -49,17 +49,30 @@ def _op_args(lead, bias, p, x_dtype=torch.float32, adapter_dtype=torch.float32):
     B = torch.randn(10, 3, dtype=adapter_dtype, requires_grad=True)
     scalars = (torch.tensor(0.7, dtype=torch.float64), torch.tensor(p, dtype=torch.float64),
                torch.tensor(1234, dtype=torch.int64))
-    return (x, w, b, A, B, *scalars, "reference")
+    return (x, w, b, A, B, *scalars, backend)
 
 
+# The Triton backend runs on CUDA, or on CPU in the interpreter.
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() or ops.interpreting()), reason="needs a GPU or TRITON_INTERPRET=1"))]
+
+
+def _device_args(args, backend):
+    if backend == "triton" and torch.cuda.is_available():
+        return tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
+                     for a in args)
+    return args
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "lead, bias, p, x_dtype",
     [((5,), True, 0.0, torch.float32), ((2, 3), False, 0.25, torch.float32), ((4,), True, 0.25, torch.bfloat16)],
     ids=["2d-bias", "3d-dropout", "bf16-dropout"],
 )
-def test_opcheck_forward_op(lead, bias, p, x_dtype):
+def test_opcheck_forward_op(lead, bias, p, x_dtype, backend):
     """Schema, fake impl, autograd registration and AOT dispatch of lora_linear_fwd (fp32 adapters)."""
-    args = _op_args(lead, bias, p, x_dtype)
+    args = _device_args(_op_args(lead, bias, p, x_dtype, backend=backend), backend)
     torch.library.opcheck(ops.lora_linear_fwd, args)
 
 
@@ -83,8 +96,9 @@ def test_opcheck_forward_op_draws_seed_from_generator():
     assert int(s0) == 0 and ops.draw_seed() == int(s1)
 
 
-def test_opcheck_backward_op():
-    x, w, _, A, B, s, p, seed, backend = _op_args((2, 3), False, 0.25)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward_op(backend):
+    x, w, _, A, B, s, p, seed, backend = _device_args(_op_args((2, 3), False, 0.25, backend=backend), backend)
     y, S, seed_out = ops.lora_linear_fwd(x, w, None, A, B, s, p, seed, backend)
     dy = torch.randn_like(y)
     for needs in [(True, True, True), (False, True, False)]:
