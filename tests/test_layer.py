@@ -42,6 +42,25 @@ def test_fresh_layer_equals_base(dtype, lead, training):
     assert torch.equal(y, layer.base_layer(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fresh_layer_on_triton_matches_base_to_rounding(dtype):
+    """On the Triton backend the base GEMM is the fused kernel's, not nn.Linear's: with
+    B = 0 the LoRA term adds exactly 0, so the output differs from the base layer only by
+    the GEMM's summation order (bit-exact equality holds on the reference backend)."""
+    from lorakern import ops
+    from lorakern.selfcheck import error_bound
+
+    if not (torch.cuda.is_available() or ops.interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = LoraLinear(nn.Linear(200, 70).to(device=dev, dtype=dtype), r=4, lora_alpha=8, backend="triton")
+    x = torch.randn(130, 200, device=dev, dtype=dtype)
+    y, y_base = layer(x), layer.base_layer(x)
+    assert y.dtype == dtype
+    oracle = x.double() @ layer.base_layer.weight.double().t() + layer.base_layer.bias.double()
+    assert rel_error(y, oracle) <= error_bound(dtype, rel_error(y_base, oracle))
+
+
 def test_adapters_are_fp32_on_bf16_base():
     layer = make_layer(torch.bfloat16, r=4)
     assert layer.lora_A["default"].weight.dtype == torch.float32
