@@ -29,6 +29,7 @@ def _info(args: argparse.Namespace) -> int:
         ("CPU threads", str(info["cpu_threads"])),
         ("lorakern", f"{info['lorakern']} ({info['commit'] or 'not a git checkout'})"),
         (f"backend 'auto' ({info['auto_backend_dtype']})", f"{info['auto_backend']}: {info['auto_backend_reason']}"),
+        ("CPU dropout masks", info["cpu_mask_generator"]),
     ]
     if device.type == "cuda":
         rows.insert(3, ("GPU memory", f"{info['gpu_memory_gib']} GiB, {info['sm_count']} SMs, sm_{info['compute_capability'].replace('.', '')}"))

@@ -17,6 +17,11 @@ import functools
 import numpy as np
 import torch
 
+try:  # the compiled mask generator (lorakern/_philox.c), built when a C compiler was there
+    from lorakern import _philox
+except ImportError:
+    _philox = None
+
 # Philox4x32-10 constants, as in triton.language.random.
 _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
@@ -141,16 +146,26 @@ def _philox_keep(seed: int, counters: np.ndarray, threshold: int, out: np.ndarra
         np.less_equal(prod_a, span, out=out[:, lane])
 
 
+def compiled_mask_generator() -> bool:
+    """True when the C mask generator is built (else the numpy one runs: same bits)."""
+    return _philox is not None
+
+
 def _keep_bits(seed: int, m: int, k: int, p: float) -> np.ndarray:
     """The keep mask of `dropout_keep_mask` as a numpy bool array [m, 4·ceil(k/4)] (the
-    columns past k are padding)."""
+    columns past k are padding). The C generator when built, else `_philox_keep`."""
     groups = -(-k // 4)
     keep = np.empty((m, 4 * groups), dtype=np.bool_)
     threshold = _keep_threshold(float(p))
     rows_per_chunk = max(1, _CHUNK // max(groups, 1))
 
+    compiled = _philox is not None and threshold < 1 << 31
+
     def fill(r0: int) -> None:
         r1 = min(r0 + rows_per_chunk, m)
+        if compiled:
+            _philox.keep_bits(int(seed), r0 * groups, (r1 - r0) * groups, threshold, keep[r0:r1])
+            return
         counters = np.arange(r0 * groups, r1 * groups, dtype=np.uint64)
         _philox_keep(int(seed), counters, threshold, keep[r0:r1].reshape(-1, 4))
 

@@ -36,6 +36,10 @@ def test_info_names_device_versions_and_backend_choice(capsys, monkeypatch):
     assert lines["torch"].strip() == torch.__version__
     backend_line = next(line for line in out.splitlines() if line.startswith("backend 'auto'"))
     assert "reference" in backend_line and "not CUDA" in backend_line
+    from lorakern.reference import compiled_mask_generator
+
+    mask_line = next(line for line in out.splitlines() if line.startswith("CPU dropout masks"))
+    assert ("compiled" if compiled_mask_generator() else "numpy") in mask_line
 
 
 def test_info_reports_env_override(capsys, monkeypatch):

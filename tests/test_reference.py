@@ -328,6 +328,31 @@ def test_keep_mask_threshold_matches_the_float_comparison(seed, p):
     assert torch.equal(reference.dropout_keep_mask(seed, m, k, p), _keep_mask_by_definition(seed, m, k, p))
 
 
+@pytest.mark.skipif(not reference.compiled_mask_generator(), reason="the C mask generator is not built")
+@pytest.mark.parametrize("p", [1e-9, 0.1, 0.5, 0.999999])
+@pytest.mark.parametrize("m, k", [(1, 1), (3, 7), (130, 64), (33, 1031)])
+def test_compiled_and_numpy_mask_generators_agree(monkeypatch, m, k, p):
+    """lorakern/_philox.c and the numpy fallback give the same bits (the numpy one is
+    checked against the by-definition float comparison above)."""
+    for seed in (0, 77, 2**40 + 3, 2**63 - 1):
+        compiled = reference.dropout_keep_mask(seed, m, k, p)
+        with monkeypatch.context() as mp:
+            mp.setattr(reference, "_philox", None)
+            assert torch.equal(compiled, reference.dropout_keep_mask(seed, m, k, p)), (seed, m, k, p)
+
+
+def test_compiled_mask_generator_rejects_bad_arguments():
+    ext = pytest.importorskip("lorakern._philox")
+    import numpy as np
+
+    with pytest.raises(ValueError, match="need 4 \\* n"):
+        ext.keep_bits(1, 0, 3, 5, np.empty(11, dtype=np.bool_))
+    with pytest.raises(ValueError, match="threshold"):
+        ext.keep_bits(1, 0, 1, 0, np.empty(4, dtype=np.bool_))
+    with pytest.raises(TypeError):
+        ext.keep_bits(1, 0, 1, 5, bytes(4))  # read-only buffer
+
+
 def test_keep_threshold_is_the_first_value_above_p():
     scale = torch.tensor(reference._UNIFORM_SCALE, dtype=torch.float32)
     for p in (1e-9, 0.1, 1 / 3, 0.9):

@@ -17,6 +17,7 @@ import torch
 
 import lorakern
 from lorakern.ops import resolve_backend, triton_available
+from lorakern.reference import compiled_mask_generator
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -126,6 +127,7 @@ def machine_info(device: torch.device, dtype: torch.dtype | None = None) -> dict
         "auto_backend": backend,
         "auto_backend_reason": why,
         "auto_backend_dtype": str(dtype).removeprefix("torch."),
+        "cpu_mask_generator": "compiled (lorakern/_philox.c)" if compiled_mask_generator() else "numpy (C extension not built)",
         "env": {k: v for k, v in os.environ.items() if k.startswith("LORAKERN_")},
     }
     if device.type == "cuda":
