@@ -209,7 +209,9 @@ def _backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: i
             dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, S,
             s, p, seed, needs,
         )
-    return (None if dx is None else torch.ops.aten._unsafe_view(dx, x.shape)), dA, dB
+    if dx is not None and x.dim() != 2:
+        dx = torch.ops.aten._unsafe_view(dx, x.shape)  # as in _forward_core
+    return dx, dA, dB
 
 
 def _base_grads(dy, x, weight, bias_dtype, need_w: bool, need_bias: bool):
