@@ -40,26 +40,26 @@ def _philox_np(seed: int, counters: np.ndarray) -> tuple[np.ndarray, ...]:
 
     numpy, not torch: torch has no uint64 multiply, and uint64 products of 32-bit
     words give the high and low halves exactly (3 ops instead of ~10 with int64 splits).
+    The rounds run in place on preallocated buffers (no temporaries per round).
     """
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     mask, shift = np.uint64(_MASK32), np.uint64(32)
     round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
     c0 = counters & mask
     c1 = counters >> shift
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
+    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
     prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
     for _ in range(10):
         np.multiply(c2, round_b, out=prod_b)
         np.multiply(c0, round_a, out=prod_a)
-        c0 = prod_b >> shift
-        c0 ^= c1
-        c0 ^= np.uint64(k0)
-        c2 = prod_a >> shift
-        c2 ^= c3
-        c2 ^= np.uint64(k1)
-        c1 = prod_b & mask
-        c3 = prod_a & mask
+        np.right_shift(prod_b, shift, out=c0)
+        np.bitwise_xor(c0, c1, out=c0)
+        np.bitwise_xor(c0, np.uint64(k0), out=c0)
+        np.right_shift(prod_a, shift, out=c2)
+        np.bitwise_xor(c2, c3, out=c2)
+        np.bitwise_xor(c2, np.uint64(k1), out=c2)
+        np.bitwise_and(prod_b, mask, out=c1)
+        np.bitwise_and(prod_a, mask, out=c3)
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
@@ -112,38 +112,19 @@ def _keep_threshold(p: float) -> int:
 def _philox_keep(seed: int, counters: np.ndarray, threshold: int, out: np.ndarray) -> None:
     """out[n, lane] = keep bit of lane `lane` of Philox4x32-10 at counters[n].
 
-    Same rounds as `_philox_np`, in place on preallocated uint64 buffers (no temporaries),
-    and the uniform > p test as one unsigned range check on the raw word: the folded
-    value (u, or 2**32-1-u for u >= 2**31) is >= T exactly when T <= u <= 2**32-1-T,
-    i.e. when (u - T) mod 2**64 <= 2**32-1-2T.
+    The uniform > p test is one unsigned range check on the raw word: the folded value
+    (u, or 2**32-1-u for u >= 2**31) is >= T exactly when T <= u <= 2**32-1-T, i.e. when
+    (u - T) mod 2**64 <= 2**32-1-2T.
     """
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    mask, shift = np.uint64(_MASK32), np.uint64(32)
-    round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
-    c0 = counters & mask
-    c1 = counters >> shift
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    prod_a, prod_b = np.empty_like(c0), np.empty_like(c0)
-    for _ in range(10):
-        np.multiply(c2, round_b, out=prod_b)
-        np.multiply(c0, round_a, out=prod_a)
-        np.right_shift(prod_b, shift, out=c0)
-        np.bitwise_xor(c0, c1, out=c0)
-        np.bitwise_xor(c0, np.uint64(k0), out=c0)
-        np.right_shift(prod_a, shift, out=c2)
-        np.bitwise_xor(c2, c3, out=c2)
-        np.bitwise_xor(c2, np.uint64(k1), out=c2)
-        np.bitwise_and(prod_b, mask, out=c1)
-        np.bitwise_and(prod_a, mask, out=c3)
-        k0 = (k0 + _KEY_A) & _MASK32
-        k1 = (k1 + _KEY_B) & _MASK32
     if threshold >= 1 << 31:
         out[:] = False
         return
+    words = _philox_np(seed, counters)
     t, span = np.uint64(threshold), np.uint64(_MASK32 - 2 * threshold)
-    for lane, word in enumerate((c0, c1, c2, c3)):
-        np.subtract(word, t, out=prod_a)  # wraps below T: unsigned
-        np.less_equal(prod_a, span, out=out[:, lane])
+    scratch = np.empty_like(words[0])
+    for lane, word in enumerate(words):
+        np.subtract(word, t, out=scratch)  # wraps below T: unsigned
+        np.less_equal(scratch, span, out=out[:, lane])
 
 
 def compiled_mask_generator() -> bool:
