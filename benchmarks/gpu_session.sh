@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # What a session that is lent a GPU runs there, one stage per device call (each call
-# may run 10 minutes; the session has ~30 minutes of device time in all, start-up
-# included), in this order of value:
+# may run 10 minutes; a task now has 15 minutes of device time in all, start-up and
+# idle time included — check the device tool's `status`), in this order of value:
 #
+#   bash benchmarks/gpu_session.sh quick   # everything first-order in one call (~8 min):
+#                                          # install, machine info, op-level CUDA tests,
+#                                          # `lorakern check`, headline rows at M = 16 and 8192
 #   bash benchmarks/gpu_session.sh test    # install, machine info, op-level CUDA tests (large
 #                                          # shapes, both GEMM variants), compile/autocast, check
 #   bash benchmarks/gpu_session.sh bench   # the benchmark suite: headline shapes, memory
@@ -21,7 +24,7 @@
 # downloaded (pip --no-deps). tests/conftest.py turns GEMM autotuning off for the tests
 # (LORAKERN_AUTOTUNE=0); check and bench autotune.
 set -u
-stage=${1:?usage: gpu_session.sh test|bench|e2e|test2|fused}
+stage=${1:?usage: gpu_session.sh quick|test|bench|e2e|test2|fused}
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 
@@ -29,6 +32,25 @@ pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2
     echo "install failed"; tail -n 20 "$OUT/install-$stage.log"; exit 1; }
 
 case "$stage" in
+quick)
+    {
+        nvidia-smi
+        echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+        lorakern info
+    } > "$OUT/machine.txt" 2>&1
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels_op.py tests/test_compile.py \
+        > "$OUT/pytest-cuda-op.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-op.txt"
+    timeout 60 lorakern check > "$OUT/check.txt" 2>&1
+    echo "rc=$?" >> "$OUT/check.txt"
+    # Headline shapes, decode and training rows only: the suite writes at the end, so
+    # keep it well inside its timeout.
+    timeout 300 lorakern bench --tokens 16 8192 --no-e2e --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+    echo "bench rc=$?" >> "$OUT/bench.log"
+    tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+    tail -n 5 "$OUT/pytest-cuda-op.txt" "$OUT/check.txt"
+    tail -n 30 "$OUT/bench.log"
+    ;;
 test)
     {
         nvidia-smi
