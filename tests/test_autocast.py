@@ -53,12 +53,23 @@ def _fp64_reference(x, layer, compute_dtype, dropout_keep=None):
     return y64, leaves
 
 
+# (device, backend): the reference on CPU, and the Triton kernels on CUDA when there is
+# one, else in the interpreter on CPU.
+TARGETS = [("cpu", "reference")]
+if torch.cuda.is_available():
+    TARGETS.append(("cuda", "triton"))
+elif ops.interpreting():
+    TARGETS.append(("cpu", "triton"))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=[f"{d}-{b}" for d, b in TARGETS])
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_dtype_matrix(case):
+def test_dtype_matrix(case, target):
     x_dtype, w_dtype, a_dtype, autocast = case
-    layer = _layer(w_dtype, a_dtype)
-    x = torch.randn(3, 5, K, dtype=x_dtype, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    device, backend = target
+    layer = _layer(w_dtype, a_dtype, device=device, backend=backend)
+    x = torch.randn(3, 5, K, dtype=x_dtype, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)
         if autocast or x_dtype == w_dtype:  # where nn.Linear itself runs
             assert y.dtype == layer.base_layer(x).dtype
