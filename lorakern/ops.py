@@ -244,7 +244,6 @@ def _eager_seed(seed: int | None, dropout_p: float) -> int:
     return seed
 
 
-
 class LoraLinearFunction(torch.autograd.Function):
     """Eager autograd for y = x Wᵀ + s·S Bᵀ + bias with S = D(x) Aᵀ.
 

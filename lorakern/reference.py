@@ -110,15 +110,12 @@ def _keep_threshold(p: float) -> int:
 
 
 def _philox_keep(seed: int, counters: np.ndarray, threshold: int, out: np.ndarray) -> None:
-    """out[n, lane] = keep bit of lane `lane` of Philox4x32-10 at counters[n].
+    """out[n, lane] = keep bit of lane `lane` of Philox4x32-10 at counters[n] (T < 2**31).
 
     The uniform > p test is one unsigned range check on the raw word: the folded value
     (u, or 2**32-1-u for u >= 2**31) is >= T exactly when T <= u <= 2**32-1-T, i.e. when
     (u - T) mod 2**64 <= 2**32-1-2T.
     """
-    if threshold >= 1 << 31:
-        out[:] = False
-        return
     words = _philox_np(seed, counters)
     t, span = np.uint64(threshold), np.uint64(_MASK32 - 2 * threshold)
     scratch = np.empty_like(words[0])
@@ -136,15 +133,15 @@ def _keep_bits(seed: int, m: int, k: int, p: float) -> np.ndarray:
     """The keep mask of `dropout_keep_mask` as a numpy bool array [m, 4·ceil(k/4)] (the
     columns past k are padding). The C generator when built, else `_philox_keep`."""
     groups = -(-k // 4)
-    keep = np.empty((m, 4 * groups), dtype=np.bool_)
     threshold = _keep_threshold(float(p))
+    if threshold >= 1 << 31:  # no uniform exceeds p: nothing is kept
+        return np.zeros((m, 4 * groups), dtype=np.bool_)
+    keep = np.empty((m, 4 * groups), dtype=np.bool_)
     rows_per_chunk = max(1, _CHUNK // max(groups, 1))
-
-    compiled = _philox is not None and threshold < 1 << 31
 
     def fill(r0: int) -> None:
         r1 = min(r0 + rows_per_chunk, m)
-        if compiled:
+        if _philox is not None:
             _philox.keep_bits(int(seed), r0 * groups, (r1 - r0) * groups, threshold, keep[r0:r1])
             return
         counters = np.arange(r0 * groups, r1 * groups, dtype=np.uint64)
