@@ -78,6 +78,7 @@ def _bench(args: argparse.Namespace) -> int:
         "memory": False if args.no_memory else None,
         "e2e": False if args.no_e2e else None,
         "e2e_size": args.e2e_size,
+        "e2e_compile": args.e2e_compile or None,
     }
     if args.shapes == "custom":
         if not args.kn:
@@ -140,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bias", action="store_true", help="give the base layer a bias")
     bench.add_argument("--no-memory", action="store_true", help="skip saved-activation / peak memory rows")
     bench.add_argument("--no-e2e", action="store_true", help="skip the end-to-end Llama training step")
-    bench.add_argument("--e2e-size", choices=["auto", "1b", "tiny", "micro"], help="end-to-end model size")
+    bench.add_argument("--e2e-size", choices=["auto", "1b", "1b-2layer", "tiny", "micro"],
+                       help="end-to-end model size (1b-2layer: the 1b widths and batch, 2 layers)")
+    bench.add_argument("--e2e-compile", action="store_true",
+                       help="also time both end-to-end models under torch.compile (inductor)")
     bench.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's)")
     bench.add_argument("--out", metavar="DIR", help="write results.json/.csv/.md and PNG plots here; {card} and "
                        "{date} are filled in, e.g. benchmarks/results/{card}-{date}")

@@ -269,6 +269,24 @@ def test_bench_e2e_same_model_same_start(tiny_run):
                 "CPU: lorakern fwd+bwd time / PEFT's, dropout 0.1 (worst row)"} <= names
 
 
+@pytest.mark.skipif(not HAS_PEFT, reason="needs peft")
+def test_e2e_compiled_rows_start_where_eager_rows_do():
+    """--e2e-compile adds a torch.compile (inductor) row per provider; all four models start
+    from the same weights and batch (B = 0), so their first losses agree."""
+    pytest.importorskip("transformers")
+    from lorakern.bench import e2e as e2e_mod
+
+    rows = e2e_mod.run_e2e(torch.device("cpu"), torch.float32, e2e_mod.SIZES["micro"], ["lorakern", "peft"],
+                           compile=True)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"lorakern", "peft", "lorakern+compile", "peft+compile"}
+    for name, r in by.items():
+        assert r["compiled"] == name.endswith("+compile")
+        assert _finite_positive(r["tokens_per_s"]) and _finite_positive(r["first_step_ms"])
+        assert r["loss_first"] == pytest.approx(by["peft"]["loss_first"], rel=1e-5), name
+        assert r["loss_last"] != r["loss_first"], f"{name}: the adapters did not train"
+
+
 # ---- the GPU branch of targets and reports, on a synthetic H100 run ------------------------
 
 

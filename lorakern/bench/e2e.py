@@ -6,6 +6,11 @@ on CPU). LoRA goes on every linear layer of the decoder (q, k, v, o, gate, up, d
 r = 16, alpha = 32, lora_dropout = 0.05. Both variants share the frozen weights' values,
 start from the same A (B = 0, so their first losses must agree), see the same batch,
 and train the adapters with AdamW, in the same process.
+
+With `compile=True` each model also runs under `torch.compile` (inductor, default
+options: graph breaks allowed, so PEFT is not held to a stricter bar than lorakern);
+those rows are named "lorakern+compile" / "peft+compile", and their first warm-up
+step, which includes compilation, is reported as `first_step_ms`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ SIZES = {
     # ~1.1B parameters: Llama-3.2-1B's widths with a 32k vocabulary.
     "1b": E2ESize("1b", 2048, 8192, 16, 32, 8, 32000, batch=4, seq_len=1024, warmup_steps=3, steps=10),
     "tiny": E2ESize("tiny", 256, 688, 2, 4, 2, 1024, batch=2, seq_len=128, warmup_steps=2, steps=5),
+    # The 1B model's widths and batch with 2 layers: compiling 16 layers takes minutes of
+    # a GPU lease, and per-layer throughput is what the compiled rows compare.
+    "1b-2layer": E2ESize("1b-2layer", 2048, 8192, 2, 32, 8, 32000, batch=4, seq_len=1024, warmup_steps=3, steps=10),
     "micro": E2ESize("micro", 64, 128, 1, 4, 2, 128, batch=1, seq_len=32, warmup_steps=1, steps=2),
 }
 
@@ -143,6 +151,8 @@ class E2EResult:
     saved_bytes: int
     loss_first: float
     loss_last: float
+    compiled: bool
+    first_step_ms: float | None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -158,15 +168,23 @@ def _param_bytes(model: nn.Module) -> int:
 
 
 def train_steps(
-    provider: str, model: nn.Module, ids: torch.Tensor, size: E2ESize, device: torch.device, tick: Callable[[str], None]
+    provider: str,
+    model: nn.Module,
+    ids: torch.Tensor,
+    size: E2ESize,
+    device: torch.device,
+    tick: Callable[[str], None],
+    compile: bool = False,
 ) -> E2EResult:
-    """Warm-up then timed steps of forward + backward + AdamW on the adapters."""
+    """Warm-up then timed steps of forward + backward + AdamW on the adapters (the
+    forward and backward under torch.compile when `compile`)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    forward = torch.compile(model) if compile else model
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -176,8 +194,13 @@ def train_steps(
         out = model(input_ids=ids, labels=ids)
     del out
     losses = []
-    for _ in range(size.warmup_steps):
+    _sync(device)
+    first, first_step_ms = time.perf_counter(), None
+    for i in range(size.warmup_steps):
         losses.append(step())
+        if i == 0:
+            _sync(device)
+            first_step_ms = (time.perf_counter() - first) * 1e3
         tick(f"e2e {provider} warm-up")
     # Peak of the timed steps only: warm-up runs autotuning and lorakern's measured
     # dispatch, whose timing buffers are not part of a training step.
@@ -213,11 +236,13 @@ def train_steps(
         saved_bytes=saved.bytes,
         loss_first=losses[0],
         loss_last=losses[-1],
+        compiled=compile,
+        first_step_ms=first_step_ms,
     )
 
 
-def steps_count(size: E2ESize, providers: list[str]) -> int:
-    return len(providers) * (size.warmup_steps + size.steps)
+def steps_count(size: E2ESize, providers: list[str], compile: bool = False) -> int:
+    return (2 if compile else 1) * len(providers) * (size.warmup_steps + size.steps)
 
 
 def run_e2e(
@@ -230,25 +255,29 @@ def run_e2e(
     alpha: float = 32.0,
     dropout: float = 0.05,
     seed: int = 0,
+    compile: bool = False,
 ) -> list[dict]:
-    """One row per provider ("lorakern", "peft"): tokens/s, step times, peak and saved memory."""
-    base = build_llama(size, device, dtype, seed)
-    models: dict[str, nn.Module] = {}
-    if "peft" in providers:
-        models["peft"] = inject_peft(copy.deepcopy(base), r, alpha, dropout)
-    if "lorakern" in providers:
-        models["lorakern"] = inject_lorakern(base, r, alpha, dropout)
-    else:
-        del base
-    if len(models) == 2:
-        copy_adapters(models["peft"], models["lorakern"])
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    ids = torch.randint(0, size.vocab_size, (size.batch, size.seq_len), generator=gen).to(device)
+    """One row per provider ("lorakern", "peft"): tokens/s, step times, peak and saved
+    memory; with `compile`, then one more per provider under torch.compile
+    ("lorakern+compile", "peft+compile"), each from the same starting weights."""
     rows = []
-    for name, model in models.items():
-        rows.append(train_steps(name, model, ids, size, device, tick).as_dict())
-        models[name] = None  # free before the next one runs
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for compiled in (False, True) if compile else (False,):
+        base = build_llama(size, device, dtype, seed)
+        models: dict[str, nn.Module] = {}
+        if "peft" in providers:
+            models["peft"] = inject_peft(copy.deepcopy(base), r, alpha, dropout)
+        if "lorakern" in providers:
+            models["lorakern"] = inject_lorakern(base, r, alpha, dropout)
+        del base
+        if len(models) == 2:
+            copy_adapters(models["peft"], models["lorakern"])
+        gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        ids = torch.randint(0, size.vocab_size, (size.batch, size.seq_len), generator=gen).to(device)
+        for name in list(models):
+            label = f"{name}+compile" if compiled else name
+            rows.append(train_steps(label, models.pop(name), ids, size, device, tick, compile=compiled).as_dict())
+            if device.type == "cuda":  # free before the next one runs
+                torch.cuda.empty_cache()
+        if compiled:
+            torch._dynamo.reset()
     return rows

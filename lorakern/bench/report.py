@@ -14,7 +14,8 @@ ROW_COLUMNS = (
 MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes")
 E2E_COLUMNS = (
     "provider", "size", "params", "trainable_params", "tokens_per_step", "step_ms_median", "step_ms_p20",
-    "step_ms_p80", "tokens_per_s", "peak_bytes", "saved_bytes", "loss_first", "loss_last",
+    "step_ms_p80", "tokens_per_s", "peak_bytes", "saved_bytes", "loss_first", "loss_last", "compiled",
+    "first_step_ms",
 )
 PROVIDER_STYLE = {
     "base": ("black", "--"), "eager": ("tab:orange", "-"), "addmm": ("tab:green", "-"),
@@ -96,10 +97,11 @@ def memory_table(results: dict) -> str:
 
 def e2e_table(results: dict) -> str:
     header = ["provider", "model", "params", "tokens/step", "step ms (median)", "p20–p80 ms", "tokens/s",
-              "peak MiB", "saved MiB", "first loss"]
+              "peak MiB", "saved MiB", "first loss", "first step ms"]
     body = [[e["provider"], e["size"], f"{e['params'] / 1e6:.1f}M", str(e["tokens_per_step"]), _fmt(e["step_ms_median"]),
              f"{_fmt(e['step_ms_p20'])}–{_fmt(e['step_ms_p80'])}", _fmt(e["tokens_per_s"], 4), _mib(e["peak_bytes"]),
-             _mib(e["saved_bytes"]), _fmt(e["loss_first"], 5)] for e in results["e2e"]]
+             _mib(e["saved_bytes"]), _fmt(e["loss_first"], 5), _fmt(e.get("first_step_ms"))]
+            for e in results["e2e"]]
     return _table(header, body)
 
 
@@ -231,7 +233,7 @@ def plot_memory(results: dict, path: Path) -> bool:
         ax = list(axes.flat)[len(shapes)]
         names = [e["provider"] for e in e2e]
         key = "peak_bytes" if all(e["peak_bytes"] for e in e2e) else "saved_bytes"
-        bars = ax.bar(names, [e[key] / 2**20 for e in e2e], color=[PROVIDER_STYLE.get(n, ("gray",))[0] for n in names])
+        bars = ax.bar(names, [e[key] / 2**20 for e in e2e], color=[PROVIDER_STYLE.get(n.removesuffix("+compile"), ("gray",))[0] for n in names])
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_title(f"end-to-end step ({e2e[0]['size']} Llama, dropout 0.05)", fontsize=10)
         ax.set_ylabel(("peak memory" if key == "peak_bytes" else "saved activations") + ", MiB")

@@ -59,6 +59,7 @@ class BenchConfig:
     memory: bool = True
     e2e: bool = True
     e2e_size: str = "auto"
+    e2e_compile: bool = False
     timer: TimerSpec = field(default_factory=TimerSpec)
     seed: int = 0
 
@@ -100,6 +101,7 @@ class BenchConfig:
             "memory": self.memory,
             "e2e": self.e2e,
             "e2e_size": self.e2e_size,
+            "e2e_compile": self.e2e_compile,
             "timer": vars(self.timer),
             "seed": self.seed,
         }
@@ -263,7 +265,7 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     e2e_skipped = None
     if size is not None and not e2e_mod.transformers_available():
         size, e2e_skipped = None, "transformers is not installed (pip install 'lorakern[bench]')"
-    total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers) if size else 0)
+    total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers, config.e2e_compile) if size else 0)
     bar = Progress(total, enabled=progress)
     started = _dt.datetime.now(_dt.timezone.utc)
     ceilings = measure_ceilings(config.device, config.dtype, config.timer)
@@ -273,7 +275,8 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     memory = _memory_rows(config, providers, bar) if config.memory else []
     e2e_rows = []
     if size is not None and e2e_providers:
-        e2e_rows = e2e_mod.run_e2e(config.device, config.dtype, size, e2e_providers, tick=bar.tick, seed=config.seed)
+        e2e_rows = e2e_mod.run_e2e(config.device, config.dtype, size, e2e_providers, tick=bar.tick, seed=config.seed,
+                                    compile=config.e2e_compile)
     bar.close()
     results = {
         "machine": machine_info(config.device, config.dtype),
