@@ -34,26 +34,31 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 
-pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 || {
+# The image's `pip` and /usr/local/bin scripts belong to another Python than the one
+# holding torch (seen 2026-11-26: the `lorakern` script failed on "No module named
+# torch"), so everything goes through that Python: `python -m ...`.
+PY=${PY:-python}
+lorakern() { "$PY" -m lorakern.cli "$@"; }
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 || {
     echo "install failed"; tail -n 20 "$OUT/install-$stage.log"; exit 1; }
 
 case "$stage" in
 quick)
     {
         nvidia-smi
-        echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-        python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+        echo "commit ${LORAKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
         lorakern info
         echo "--- install log"; tail -n 5 "$OUT/install-$stage.log"
     } > "$OUT/machine.txt" 2>&1
     rm -f "$OUT/install-$stage.log"
-    timeout 45 lorakern check > "$OUT/check.txt" 2>&1
+    timeout 45 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
     echo "rc=$?" >> "$OUT/check.txt"
     # Two runs of two shapes each (the suite writes its files at the end; the second
     # run reuses the first one's compiled kernels from Triton's disk cache).
     for part in "a 4096x4096 4096x14336 200" "b 4096x1024 14336x4096 130"; do
         set -- $part
-        timeout "$4" lorakern bench --shapes custom --kn "$2" "$3" --tokens 16 8192 --no-e2e \
+        timeout "$4" "$PY" -m lorakern.cli bench --shapes custom --kn "$2" "$3" --tokens 16 8192 --no-e2e \
             --out "$OUT/bench-$1" > "$OUT/bench-$1.log" 2>&1
         echo "bench rc=$?" >> "$OUT/bench-$1.log"
         mkdir -p "$OUT/bench-$1" && mv "$OUT/bench-$1.log" "$OUT/bench-$1/"
@@ -63,17 +68,17 @@ quick)
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | tail -n 25; done
     ;;
 quick2)
-    timeout 100 python -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_layer.py \
+    timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_layer.py \
         tests/test_op.py tests/test_errors.py tests/test_cli.py -k "cuda or triton" \
         > "$OUT/pytest-cuda-compile.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-compile.txt"
-    timeout 170 lorakern bench --shapes custom --kn 4096x4096 --tokens 16 --modes decode \
+    timeout 170 "$PY" -m lorakern.cli bench --shapes custom --kn 4096x4096 --tokens 16 --modes decode \
         --providers base lorakern peft --no-memory --e2e-size 1b-2layer --e2e-compile \
         --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?" >> "$OUT/e2e.log"
     mkdir -p "$OUT/e2e" && mv "$OUT/e2e.log" "$OUT/e2e/"
     tar czf "$OUT/e2e.tgz" -C "$OUT" e2e && rm -rf "$OUT/e2e"
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_kernels_op.py tests/test_autocast.py \
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_op.py tests/test_autocast.py \
         > "$OUT/pytest-cuda-op.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-op.txt"
     tail -n 8 "$OUT/pytest-cuda-compile.txt"
@@ -84,22 +89,22 @@ quick2)
 test)
     {
         nvidia-smi
-        echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+        echo "commit ${LORAKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
         lorakern info
     } > "$OUT/machine.txt" 2>&1
-    timeout 400 python -m pytest -q -p no:cacheprovider \
+    timeout 400 "$PY" -m pytest -q -p no:cacheprovider \
         tests/test_kernels_op.py tests/test_compile.py tests/test_autocast.py tests/test_kernels_aot.py \
         > "$OUT/pytest-cuda-op.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-op.txt"
-    timeout 120 lorakern check > "$OUT/check.txt" 2>&1
+    timeout 120 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
     echo "rc=$?" >> "$OUT/check.txt"
     tail -n 5 "$OUT/pytest-cuda-op.txt" "$OUT/check.txt"
     ;;
 test2)
-    timeout 380 python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    timeout 380 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         > "$OUT/pytest-cuda-kernels.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-kernels.txt"
-    timeout 180 python -m pytest -q -p no:cacheprovider --ignore=tests/test_kernels.py \
+    timeout 180 "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_kernels.py \
         --ignore=tests/test_kernels_op.py --ignore=tests/test_compile.py --ignore=tests/test_autocast.py \
         --ignore=tests/test_kernels_aot.py > "$OUT/pytest-cuda-rest.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-rest.txt"
@@ -108,20 +113,20 @@ test2)
 bench)
     # The suite writes its files at the end: a run cut by the timeout leaves nothing,
     # so the end-to-end step (slow first call: autotuning) is a stage of its own.
-    timeout 560 lorakern bench --no-e2e --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+    timeout 560 "$PY" -m lorakern.cli bench --no-e2e --out "$OUT/bench" > "$OUT/bench.log" 2>&1
     echo "bench rc=$?" >> "$OUT/bench.log"
     tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
     tail -n 40 "$OUT/bench.log"
     ;;
 e2e)
-    timeout 560 lorakern bench --shapes custom --kn 4096x4096 --tokens 1 --modes decode --no-memory \
+    timeout 560 "$PY" -m lorakern.cli bench --shapes custom --kn 4096x4096 --tokens 1 --modes decode --no-memory \
         --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?" >> "$OUT/e2e.log"
     tar czf "$OUT/e2e.tgz" -C "$OUT" e2e && rm -rf "$OUT/e2e"
     tail -n 30 "$OUT/e2e.log"
     ;;
 fused)
-    LORAKERN_FUSED_GEMM=1 timeout 560 lorakern bench --providers base lorakern --no-e2e --no-memory \
+    LORAKERN_FUSED_GEMM=1 timeout 560 "$PY" -m lorakern.cli bench --providers base lorakern --no-e2e --no-memory \
         --out "$OUT/bench-fused" > "$OUT/bench-fused.log" 2>&1
     echo "bench rc=$?" >> "$OUT/bench-fused.log"
     tar czf "$OUT/bench-fused.tgz" -C "$OUT" bench-fused && rm -rf "$OUT/bench-fused"

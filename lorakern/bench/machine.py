@@ -58,7 +58,13 @@ def nvidia_driver() -> str | None:
 
 @functools.cache
 def git_commit() -> str | None:
-    """The commit of the lorakern checkout this package runs from (+ '-dirty'), or None."""
+    """The commit of the lorakern checkout this package runs from (+ '-dirty'), or None.
+
+    LORAKERN_COMMIT, when set, wins: a copied working tree (a lent GPU machine) can
+    carry a stale .git.
+    """
+    if os.environ.get("LORAKERN_COMMIT"):
+        return os.environ["LORAKERN_COMMIT"]
     root = Path(lorakern.__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
