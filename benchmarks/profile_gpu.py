@@ -1,0 +1,105 @@
+"""Where the time of lorakern's LoRA linear goes on a GPU: kernel tables from torch.profiler.
+
+    python benchmarks/profile_gpu.py [OUT_FILE]
+
+Sections (each printed as soon as it is done, so a cut run keeps what it finished):
+  1. fwd+bwd at M = 8192, bf16, r = 16, fp32 adapters (the bench's headline rows):
+     per-kernel CUDA time over 5 steps, lorakern vs the frozen base layer;
+  2. decode at M = 16: host time per call (what do_bench sees when kernels are tiny)
+     and the host-side op table;
+  3. one LoraLinear under torch.compile (inductor) vs eager, fwd+bwd at M = 4096.
+Nothing here is a test; it is the measuring tool behind benchmarks/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lorakern.bench.providers import Weights, build
+
+OUT = open(sys.argv[1], "w") if len(sys.argv) > 1 else sys.stdout
+
+
+def say(text: str = "") -> None:
+    print(text, file=OUT, flush=True)
+    if OUT is not sys.stdout:
+        print(text, flush=True)
+
+
+def fwd_bwd(module, x, dy):
+    y = module(x)
+    y.backward(dy)
+
+
+def kernel_table(fn, steps: int = 5, rows: int = 14, sort: str = "self_cuda_time_total") -> str:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+
+
+def section_fwd_bwd() -> None:
+    for K, N in ((4096, 1024), (4096, 4096)):
+        w = Weights.random(K, N, 16, torch.bfloat16, torch.device("cuda"))
+        x = torch.randn(8192, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(8192, N, device="cuda", dtype=torch.bfloat16)
+        for name in ("base", "lorakern"):
+            module = build(name, w, 0.0)
+            say(f"\n=== fwd+bwd {name} K={K} N={N} M=8192 bf16 r=16 (5 steps) ===")
+            say(kernel_table(lambda: fwd_bwd(module, x, dy)))
+            del module
+
+
+def section_decode() -> None:
+    w = Weights.random(4096, 4096, 16, torch.bfloat16, torch.device("cuda"))
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    for name in ("base", "lorakern"):
+        module = build(name, w, 0.0).eval()
+        with torch.inference_mode():
+            for _ in range(20):
+                module(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(200):
+                module(x)
+            host = (time.perf_counter() - start) / 200 * 1e6
+            torch.cuda.synchronize()
+            total = (time.perf_counter() - start) / 200 * 1e6
+            say(f"\n=== decode {name} 4096x4096 M=16: host {host:.1f} us/call, with sync {total:.1f} us/call ===")
+            say(kernel_table(lambda: module(x), steps=20, rows=18, sort="self_cpu_time_total"))
+
+
+def section_compile() -> None:
+    from triton.testing import do_bench
+
+    w = Weights.random(4096, 4096, 16, torch.bfloat16, torch.device("cuda"))
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = build("lorakern", w, 0.05)
+    compiled = torch.compile(build("lorakern", w, 0.05))
+    peft_c = torch.compile(build("peft", w, 0.05))
+    for name, module in (("eager", eager), ("compiled", compiled), ("peft compiled", peft_c)):
+        fn = lambda m=module: fwd_bwd(m, x, dy)  # noqa: E731
+        fn()
+        ms = do_bench(fn, warmup=25, rep=100)
+        say(f"\n=== lorakern LoraLinear 4096x4096 M=4096 p=0.05 fwd+bwd, {name}: {ms:.3f} ms ===")
+        say(kernel_table(fn, rows=16))
+
+
+if __name__ == "__main__":
+    say(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    for section in (section_fwd_bwd, section_decode, section_compile):
+        t0 = time.perf_counter()
+        try:
+            section()
+        except Exception as exc:  # keep going: a later section may still answer its question
+            say(f"\n!!! {section.__name__} failed: {type(exc).__name__}: {exc}")
+        say(f"({section.__name__}: {time.perf_counter() - t0:.1f} s)")
