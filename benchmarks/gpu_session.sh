@@ -11,6 +11,8 @@
 #                                          # compile / CUDA-graph / CUDA-only tests, the compiled
 #                                          # end-to-end row (lorakern vs PEFT under torch.compile),
 #                                          # then the op-level CUDA tests
+#   bash benchmarks/gpu_session.sh profile # benchmarks/profile_gpu.py: per-kernel tables of the
+#                                          # headline fwd+bwd, decode host time, compiled vs eager
 #   bash benchmarks/gpu_session.sh test    # install, machine info, op-level CUDA tests (large
 #                                          # shapes, both GEMM variants), compile/autocast, check
 #   bash benchmarks/gpu_session.sh bench   # the benchmark suite: headline shapes, memory
@@ -27,9 +29,10 @@
 # commit, then add the numbers to benchmarks/NOTES.md.
 # The GPU images carry torch, Triton, peft, transformers and matplotlib: nothing is
 # downloaded (pip --no-deps). tests/conftest.py turns GEMM autotuning off for the tests
-# (LORAKERN_AUTOTUNE=0); check and bench autotune.
+# (LORAKERN_AUTOTUNE=0), and so does `lorakern check`; the benchmarks autotune.
+# pytest runs under `timeout -s INT`: a run cut by its limit still prints its failures.
 set -u
-stage=${1:?usage: gpu_session.sh quick|quick2|test|bench|e2e|test2|fused}
+stage=${1:?usage: gpu_session.sh quick|quick2|profile|test|bench|e2e|test2|fused}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -52,7 +55,7 @@ quick)
         echo "--- install log"; tail -n 5 "$OUT/install-$stage.log"
     } > "$OUT/machine.txt" 2>&1
     rm -f "$OUT/install-$stage.log"
-    timeout 45 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
+    timeout 90 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
     echo "rc=$?" >> "$OUT/check.txt"
     # Two runs of two shapes each (the suite writes its files at the end; the second
     # run reuses the first one's compiled kernels from Triton's disk cache).
@@ -68,7 +71,7 @@ quick)
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | tail -n 25; done
     ;;
 quick2)
-    timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_layer.py \
+    timeout -s INT -k 20 100 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider tests/test_compile.py tests/test_layer.py \
         tests/test_op.py tests/test_errors.py tests/test_cli.py -k "cuda or triton" \
         > "$OUT/pytest-cuda-compile.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-compile.txt"
@@ -78,7 +81,7 @@ quick2)
     echo "e2e rc=$?" >> "$OUT/e2e.log"
     mkdir -p "$OUT/e2e" && mv "$OUT/e2e.log" "$OUT/e2e/"
     tar czf "$OUT/e2e.tgz" -C "$OUT" e2e && rm -rf "$OUT/e2e"
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_op.py tests/test_autocast.py \
+    timeout -s INT -k 20 150 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider tests/test_kernels_op.py tests/test_autocast.py \
         > "$OUT/pytest-cuda-op.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-op.txt"
     tail -n 8 "$OUT/pytest-cuda-compile.txt"
@@ -86,13 +89,18 @@ quick2)
     grep -A7 "^| provider | model" <(tar xzf "$OUT/e2e.tgz" -O e2e/results.md 2>/dev/null)
     tail -n 8 "$OUT/pytest-cuda-op.txt"
     ;;
+profile)
+    timeout -s INT 240 "$PY" benchmarks/profile_gpu.py "$OUT/profile.txt" > /dev/null 2>&1
+    echo "profile rc=$?"
+    grep "===\|!!!\|^(" "$OUT/profile.txt"
+    ;;
 test)
     {
         nvidia-smi
         echo "commit ${LORAKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
         lorakern info
     } > "$OUT/machine.txt" 2>&1
-    timeout 400 "$PY" -m pytest -q -p no:cacheprovider \
+    timeout -s INT -k 20 400 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider \
         tests/test_kernels_op.py tests/test_compile.py tests/test_autocast.py tests/test_kernels_aot.py \
         > "$OUT/pytest-cuda-op.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-op.txt"
@@ -101,10 +109,10 @@ test)
     tail -n 5 "$OUT/pytest-cuda-op.txt" "$OUT/check.txt"
     ;;
 test2)
-    timeout 380 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    timeout -s INT -k 20 380 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider tests/test_kernels.py \
         > "$OUT/pytest-cuda-kernels.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-kernels.txt"
-    timeout 180 "$PY" -m pytest -q -p no:cacheprovider --ignore=tests/test_kernels.py \
+    timeout -s INT -k 20 180 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider --ignore=tests/test_kernels.py \
         --ignore=tests/test_kernels_op.py --ignore=tests/test_compile.py --ignore=tests/test_autocast.py \
         --ignore=tests/test_kernels_aot.py > "$OUT/pytest-cuda-rest.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-rest.txt"

@@ -48,6 +48,13 @@ def _check(args: argparse.Namespace) -> int:
         # (through torch), so run the check in a fresh interpreter with the switch set.
         env = dict(os.environ, TRITON_INTERPRET="1")
         return subprocess.run([sys.executable, "-m", "lorakern.cli", "check"], env=env).returncode
+    if torch.cuda.is_available() and "LORAKERN_AUTOTUNE" not in os.environ:
+        # The check is about numbers, not speed: one GEMM tile per kernel. With autotuning
+        # every case compiles and times 9 tiles per kernel variant, and the first fp32 case
+        # alone ran past 45 s on an H200. The switch is read when the kernels are
+        # imported, hence the fresh interpreter.
+        env = dict(os.environ, LORAKERN_AUTOTUNE="0")
+        return subprocess.run([sys.executable, "-m", "lorakern.cli", "check"], env=env).returncode
     from lorakern.selfcheck import run_selfcheck
 
     return 0 if run_selfcheck(print_fn=print) else 1

@@ -405,11 +405,18 @@ class ScalarDict(dict):
 
     def __init__(self, *args, **kwargs):
         super().__init__()
+        self._tensors: dict[str, torch.Tensor] = {}
         self.update(*args, **kwargs)
 
+    def __reduce__(self):
+        # Pickle / copy / deepcopy rebuild through __init__, so the mirrors exist before
+        # any item is set (the default dict-subclass protocol sets items first).
+        return (type(self), (dict(self),))
+
     def _mirrors(self) -> dict[str, torch.Tensor]:
-        # Created lazily: unpickling sets items before it restores __dict__.
-        return self.__dict__.setdefault("_tensors", {})
+        # A plain attribute read: torch.compile traces `tensor()`, and dynamo in torch
+        # 2.11 cannot trace `__dict__.setdefault` (a graph break, seen on an H200).
+        return self._tensors
 
     def __setitem__(self, key, value) -> None:
         value = float(value)

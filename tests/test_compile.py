@@ -57,6 +57,12 @@ BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() or ops.interpreting()), reason="needs a GPU or TRITON_INTERPRET=1"))]
 
 
+def _device(backend: str) -> str:
+    """Where a backend's tensors live here: Triton on CUDA when present (on CPU it needs
+    the interpreter), the reference on the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def _device_args(args, backend):
     if backend == "triton" and torch.cuda.is_available():
         return tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
@@ -108,11 +114,11 @@ def test_opcheck_backward_op(backend):
         )
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_function_and_registered_op_agree_exactly(backend):
     """lora_linear runs an autograd.Function in eager mode and the registered op when
     traced; both share the math and draw the seed alike: same outputs and grads, bit for bit."""
-    args = _op_args((2, 3), True, 0.25)
+    args = _device_args(_op_args((2, 3), True, 0.25), backend)
     x, w, b, A, B = args[:5]
     leaves = [x, w, b, A, B]
     results = []
@@ -130,24 +136,24 @@ def test_eager_function_and_registered_op_agree_exactly(backend):
 # ----------------------------------------------------------------------------- graph breaks
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_graph_breaks(backend):
     """dynamo.explain: one graph, no break, each LoraLinear is one lorakern op node."""
-    model = tiny_lora_model(dropout=0.25, backend=backend).train()
-    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, K))
+    model = tiny_lora_model(dropout=0.25, backend=backend, device=_device(backend)).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, K, device=_device(backend)))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     nodes = [n for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
     assert sum(n.target is torch.ops.lorakern.lora_linear_fwd.default for n in nodes) == 2
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_aot_eager_matches_eager(backend):
     """fullgraph=True through AOTAutograd (fake impls, autograd registration, functionalisation):
     outputs and every adapter grad equal eager's, dropout on, same seed."""
-    model = tiny_lora_model(dropout=0.25, backend=backend).train()
+    model = tiny_lora_model(dropout=0.25, backend=backend, device=_device(backend)).train()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    _assert_same_step(compiled, model, torch.randn(2, 5, K), seed=3)
+    _assert_same_step(compiled, model, torch.randn(2, 5, K, device=_device(backend)), seed=3)
 
 
 def test_fullgraph_under_cpu_autocast():
