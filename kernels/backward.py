@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
+from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
 from .forward import gemm_configs, grouped_tile, m_bucket
 
 # ---------------------------------------------------------------- dS and dB
@@ -80,7 +80,7 @@ def lora_backward_dsdb(
     if M == 0:
         return dS, torch.zeros_like(lora_B)
     cfg = _dsdb_config(M, R, dy.element_size())
-    num_pid = triton.cdiv(M, cfg["BLOCK_M"])
+    num_pid = cdiv(M, cfg["BLOCK_M"])
     db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
     _lora_bwd_dsdb_kernel[(num_pid,)](
         dy, lora_B, S, dS, db_partial,
@@ -189,7 +189,7 @@ def lora_backward_dx(
         args.update(cfg.kwargs, HAS_BASE=False, num_warps=cfg.num_warps)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
     kernel[grid](
         dy, weight, dS, lora_A, dx,
@@ -257,12 +257,12 @@ def lora_backward_da(
     if M == 0:
         return torch.zeros_like(lora_A)
     cfg = _da_config()
-    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
-    m_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    k_blocks = cdiv(K, cfg["BLOCK_K"])
+    m_blocks = cdiv(M, cfg["BLOCK_M"])
     # Enough programs to fill the GPU (~2 waves of 132 SMs), few partials to sum.
-    splits = max(1, min(m_blocks, triton.cdiv(264, k_blocks)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * cfg["BLOCK_M"]
-    splits = triton.cdiv(M, rows_per_split)
+    splits = max(1, min(m_blocks, cdiv(264, k_blocks)))
+    rows_per_split = cdiv(m_blocks, splits) * cfg["BLOCK_M"]
+    splits = cdiv(M, rows_per_split)
     da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     _lora_bwd_da_kernel[(k_blocks, splits)](
         dS, x, da_partial,

@@ -20,12 +20,28 @@ import triton.language as tl
 MIN_RANK_PAD = 16
 
 
+# Triton decides at decoration time (when this package is imported) whether its
+# kernels run in the interpreter, so the switch is read once, here.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRETING
+
+
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are ConstexprFunction
+# objects costing ~2.6 µs a call on the host (Triton 3.6 and 3.9); a launch needs several.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def rank_pad(r: int) -> int:
-    return max(MIN_RANK_PAD, triton.next_power_of_2(r))
+    return max(MIN_RANK_PAD, next_pow2(r))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
+from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, next_pow2, rank_pad
 from .shrink import lora_shrink as _lora_shrink
 
 
@@ -57,7 +57,7 @@ def gemm_configs(cols: str, reduction: str) -> list[triton.Config]:
 
 def m_bucket(M: int) -> int:
     """Autotune key for M: the next power of two, so varying sequence lengths do not retune."""
-    return triton.next_power_of_2(max(M, 1))
+    return next_pow2(M)
 
 
 @triton.jit
@@ -152,7 +152,7 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
     N, R = lora_B.shape
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     a = lora_A if lora_A is not None else S  # unused pointer when not fusing the shrink
     _lora_fwd_kernel[grid](

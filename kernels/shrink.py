@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
+from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
 
 
 def _config(K: int) -> dict:
@@ -61,7 +61,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> t
     if M == 0:
         return S
     cfg = _config(K)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    grid = (cdiv(M, cfg["BLOCK_M"]),)
     _lora_shrink_kernel[grid](
         x, lora_A, S,
         seed, p, 1.0 / (1.0 - p),
