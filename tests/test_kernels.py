@@ -243,6 +243,37 @@ def test_fused_gemm_override_is_validated(monkeypatch):
     assert fused_gemm_override() is False
 
 
+def test_measured_dispatch_alternates_keeps_each_best_and_caches(monkeypatch):
+    """The CUDA branch of prefer_fused, driven on CPU with a scripted timer: two
+    alternating rounds (fused, unfused, fused, unfused), each variant's best time
+    compared, the choice and times recorded once per key."""
+    import triton.testing
+
+    from lorakern.kernels import dispatch
+
+    monkeypatch.delenv("LORAKERN_FUSED_GEMM", raising=False)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(dispatch, "_choice", {})
+    monkeypatch.setattr(dispatch, "_times", {})
+    order, script = [], {"fused": [5.0, 1.0], "unfused": [2.0, 1.5]}
+
+    def fake_bench(fn, warmup, rep):
+        name = fn()
+        order.append(name)
+        return script[name].pop(0)
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    cuda = torch.device("cuda")
+    key = ("fwd", 8192, 4096, 4096)
+    # One round alone would pick unfused (5.0 > 2.0); the best of two says fused (1.0 < 1.5).
+    assert dispatch.prefer_fused(key, lambda: "fused", lambda: "unfused", cuda) is True
+    assert order == ["fused", "unfused", "fused", "unfused"]
+    assert dispatch.recorded_times()[key] == (1.0, 1.5) and dispatch.recorded_choices()[key] is True
+    assert dispatch.prefer_fused(key, lambda: "fused", lambda: "unfused", cuda) is True
+    assert len(order) == 4  # cached: no second measurement
+
+
 @pytest.mark.parametrize("r", [100, 128], ids=lambda r: f"r{r}")
 def test_ranks_above_64(r):
     """Ranks past the test grid pad to the next power of two in registers."""

@@ -305,4 +305,9 @@ def _dispatch_choices() -> list[dict]:
     dispatch = sys.modules.get("lorakern.kernels.dispatch")
     if dispatch is None or not hasattr(dispatch, "recorded_choices"):
         return []
-    return [{"key": [str(k) for k in key], "fused": fused} for key, fused in dispatch.recorded_choices().items()]
+    times = dispatch.recorded_times() if hasattr(dispatch, "recorded_times") else {}
+    return [
+        {"key": [str(k) for k in key], "fused": fused, "fused_ms": times.get(key, (None, None))[0],
+         "unfused_ms": times.get(key, (None, None))[1]}
+        for key, fused in dispatch.recorded_choices().items()
+    ]
