@@ -61,9 +61,10 @@ def _lora_bwd_dsdb_kernel(
         dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         ds = mma(dy, cast(b, dy.dtype, UPCAST), ds, UPCAST, PRECISION)
-        # This program's share of dB for columns rn: dY[rm, rn]ᵀ S[rm].
+        # This program's share of dB for columns rn: s·dY[rm, rn]ᵀ S[rm] (scaled here, so
+        # the host only sums the partials: one launch fewer per backward).
         db = mma(tl.trans(dy), s, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), UPCAST, PRECISION)
-        tl.store(dbp_ptr + pid.to(tl.int64) * stride_dbp + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db, mask=n_ok[:, None] & r_ok[None, :])
+        tl.store(dbp_ptr + pid.to(tl.int64) * stride_dbp + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr, db * scaling, mask=n_ok[:, None] & r_ok[None, :])
     tl.store(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
@@ -93,7 +94,7 @@ def lora_backward_dsdb(
         db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
         R_PAD=rank_pad(R), **cfg, **common_meta(dy.dtype),
     )
-    dB = db_partial.sum(0).mul_(scaling)
+    dB = db_partial[0] if num_pid == 1 else db_partial.sum(0)
     return dS, dB.to(lora_B.dtype)
 
 
@@ -217,7 +218,7 @@ def _da_config() -> dict:
 @triton.jit
 def _lora_bwd_da_kernel(
     ds_ptr, x_ptr, dap_ptr,
-    seed, p,
+    seed, p, inv_keep,
     M, K, R, ROWS_PER_SPLIT,
     stride_dsm, stride_dsr,
     stride_xm, stride_xk,
@@ -242,6 +243,8 @@ def _lora_bwd_da_kernel(
             x = drop(x, keep_mask(seed, rm, pid_k * BLOCK_K, K, p, BLOCK_K))
         ds_t = tl.load(ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr, mask=m_ok[None, :] & r_ok[:, None], other=0.0)
         acc = mma(cast(ds_t, x.dtype, UPCAST), x, acc, UPCAST, PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * inv_keep  # the inverted-dropout scale, here rather than a host pass
     tl.store(dap_ptr + pid_s.to(tl.int64) * stride_dap + rr[:, None] * stride_dar + rk[None, :] * stride_dak, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
@@ -266,14 +269,12 @@ def lora_backward_da(
     da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     _lora_bwd_da_kernel[(k_blocks, splits)](
         dS, x, da_partial,
-        seed, p,
+        seed, p, 1.0 / (1.0 - p),
         M, K, R, rows_per_split,
         dS.stride(0), dS.stride(1),
         x.stride(0), x.stride(1),
         da_partial.stride(0), da_partial.stride(1), da_partial.stride(2),
         R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **cfg, **common_meta(x.dtype),
     )
-    dA = da_partial.sum(0)
-    if p > 0.0:
-        dA.mul_(1.0 / (1.0 - p))
+    dA = da_partial[0] if splits == 1 else da_partial.sum(0)
     return dA.to(lora_A.dtype)
