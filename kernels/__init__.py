@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from lorakern import reference
-
 from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
 from .common import rank_pad
 from .dispatch import prefer_fused
-from .forward import lora_forward_fused, lora_forward_onepass, m_bucket
+from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
 from .shrink import lora_shrink
-
-
-def lora_forward_unfused(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
-    """y = x Wᵀ + bias by cuBLAS, then y += s·S Bᵀ (addmm_): one extra pass over y.
-    That is exactly the reference's forward, on whatever device x is."""
-    return reference.lora_forward(x, weight, bias, S, lora_B, scaling)
 
 
 def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:

@@ -78,9 +78,16 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
             f"fwd {bm}x{bc}x{br}{' onepass' if fuse else ''}",
             forward._lora_fwd_kernel,
             {**common, "BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": 8, "HAS_BIAS": True,
-             "FUSE_SHRINK": fuse, "HAS_DROPOUT": fuse},
+             "FUSE_SHRINK": fuse, "HAS_DROPOUT": fuse, "HAS_BASE": True},
             warps, stages,
         )
+    # The accumulate variant (cuBLAS wrote x Wᵀ + bias; forward.lora_forward_unfused's tile).
+    yield (
+        "fwd 64x128x64 add", forward._lora_fwd_kernel,
+        {**common, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "HAS_BIAS": False,
+         "FUSE_SHRINK": False, "HAS_DROPOUT": False, "HAS_BASE": False},
+        4, 3,
+    )
     for (bm, bc, br, warps, stages), has_base in itertools.product(tiles, (True, False)):
         yield (
             f"dx {bm}x{bc}x{br}{'' if has_base else ' add'}",

@@ -73,7 +73,6 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
-@triton.autotune(configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"])
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, s_ptr, b_ptr, y_ptr,
@@ -87,12 +86,14 @@ def _lora_fwd_kernel(
     stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BASE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # FUSE_SHRINK (small M): S = D(x) Aᵀ is accumulated in the same K loop from the x
     # tiles already loaded, and written by the pid_n == 0 column of programs; every
     # other column recomputes it (x is tiny) instead of waiting for a second launch.
     # Otherwise S comes precomputed from the shrink kernel.
+    # Without HAS_BASE, x Wᵀ (+ bias) is already in y (cuBLAS) and this adds s·S Bᵀ to it:
+    # one launch that reads S and B in their own dtypes (no casts on the host).
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,9 +101,13 @@ def _lora_fwd_kernel(
     m_ok = rm < M
     n_ok = rn < N
     r_ok = rr < R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn
+    if HAS_BASE:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.load(y_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K if HAS_BASE else 0, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = rk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -132,7 +137,14 @@ def _lora_fwd_kernel(
     acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# The autotuned variant computes the whole GEMM (it writes y without reading it, so
+# timing candidates is harmless); the accumulate variant (HAS_BASE=False) keeps one config.
+_lora_fwd_kernel_tuned = triton.autotune(
+    configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"]
+)(_lora_fwd_kernel)
 
 
 def _check_forward_shapes(x, weight, bias, lora_B, R, S=None) -> None:
@@ -147,7 +159,7 @@ def _check_forward_shapes(x, weight, bias, lora_B, R, S=None) -> None:
     check_device("x", x)
 
 
-def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink: bool) -> None:
+def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink: bool, has_base: bool = True) -> None:
     M, K = x.shape
     N, R = lora_B.shape
 
@@ -155,7 +167,13 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     a = lora_A if lora_A is not None else S  # unused pointer when not fusing the shrink
-    _lora_fwd_kernel[grid](
+    if has_base:
+        kernel, tile = _lora_fwd_kernel_tuned, {}
+    else:
+        cfg = gemm_configs("BLOCK_N", "BLOCK_K")[0] if interpreting() else triton.Config(
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4)
+        kernel, tile = _lora_fwd_kernel, dict(cfg.kwargs, num_warps=cfg.num_warps)
+    kernel[grid](
         x, weight, bias if bias is not None else x, a, S, lora_B, y,
         scaling, seed, p, 1.0 / (1.0 - p),
         M, N, K, R, m_bucket(M),
@@ -165,8 +183,8 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
         S.stride(0), S.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         y.stride(0), y.stride(1),
-        R_PAD=rank_pad(R), HAS_BIAS=bias is not None, FUSE_SHRINK=fuse_shrink,
-        HAS_DROPOUT=fuse_shrink and p > 0.0, **common_meta(x.dtype),
+        R_PAD=rank_pad(R), HAS_BIAS=has_base and bias is not None, FUSE_SHRINK=fuse_shrink,
+        HAS_DROPOUT=fuse_shrink and p > 0.0, HAS_BASE=has_base, **tile, **common_meta(x.dtype),
     )
 
 
@@ -214,4 +232,23 @@ def lora_forward_fused(
     if M == 0 or N == 0:
         return y
     _launch_forward(x, weight, bias, None, S, lora_B, y, scaling, 0.0, 0, fuse_shrink=False)
+    return y
+
+
+def lora_forward_unfused(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    S: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The same y, as x Wᵀ + bias by cuBLAS (F.linear) then one Triton pass adding s·S Bᵀ
+    in place (S and B read in their own dtypes, rounded to x's in registers, as in the
+    fused kernel). Two launches: the cuBLAS GEMM and the epilogue."""
+    _check_forward_shapes(x, weight, bias, lora_B, S.shape[1], S)
+    y = torch.nn.functional.linear(x, weight, bias)
+    if y.shape[0] == 0 or y.shape[1] == 0:
+        return y
+    _launch_forward(x, weight, None, None, S, lora_B, y, scaling, 0.0, 0, fuse_shrink=False, has_base=False)
     return y

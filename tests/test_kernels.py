@@ -368,8 +368,8 @@ def test_gemms_at_gpu_tiles(monkeypatch, tile):
     bm, bc, br = tile
     fwd_cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": 8}, num_warps=4)
     dx_cfg = triton.Config({"BLOCK_M": bm, "BLOCK_K": bc, "BLOCK_N": br, "GROUP_M": 8}, num_warps=4)
-    monkeypatch.setattr(forward._lora_fwd_kernel, "configs", [fwd_cfg])
-    monkeypatch.setattr(forward._lora_fwd_kernel, "cache", {})
+    monkeypatch.setattr(forward._lora_fwd_kernel_tuned, "configs", [fwd_cfg])
+    monkeypatch.setattr(forward._lora_fwd_kernel_tuned, "cache", {})
     monkeypatch.setattr(backward._lora_bwd_dx_kernel_tuned, "configs", [dx_cfg])
     monkeypatch.setattr(backward._lora_bwd_dx_kernel_tuned, "cache", {})
     M, Kx, Nx, r, p, dt = 150, 200, 300, 7, 0.1, torch.float16
