@@ -18,8 +18,10 @@ from .shrink import lora_shrink
 def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
     """y = x Wᵀ + s·S Bᵀ + bias [M, N], by the faster of the fused and cuBLAS variants."""
     M, K = x.shape
-    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), x.dtype, x.device)
     args = (x, weight, bias, S, lora_B, scaling)
+    if weight is None:  # the LoRA term alone: nothing to fuse it with
+        return lora_forward_unfused(*args)
+    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), x.dtype, x.device)
     if prefer_fused(key, lambda: lora_forward_fused(*args), lambda: lora_forward_unfused(*args), x.device):
         return lora_forward_fused(*args)
     return lora_forward_unfused(*args)
@@ -28,9 +30,11 @@ def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
 def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
     """dx = dY W + D(dS A), by the faster of the fused and cuBLAS variants."""
     M, N = dy.shape
+    args = (dy, weight, dS, lora_A, p, seed)
+    if weight is None:  # the LoRA term alone
+        return lora_backward_dx(*args, fused=False)
     # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
     key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), p > 0.0, dy.dtype, dy.device)
-    args = (dy, weight, dS, lora_A, p, seed)
     fused = prefer_fused(
         key, lambda: lora_backward_dx(*args, fused=True), lambda: lora_backward_dx(*args, fused=False), dy.device
     )
@@ -55,7 +59,7 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     """
     M, K = x.shape
     args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
-    if M <= ONEPASS_MAX_M:
+    if M <= ONEPASS_MAX_M and weight is not None:
         key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), p > 0.0, x.dtype, x.device)
         if prefer_fused(key, lambda: lora_forward_onepass(*args), lambda: _forward_two_pass(*args), x.device):
             return lora_forward_onepass(*args)

@@ -165,12 +165,13 @@ def lora_backward_dx(
     """dx = dY W + D(dS A).  dy [M, N], weight [N, K], dS [M, r] fp32, lora_A [r, K] -> [M, K].
 
     fused=True: one Triton GEMM with the LoRA term in its epilogue. fused=False: dY W
-    by cuBLAS (torch.mm), then one Triton pass adds D(dS A) in place.
+    by cuBLAS (torch.mm), then one Triton pass adds D(dS A) in place. weight None: the
+    LoRA term alone (the pass adds it to zeros).
     """
     M, N = dy.shape
-    K = weight.shape[1]
+    K = lora_A.shape[1]
     R = lora_A.shape[0]
-    if weight.shape[0] != N or tuple(dS.shape) != (M, R) or lora_A.shape[1] != K:
+    if (weight is not None and tuple(weight.shape) != (N, K)) or tuple(dS.shape) != (M, R):
         raise ValueError(
             f"lora_backward_dx: dy {tuple(dy.shape)}, weight {tuple(weight.shape)}, dS {tuple(dS.shape)}, "
             f"lora_A {tuple(lora_A.shape)} do not agree"
@@ -179,12 +180,12 @@ def lora_backward_dx(
     if M == 0:
         return torch.empty((0, K), device=dy.device, dtype=dy.dtype)
     args = dict(R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **common_meta(dy.dtype))
-    if fused:
+    if fused and weight is not None:
         dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
         kernel = _lora_bwd_dx_kernel_tuned
         args["HAS_BASE"] = True
     else:
-        dx = dy @ weight
+        dx = torch.zeros((M, K), device=dy.device, dtype=dy.dtype) if weight is None else dy @ weight
         kernel = _lora_bwd_dx_kernel
         cfg = gemm_configs("BLOCK_K", "BLOCK_N")[0] if interpreting() else triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4)
         args.update(cfg.kwargs, HAS_BASE=False, num_warps=cfg.num_warps)
@@ -193,11 +194,11 @@ def lora_backward_dx(
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
     kernel[grid](
-        dy, weight, dS, lora_A, dx,
+        dy, dx if weight is None else weight, dS, lora_A, dx,  # dx: an unread stand-in pointer
         seed, p, 1.0 / (1.0 - p),
         M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1),
-        weight.stride(0), weight.stride(1),
+        *((0, 0) if weight is None else weight.stride()),
         dS.stride(0), dS.stride(1),
         lora_A.stride(0), lora_A.stride(1),
         dx.stride(0), dx.stride(1),

@@ -149,8 +149,8 @@ _lora_fwd_kernel_tuned = triton.autotune(
 
 def _check_forward_shapes(x, weight, bias, lora_B, R, S=None) -> None:
     M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K or tuple(lora_B.shape) != (N, R) or (S is not None and S.shape[0] != M) or (bias is not None and tuple(bias.shape) != (N,)):
+    N = lora_B.shape[0] if weight is None else weight.shape[0]
+    if (weight is not None and weight.shape[1] != K) or tuple(lora_B.shape) != (N, R) or (S is not None and S.shape[0] != M) or (bias is not None and tuple(bias.shape) != (N,)):
         raise ValueError(
             f"lora_forward: shapes do not agree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
             f"S {None if S is None else tuple(S.shape)}, r {R}, lora_B {tuple(lora_B.shape)}, "
@@ -173,12 +173,13 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
         cfg = gemm_configs("BLOCK_N", "BLOCK_K")[0] if interpreting() else triton.Config(
             {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4)
         kernel, tile = _lora_fwd_kernel, dict(cfg.kwargs, num_warps=cfg.num_warps)
+    w = x if weight is None else weight  # unread without HAS_BASE: any valid pointer
     kernel[grid](
-        x, weight, bias if bias is not None else x, a, S, lora_B, y,
+        x, w, bias if bias is not None else x, a, S, lora_B, y,
         scaling, seed, p, 1.0 / (1.0 - p),
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
+        w.stride(0), w.stride(1),
         a.stride(0), a.stride(1),
         S.stride(0), S.stride(1),
         lora_B.stride(0), lora_B.stride(1),
@@ -245,9 +246,15 @@ def lora_forward_unfused(
 ) -> torch.Tensor:
     """The same y, as x Wᵀ + bias by cuBLAS (F.linear) then one Triton pass adding s·S Bᵀ
     in place (S and B read in their own dtypes, rounded to x's in registers, as in the
-    fused kernel). Two launches: the cuBLAS GEMM and the epilogue."""
+    fused kernel). Two launches: the cuBLAS GEMM and the epilogue.
+
+    weight None: the LoRA term alone, added to zeros (no base GEMM, bias must be None).
+    """
     _check_forward_shapes(x, weight, bias, lora_B, S.shape[1], S)
-    y = torch.nn.functional.linear(x, weight, bias)
+    if weight is None:
+        y = torch.zeros((x.shape[0], lora_B.shape[0]), device=x.device, dtype=x.dtype)
+    else:
+        y = torch.nn.functional.linear(x, weight, bias)
     if y.shape[0] == 0 or y.shape[1] == 0:
         return y
     _launch_forward(x, weight, None, None, S, lora_B, y, scaling, 0.0, 0, fuse_shrink=False, has_base=False)

@@ -6,18 +6,18 @@ State-dict keys match PEFT's LoRA Linear: ``base_layer.weight``, ``base_layer.bi
 The base layer may also be a transformers ``Conv1D`` (GPT-2 style, weight stored
 [in, out]): with ``fan_in_fan_out=True`` the op gets ``weight.t()``, a view, never a copy.
 
-Several active adapters are summed, each with its own scaling. Adapters that share a
-dropout probability run in one fused op call: their A's are concatenated along r and
-their B's (each multiplied by its own scaling) along r, with scaling 1.0:
+Several active adapters are summed, each with its own scaling. Adapters without
+dropout (all of them in eval mode) run in one fused op call with the base GEMM: their
+A's are concatenated along r and their B's (each multiplied by its own scaling) along
+r, with scaling 1.0:
 
-    Σ_i s_i·B_i A_i D(x)  =  [s_1 B_1 | s_2 B_2 | …] · [A_1; A_2; …] · D(x)
+    Σ_i s_i·B_i A_i x  =  [s_1 B_1 | s_2 B_2 | …] · [A_1; A_2; …] · x
 
 (autograd flows through the concatenation, so every A_i and B_i gets its own gradient).
-Adapters in one group share the dropout mask; with dropout 0 — always the case in eval
-mode — every active adapter is in one group and the layer makes one fused call.
-Groups with a different dropout probability each make one more op call with a
-zero base weight (a stride-0 view, no memory), so no adapter ever takes a different
-code path than the fused op.
+Each adapter with dropout makes one more op call on the LoRA term alone (weight=None:
+no base GEMM) with its own seed, so its mask is independent of the others' (PEFT has
+one nn.Dropout per adapter). No adapter ever takes a different code path than the
+fused op.
 """
 
 from __future__ import annotations
@@ -75,40 +75,48 @@ def lora_linear_multi(
 
     Args:
         x: [..., K]; weight: [N, K] (any strides, e.g. a Conv1D weight's ``.t()``); bias: [N] | None.
-        adapters: non-empty list of (lora_A [r_i, K], lora_B [N, r_i], scaling s_i, dropout p_i),
-            p_i a Python float, already 0 when not training; s_i a Python number or a
+        adapters: non-empty list of (lora_A [r_i, K], lora_B [N, r_i], scaling s_i, dropout p_i).
+            p_i is the Python number 0 for "no dropout" (eval mode too), else a positive
+            Python float or a one-element CPU tensor; s_i a Python number or a
             one-element CPU tensor (see ops.ScalarDict).
         backend: op backend.
     Returns:
         [..., N] in x's dtype.
 
-    Adapters with equal p are fused into one call (A's concatenated along r, s_i folded
-    into B_i, scaling 1.0); the first group is fused with the base GEMM, each further
-    group is one call on a zero base weight.
+    The adapters without dropout are fused into one call with the base GEMM (A's
+    concatenated along r, s_i folded into B_i, scaling 1.0). Each adapter with dropout
+    gets a call of its own on the LoRA term alone (no base GEMM) and its own seed, so
+    its mask is independent of the others', as with PEFT's one nn.Dropout per adapter.
+    Grouping looks only at whether p is zero, never at its value: under torch.compile
+    a tensor p can change without recompiling.
     """
-    if len(adapters) == 1:  # s and p may be 0-d CPU tensors here: no host read
+    if len(adapters) == 1:  # s and p may be one-element CPU tensors here: no host read
         A, B, s, p = adapters[0]
         return lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
-    groups: dict[float, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    for A, B, s, p in adapters:
-        groups.setdefault(float(p), []).append((A, B, s))
-    y = None
-    for p, members in groups.items():
-        if len(members) == 1:
-            A, B, s = members[0]
+    plain = [(A, B, s) for A, B, s, p in adapters if _no_dropout(p)]
+    dropped = [(A, B, s, p) for A, B, s, p in adapters if not _no_dropout(p)]
+    calls = []
+    if plain:
+        if len(plain) == 1:
+            calls.append((*plain[0], 0.0))
         else:
-            dtype = members[0][0].dtype
-            if any(m[0].dtype != dtype or m[1].dtype != dtype for m in members):
+            dtype = plain[0][0].dtype
+            if any(A.dtype != dtype or B.dtype != dtype for A, B, _ in plain):
                 dtype = torch.float32
-            A = torch.cat([m[0].to(dtype) for m in members], dim=0)
-            B = torch.cat([_scaled(m[1].to(dtype), m[2]) for m in members], dim=1)
-            s = 1.0
-        if y is None:
-            y = lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
-        else:
-            zero_w = torch.zeros((), dtype=x.dtype, device=x.device).expand(weight.shape)
-            y = y + lora_linear(x, zero_w, None, A, B, s, dropout_p=p, backend=backend)
+            A = torch.cat([A.to(dtype) for A, _, _ in plain], dim=0)
+            B = torch.cat([_scaled(B.to(dtype), s) for _, B, s in plain], dim=1)
+            calls.append((A, B, 1.0, 0.0))
+    calls.extend(dropped)
+    (A, B, s, p), rest = calls[0], calls[1:]
+    y = lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
+    for A, B, s, p in rest:
+        y = y + lora_linear(x, None, None, A, B, s, dropout_p=p, backend=backend)
     return y
+
+
+def _no_dropout(p) -> bool:
+    """True for the plain number 0 (a tensor p always counts as dropout: not read here)."""
+    return not isinstance(p, torch.Tensor) and p == 0.0
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -292,10 +300,10 @@ class LoraLinear(nn.Module):
         # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
         autocast = torch.is_autocast_enabled(x.device.type)
         mixed = x.is_floating_point() and x.dtype != w.dtype and not autocast
-        # Traced, scaling (and, with one adapter, dropout) go to the op as the ScalarDicts'
-        # [1] CPU tensors: torch.compile does not recompile when they change. Several
-        # adapters are grouped by dropout value on the host, so there p stays a float.
-        # Eager, they go as Python floats (a tensor would only be read back on the host).
+        # Traced, scaling and dropout go to the op as the ScalarDicts' [1] CPU tensors:
+        # torch.compile does not recompile when they change (with several adapters only
+        # a dropout turning 0 or positive does, see _dropout_arg). Eager, they go as
+        # Python floats (a tensor would only be read back on the host).
         as_tensor = torch.compiler.is_compiling()
         single = len(active) == 1
         lora_A, lora_B, scaling, dropout = self.lora_A, self.lora_B, self.scaling, self.lora_dropout
@@ -304,13 +312,27 @@ class LoraLinear(nn.Module):
                 lora_A[name].weight if autocast else _in_dtype(lora_A[name].weight, w.dtype),
                 lora_B[name].weight if autocast else _in_dtype(lora_B[name].weight, w.dtype),
                 scaling.tensor(name) if as_tensor else scaling[name],
-                (dropout.tensor(name) if as_tensor and single else dropout[name]) if self.training else 0.0,
+                self._dropout_arg(name, as_tensor, single),
             )
             for name in active
         ]
         if mixed:
             return lora_linear_multi(x.to(w.dtype), w, self.base_layer.bias, adapters, self.backend).to(x.dtype)
         return lora_linear_multi(x, w, self.base_layer.bias, adapters, self.backend)
+
+    def _dropout_arg(self, name: str, as_tensor: bool, single: bool):
+        """Adapter `name`'s dropout as lora_linear_multi takes it: 0.0 when off (eval, or
+        p == 0), else the float, or under torch.compile the [1] CPU tensor mirror. With
+        several adapters only p's zero-ness is read on the host (`is_positive`), so
+        dynamo guards on that, not on the value."""
+        dropout = self.lora_dropout
+        if not self.training:
+            return 0.0
+        if as_tensor and single:
+            return dropout.tensor(name)
+        if as_tensor:
+            return dropout.tensor(name) if dropout.is_positive(name) else 0.0
+        return dropout[name]
 
     @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

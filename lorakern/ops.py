@@ -109,7 +109,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
     """Raise TypeError / ValueError naming the offending shapes, dtypes or devices."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
     for name, t in named.items():
-        if t is None and name == "bias":
+        if t is None and name in ("bias", "weight"):
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -121,7 +121,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         if t.device != x.device:
             devices = {n: v.device for n, v in named.items() if v is not None}
             raise ValueError(f"all tensors must be on one device, got {devices}")
-    if weight.dtype != x.dtype:
+    if weight is not None and weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
     if bias is not None and bias.dtype != x.dtype:
         raise TypeError(f"bias dtype {bias.dtype} must equal x dtype {x.dtype}")
@@ -130,19 +130,29 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
             raise TypeError(
                 f"{name} dtype {named[name].dtype} must be x's dtype {x.dtype} or float32"
             )
-    if weight.dim() != 2 or x.dim() < 1:
-        raise ValueError(f"expected x [..., K] and weight [N, K], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x's last dim {x.shape[-1]} != weight's in_features {k} (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    if weight is None:
+        # The LoRA term alone: N from lora_B, K from lora_A (checked below).
+        if bias is not None:
+            raise ValueError("bias needs a weight: with weight=None only the LoRA term is computed")
+        if x.dim() < 1 or lora_A.dim() != 2 or lora_B.dim() != 2:
+            raise ValueError(f"expected x [..., K], lora_A [r, K], lora_B [N, r], got x {tuple(x.shape)}, "
+                             f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}")
+        n, k = lora_B.shape[0], x.shape[-1]
+    else:
+        if weight.dim() != 2 or x.dim() < 1:
+            raise ValueError(f"expected x [..., K] and weight [N, K], got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+        n, k = weight.shape
+        if x.shape[-1] != k:
+            raise ValueError(f"x's last dim {x.shape[-1]} != weight's in_features {k} (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != k:
         raise ValueError(f"lora_A must be [r, {k}] with r >= 1, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if tuple(lora_B.shape) != (n, r):
+        against = "" if weight is None else f"weight {tuple(weight.shape)} and "
         raise ValueError(
-            f"lora_B must be [{n}, {r}] to match weight {tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
+            f"lora_B must be [{n}, {r}] to match {against}lora_A {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
         )
     _check_scalar("scaling", scaling)
     _check_scalar("dropout_p", dropout_p)
@@ -199,7 +209,7 @@ def _forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int
         return y, S
     # _unsafe_view, as aten::linear does for >2-D inputs: y is not marked a view of the
     # kernel's 2-D buffer (FSDP2 warns when a module returns a view).
-    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0])), S
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S
 
 
 def _backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: int, backend: str, needs):
@@ -284,11 +294,11 @@ LoraLinearFunction.__doc__ += _BACKWARD_DOC
 # --- torch.compile: the registered ops ---------------------------------------------
 
 _FWD_SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
     "Tensor scaling, Tensor dropout_p, Tensor? seed, str backend) -> (Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
-    "(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor S, "
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor lora_A, Tensor lora_B, Tensor S, "
     "Tensor scaling, Tensor dropout_p, Tensor seed, str backend, "
     "bool need_x, bool need_a, bool need_b) -> (Tensor, Tensor, Tensor)"
 )
@@ -323,7 +333,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, b
 @lora_linear_fwd.register_fake
 def _lora_linear_fwd_fake(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     m = math.prod(x.shape[:-1])
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
     S = x.new_empty((m, lora_A.shape[0]), dtype=torch.promote_types(x.dtype, torch.float32))
     return y, S, torch.empty((), dtype=torch.int64, device="cpu")
 
@@ -406,6 +416,7 @@ class ScalarDict(dict):
     def __init__(self, *args, **kwargs):
         super().__init__()
         self._tensors: dict[str, torch.Tensor] = {}
+        self._positive: dict[str, bool] = {}
         self.update(*args, **kwargs)
 
     def __reduce__(self):
@@ -421,6 +432,7 @@ class ScalarDict(dict):
     def __setitem__(self, key, value) -> None:
         value = float(value)
         super().__setitem__(key, value)
+        self._positive[key] = value > 0.0
         mirror = self._mirrors().get(key)
         if mirror is None:
             self._mirrors()[key] = torch.tensor([value], dtype=torch.float64)
@@ -430,6 +442,7 @@ class ScalarDict(dict):
     def __delitem__(self, key) -> None:
         super().__delitem__(key)
         self._mirrors().pop(key, None)
+        self._positive.pop(key, None)
 
     def update(self, *args, **kwargs) -> None:
         for key, value in dict(*args, **kwargs).items():
@@ -442,16 +455,24 @@ class ScalarDict(dict):
 
     def pop(self, key, *default):
         self._mirrors().pop(key, None)
+        self._positive.pop(key, None)
         return super().pop(key, *default)
 
     def popitem(self):
         key, value = super().popitem()
         self._mirrors().pop(key, None)
+        self._positive.pop(key, None)
         return key, value
 
     def clear(self) -> None:
         super().clear()
         self._mirrors().clear()
+        self._positive.clear()
+
+    def is_positive(self, key) -> bool:
+        """Whether the value of `key` is > 0, kept as a bool of its own: torch.compile
+        guards on this flag, so a change that keeps it (0.1 -> 0.2) does not recompile."""
+        return self._positive[key]
 
     def tensor(self, key) -> torch.Tensor:
         """The value of `key` as a [1] float64 CPU tensor (the same tensor on every call)."""
@@ -518,7 +539,8 @@ def lora_linear(
 
     Args:
         x: [..., K] input (float32, float16 or bfloat16).
-        weight: [N, K] base weight (nn.Linear layout), x's dtype.
+        weight: [N, K] base weight (nn.Linear layout), x's dtype; or None for the LoRA
+            term alone (no base GEMM; bias must then be None).
         bias: [N] or None, x's dtype.
         lora_A: [r, K]; lora_B: [N, r]; each in x's dtype or float32.
         scaling: the LoRA scale s (alpha / r, or alpha / sqrt(r) with rsLoRA); a Python

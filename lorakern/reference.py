@@ -233,8 +233,14 @@ def lora_forward(
     lora_B: torch.Tensor,
     scaling: float,
 ) -> torch.Tensor:
-    """y = x Wᵀ + s·S Bᵀ + bias.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> y [M, N]."""
-    y = torch.nn.functional.linear(x, weight, bias)
+    """y = x Wᵀ + s·S Bᵀ + bias.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> y [M, N].
+
+    weight None: the LoRA term alone (no base GEMM, no bias).
+    """
+    if weight is None:
+        y = x.new_zeros((x.shape[0], lora_B.shape[0]))
+    else:
+        y = torch.nn.functional.linear(x, weight, bias)
     # S and B enter the epilogue in x's dtype, as the kernel's tensor-core dot does.
     return y.addmm_(_as(S, x.dtype), _as(lora_B, x.dtype).t(), alpha=scaling)
 
@@ -257,8 +263,9 @@ def lora_backward_dx(
     seed: int,
     keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dx = dY W + D(dS A).  dy [M, N], weight [N, K], dS [M, r] fp32, lora_A [r, K] -> [M, K]."""
-    dx = dy @ weight
+    """dx = dY W + D(dS A).  dy [M, N], weight [N, K] (None: no dY W term), dS [M, r] fp32,
+    lora_A [r, K] -> [M, K]."""
+    dx = dy.new_zeros((dy.shape[0], lora_A.shape[1])) if weight is None else dy @ weight
     dS, lora_A = _as(dS, dy.dtype), _as(lora_A, dy.dtype)
     if p == 0.0:
         return dx.addmm_(dS, lora_A)  # no [M, K] temporary for the LoRA term

@@ -214,6 +214,39 @@ def test_inductor_fullgraph_matches_eager_and_never_recompiles():
         assert counter.frame_count == 1, f"recompiled after changing {what}"
 
 
+def test_two_active_adapters_dropout_changes_do_not_recompile():
+    """Several active adapters in training: a dropout probability that changes but stays
+    positive, and a scaling change, reuse the compiled graph (only a p turning 0 or
+    positive may recompile); compiled outputs and all 8 adapter grads equal eager's."""
+    model = tiny_lora_model(dropout=0.25).train()
+    for layer in lora_layers(model):
+        layer.update_layer("b", 3, 6, lora_dropout=0.1, init_lora_weights=False)
+        layer.set_adapter(["default", "b"])
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 5, K)
+
+    def same_step(seed):
+        out_c, grads_c = train_step(compiled, x, seed)
+        out_e, grads_e = train_step(model, x, seed)
+        assert_close(out_c, out_e, RTOL[torch.float32], "out")
+        assert grads_c.keys() == grads_e.keys() and len(grads_e) == 8
+        for name in grads_e:
+            assert_close(grads_c[name], grads_e[name], RTOL[torch.float32], name)
+        return out_c
+
+    first = same_step(seed=5)
+    for layer in lora_layers(model):
+        layer.lora_dropout["b"] = 0.4
+        layer.scaling["default"] = 0.75
+    changed = same_step(seed=5)
+    assert not torch.equal(first, changed)
+    assert counter.frame_count == 1, "a positive dropout p or a scaling change recompiled"
+    for layer in lora_layers(model):
+        layer.lora_dropout["b"] = 0.0  # zero-ness flips: a new graph is allowed
+    same_step(seed=5)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 

@@ -329,25 +329,47 @@ def test_two_active_adapters_one_fused_call_values_and_grads(op_calls):
         assert_close(p.grad, p64.grad, TOL, name)
 
 
-def test_different_dropouts_make_one_call_per_group(op_calls):
+def test_adapters_without_dropout_fuse_each_dropout_adapter_gets_its_own_call(op_calls):
     layer = LoraLinear(nn.Linear(20, 12), r=2, lora_dropout=0.1, init_lora_weights=False)
     layer.update_layer("b", 2, 8, lora_dropout=0.1, init_lora_weights=False)
     layer.update_layer("c", 2, 8, lora_dropout=0.3, init_lora_weights=False)
-    layer.set_adapter(["default", "b", "c"])
+    layer.update_layer("d", 2, 8, lora_dropout=0.0, init_lora_weights=False)
+    layer.update_layer("e", 3, 8, lora_dropout=0.0, init_lora_weights=False)
+    layer.set_adapter(["default", "b", "c", "d", "e"])
     x = torch.randn(4, 20)
     layer.train()
     layer(x)
-    assert sorted(op_calls) == [0.1, 0.3]
+    # d and e (no dropout) fused with the base GEMM; default, b and c one call each.
+    assert op_calls == [0.0, 0.1, 0.1, 0.3]
     op_calls.clear()
     layer.eval()
-    assert_close(layer(x), _naive_multi(layer, x, ["default", "b", "c"]), TOL, "eval: all adapters")
+    assert_close(layer(x), _naive_multi(layer, x, ["default", "b", "c", "d", "e"]), TOL, "eval: all adapters")
     assert op_calls == [0.0], "eval mode: no dropout, one call"
 
 
+def test_two_adapters_with_equal_dropout_have_independent_masks():
+    """Each dropout adapter draws its own seed (PEFT: one nn.Dropout per adapter). With
+    A = e_j and B = 1 an adapter adds s·D(x)[:, j] to every column: rows where one
+    adapter kept x[:, j] and the other dropped it must occur."""
+    torch.manual_seed(4)
+    x = torch.randn(64, 8)
+    W = torch.zeros(6, 8)
+    A = torch.zeros(1, 8)
+    A[0, 3] = 1.0
+    B = torch.ones(6, 1)
+    y = lora_linear_multi(x, W, None, [(A, B, 1.0, 0.5), (A, B, 1.0, 0.5)])
+    kept = x[:, 3] / 0.5
+    both = (y[:, 0] - 2 * kept).abs() <= 1e-5 * kept.abs().clamp_min(1)
+    one = (y[:, 0] - kept).abs() <= 1e-5 * kept.abs().clamp_min(1)
+    none = y[:, 0].abs() <= 1e-6
+    assert bool((both | one | none).all())
+    assert int(one.sum()) > 10, "one kept, one dropped: the masks differ"
+
+
 def test_second_dropout_group_is_dropout_of_the_lora_term():
-    """Group 2 (p=0.5) goes through the op on a zero base weight; with A = e_j and B = 1,
-    its contribution per row is s·D(x)[:, j]: either 0 or s·x[:, j]/(1-p), the same in
-    every output column, and both cases occur."""
+    """Group 2 (p=0.5) goes through the op on the LoRA term alone (weight=None); with
+    A = e_j and B = 1, its contribution per row is s·D(x)[:, j]: either 0 or
+    s·x[:, j]/(1-p), the same in every output column, and both cases occur."""
     torch.manual_seed(3)
     x = torch.randn(64, 8)
     W, b = torch.randn(6, 8), torch.randn(6)

@@ -392,3 +392,50 @@ def test_lora_linear_runs_the_resolved_backend(monkeypatch, env, backend):
     else:
         assert ref_spy.calls == ["forward", "backward"] and kern_spy.calls == []
     assert_close(y, naive(x, w, b, A.detach(), B, 1.0), RTOL[torch.float32], "y")
+
+
+# ----------------------------------------------------------------------------- weight=None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+@pytest.mark.parametrize("lead", [(9,), (2, 35)], ids=["onepass-size", "3d"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_weight_none_is_the_lora_term_alone(backend, lead, p):
+    """weight=None (no base GEMM, used for extra adapters): y = s·(D(x) Aᵀ) Bᵀ, and the
+    grads of x, A and B are those of that term (fp64 naive formula on a zero weight)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if not (torch.cuda.is_available() or ops.interpreting()):
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x, w, _, A, B = make_inputs(lead, 21, 11, 3)
+    leaves = [t.to(dev).requires_grad_() for t in (x, A, B)]
+    y = lora_linear(leaves[0], None, None, leaves[1], leaves[2], 0.7, dropout_p=p, seed=9, backend=backend)
+    assert y.shape == (*lead, 11)
+    dy = torch.randn(y.shape)
+    grads = torch.autograd.grad(y, leaves, dy.to(dev))
+    l64 = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    ref = naive(l64[0], torch.zeros(11, 21, dtype=torch.float64), None, l64[1], l64[2], 0.7, p, seed=9)
+    ref_grads = torch.autograd.grad(ref, l64, dy.double())
+    assert_close(y.cpu(), ref, RTOL[torch.float32], "y")
+    for g, r, name in zip(grads, ref_grads, ["dx", "dA", "dB"]):
+        assert_close(g.cpu(), r, RTOL[torch.float32], name)
+
+
+def test_weight_none_refuses_a_bias_and_checks_shapes():
+    x, _, b, A, B = make_inputs((4,), 8, 6, 2)
+    with pytest.raises(ValueError, match="bias needs a weight"):
+        lora_linear(x, None, b, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must be \[r, 8\]"):
+        lora_linear(x, None, None, A[:, :5], B, 1.0)
+
+
+def test_weight_none_through_the_registered_op():
+    """opcheck (schema, fake impl, autograd) with weight=None."""
+    x, _, _, A, B = make_inputs((2, 3), 8, 6, 2)
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    scalars = (torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64),
+               torch.tensor(7, dtype=torch.int64))
+    torch.library.opcheck(ops.lora_linear_fwd, (x, None, None, A, B, *scalars, "reference"))
