@@ -8,9 +8,9 @@
 #                                          # projections) at M = 16 and 8192 + memory rows, in
 #                                          # two bench runs so that a cut run loses half
 #   bash benchmarks/gpu_session.sh quick2  # call 2, right after (the machine stays warm 30 s):
-#                                          # compile / CUDA-graph / CUDA-only tests, the compiled
+#                                          # the CUDA-only tests (pytest -m cuda), the compiled
 #                                          # end-to-end row (lorakern vs PEFT under torch.compile),
-#                                          # then the op-level CUDA tests
+#                                          # then the Triton-backend training-stack tests
 #   bash benchmarks/gpu_session.sh profile # benchmarks/profile_gpu.py: per-kernel tables of the
 #                                          # headline fwd+bwd, decode host time, compiled vs eager
 #   bash benchmarks/gpu_session.sh test    # install, machine info, op-level CUDA tests (large
@@ -71,23 +71,25 @@ quick)
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | tail -n 25; done
     ;;
 quick2)
-    timeout -s INT -k 20 100 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider tests/test_compile.py tests/test_layer.py \
-        tests/test_op.py tests/test_errors.py tests/test_cli.py -k "cuda or triton" \
-        > "$OUT/pytest-cuda-compile.txt" 2>&1
-    echo "rc=$?" >> "$OUT/pytest-cuda-compile.txt"
+    # The tests CI never runs (requires_cuda, marked `cuda` by tests/conftest.py) first.
+    timeout -s INT -k 20 150 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider -m cuda tests \
+        > "$OUT/pytest-cuda-only.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-only.txt"
     timeout 170 "$PY" -m lorakern.cli bench --shapes custom --kn 4096x4096 --tokens 16 --modes decode \
         --providers base lorakern peft --no-memory --e2e-size 1b-2layer --e2e-compile \
         --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
     echo "e2e rc=$?" >> "$OUT/e2e.log"
     mkdir -p "$OUT/e2e" && mv "$OUT/e2e.log" "$OUT/e2e/"
     tar czf "$OUT/e2e.tgz" -C "$OUT" e2e && rm -rf "$OUT/e2e"
-    timeout -s INT -k 20 150 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider tests/test_kernels_op.py tests/test_autocast.py \
-        > "$OUT/pytest-cuda-op.txt" 2>&1
-    echo "rc=$?" >> "$OUT/pytest-cuda-op.txt"
-    tail -n 8 "$OUT/pytest-cuda-compile.txt"
+    # The Triton-backend tests of the training stack, on CUDA tensors.
+    timeout -s INT -k 20 120 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider \
+        tests/test_compile.py tests/test_checkpoint.py tests/test_layer.py tests/test_op.py tests/test_errors.py \
+        -k triton > "$OUT/pytest-cuda-triton.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-triton.txt"
+    tail -n 12 "$OUT/pytest-cuda-only.txt"
     tar xzf "$OUT/e2e.tgz" -O e2e/e2e.log | tail -n 12
     grep -A7 "^| provider | model" <(tar xzf "$OUT/e2e.tgz" -O e2e/results.md 2>/dev/null)
-    tail -n 8 "$OUT/pytest-cuda-op.txt"
+    tail -n 8 "$OUT/pytest-cuda-triton.txt"
     ;;
 profile)
     timeout -s INT 240 "$PY" benchmarks/profile_gpu.py "$OUT/profile.txt" > /dev/null 2>&1

@@ -26,7 +26,16 @@ try:
 except ImportError:
     HAS_TRITON = False
 
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+_CUDA_REASON = "needs a CUDA GPU"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=_CUDA_REASON)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every requires_cuda test `cuda`: on a lent GPU, `pytest -m cuda` runs just
+    the tests that never run in CI, first."""
+    for item in items:
+        if any(m.kwargs.get("reason") == _CUDA_REASON for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 # The device kernel tests run on: CUDA when present, else CPU through the interpreter.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
