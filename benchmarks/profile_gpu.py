@@ -6,7 +6,8 @@ Sections (each printed as soon as it is done, so a cut run keeps what it finishe
   1. fwd+bwd at M = 8192, bf16, r = 16, fp32 adapters (the bench's headline rows):
      per-kernel CUDA time over 5 steps, lorakern vs the frozen base layer;
   2. decode at M = 16: host time per call (what do_bench sees when kernels are tiny)
-     and the host-side op table;
+     and the host-side op table; then the same call captured in a CUDA graph (host
+     time out: the kernels' own cost, base / PEFT / lorakern);
   3. one LoraLinear under torch.compile (inductor) vs eager, fwd+bwd at M = 4096.
 Nothing here is a test; it is the measuring tool behind benchmarks/NOTES.md.
 """
@@ -77,6 +78,37 @@ def section_decode() -> None:
             say(kernel_table(lambda: module(x), steps=20, rows=18, sort="self_cpu_time_total"))
 
 
+def section_decode_graphs() -> None:
+    """Decode M = 16 with the call captured in a CUDA graph (torch.cuda.graph), so host
+    time is out: what each provider's kernels cost, and what "decode <= 1.10x base"
+    needs once the launches are graphed."""
+    from triton.testing import do_bench
+
+    for K, N in ((4096, 4096), (4096, 1024)):
+        w = Weights.random(K, N, 16, torch.bfloat16, torch.device("cuda"))
+        x = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for name in ("base", "peft", "lorakern"):
+            module = build(name, w, 0.0).eval()
+            with torch.inference_mode():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: autotuning, dispatch measurement
+                    for _ in range(3):
+                        module(x)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = module(x)
+                graph.replay()
+                torch.cuda.synchronize()
+                err = (out.float() - module(x).float()).abs().max().item()
+                times[name] = do_bench(graph.replay, warmup=25, rep=100) * 1e3
+            say(f"decode graphed {name} {K}x{N} M=16: {times[name]:.1f} us (replay vs eager max diff {err:.2e})")
+        say(f"decode graphed {K}x{N}: lorakern / base {times['lorakern'] / times['base']:.2f}, "
+            f"lorakern / peft {times['lorakern'] / times['peft']:.2f}")
+
+
 def section_compile() -> None:
     from triton.testing import do_bench
 
@@ -96,7 +128,7 @@ def section_compile() -> None:
 
 if __name__ == "__main__":
     say(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    for section in (section_fwd_bwd, section_decode, section_compile):
+    for section in (section_fwd_bwd, section_decode, section_decode_graphs, section_compile):
         t0 = time.perf_counter()
         try:
             section()
