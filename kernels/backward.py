@@ -155,7 +155,7 @@ _lora_bwd_dx_kernel_tuned = triton.autotune(configs=gemm_configs("BLOCK_K", "BLO
 
 def lora_backward_dx(
     dy: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     dS: torch.Tensor,
     lora_A: torch.Tensor,
     p: float,

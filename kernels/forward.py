@@ -238,7 +238,7 @@ def lora_forward_fused(
 
 def lora_forward_unfused(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     S: torch.Tensor,
     lora_B: torch.Tensor,

@@ -525,7 +525,7 @@ def _scalar_tensors(scaling, dropout_p, seed) -> tuple[torch.Tensor, torch.Tenso
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,

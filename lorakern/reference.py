@@ -227,7 +227,7 @@ def lora_shrink(
 
 def lora_forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     S: torch.Tensor,
     lora_B: torch.Tensor,
@@ -256,7 +256,7 @@ def lora_backward_dsdb(
 
 def lora_backward_dx(
     dy: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     dS: torch.Tensor,
     lora_A: torch.Tensor,
     p: float,
