@@ -173,7 +173,7 @@ def lora_backward_dx(
     R = lora_A.shape[0]
     if (weight is not None and tuple(weight.shape) != (N, K)) or tuple(dS.shape) != (M, R):
         raise ValueError(
-            f"lora_backward_dx: dy {tuple(dy.shape)}, weight {tuple(weight.shape)}, dS {tuple(dS.shape)}, "
+            f"lora_backward_dx: dy {tuple(dy.shape)}, weight {None if weight is None else tuple(weight.shape)}, dS {tuple(dS.shape)}, "
             f"lora_A {tuple(lora_A.shape)} do not agree"
         )
     check_device("dy", dy)

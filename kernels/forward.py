@@ -152,7 +152,7 @@ def _check_forward_shapes(x, weight, bias, lora_B, R, S=None) -> None:
     N = lora_B.shape[0] if weight is None else weight.shape[0]
     if (weight is not None and weight.shape[1] != K) or tuple(lora_B.shape) != (N, R) or (S is not None and S.shape[0] != M) or (bias is not None and tuple(bias.shape) != (N,)):
         raise ValueError(
-            f"lora_forward: shapes do not agree: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_forward: shapes do not agree: x {tuple(x.shape)}, weight {None if weight is None else tuple(weight.shape)}, "
             f"S {None if S is None else tuple(S.shape)}, r {R}, lora_B {tuple(lora_B.shape)}, "
             f"bias {None if bias is None else tuple(bias.shape)}"
         )

@@ -195,6 +195,13 @@ def test_launchers_reject_mismatched_shapes():
     S = randn(4, 3, dtype=torch.float32, device=KERNEL_DEVICE)
     with pytest.raises(ValueError, match=r"lora_B \(37, 2\)"):
         kn.lora_forward_fused(x, W, None, S, randn(N, 2, dtype=torch.float32, device=KERNEL_DEVICE), 1.0)
+    # weight=None (the LoRA term alone): the error names the shapes, it does not crash on None.
+    with pytest.raises(ValueError, match=r"weight None.*lora_B \(37, 2\)"):
+        kn.lora_forward_unfused(x, None, None, S, randn(N, 2, dtype=torch.float32, device=KERNEL_DEVICE), 1.0)
+    dy = randn(4, N, dtype=torch.float32, device=KERNEL_DEVICE)
+    with pytest.raises(ValueError, match=r"weight None, dS \(4, 2\)"):
+        kn.lora_backward_dx(dy, None, randn(4, 2, dtype=torch.float32, device=KERNEL_DEVICE),
+                            randn(3, K, dtype=torch.float32, device=KERNEL_DEVICE), 0.0, 0)
 
 
 
