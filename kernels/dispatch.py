@@ -19,8 +19,8 @@ import torch
 
 from .common import interpreting
 
-_choice: dict[tuple, bool] = {}
-_times: dict[tuple, tuple[float, float]] = {}  # key -> (fused ms, unfused ms) as measured
+# key -> (fused ms, unfused ms) as measured; the choice is fused ms < unfused ms.
+_times: dict[tuple, tuple[float, float]] = {}
 
 
 def fused_gemm_override() -> bool | None:
@@ -37,27 +37,31 @@ def prefer_fused(key: tuple, fused: Callable[[], object], unfused: Callable[[], 
         return forced
     if interpreting() or device.type != "cuda":
         return True
-    if key in _choice:
-        return _choice[key]
-    if torch.cuda.is_current_stream_capturing():
-        return False  # cannot time inside a CUDA graph capture: take cuBLAS, do not cache
+    if key not in _times:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # cannot time inside a CUDA graph capture: take cuBLAS, do not cache
+        _times[key] = _measure(fused, unfused)
+    t_fused, t_unfused = _times[key]
+    return t_fused < t_unfused
+
+
+def _measure(fused: Callable[[], object], unfused: Callable[[], object]) -> tuple[float, float]:
+    """(fused ms, unfused ms). Two alternating rounds, each variant's best kept: a single
+    do_bench per variant once ranked them opposite to their steady-state kernel times
+    (H200, 2026-11-26, benchmarks/NOTES.md), so the first measurement of either is not
+    trusted alone."""
     from triton.testing import do_bench
 
-    # Two alternating rounds, each variant's best kept: a single do_bench per variant
-    # once ranked them opposite to their steady-state kernel times (H200, 2026-11-26,
-    # benchmarks/NOTES.md), so the first measurement of either is not trusted alone.
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(2):
         for is_fused, fn in ((True, fused), (False, unfused)):
             times[is_fused].append(do_bench(fn, warmup=5, rep=20))
-    _times[key] = (min(times[True]), min(times[False]))
-    _choice[key] = _times[key][0] < _times[key][1]
-    return _choice[key]
+    return min(times[True]), min(times[False])
 
 
 def recorded_choices() -> dict[tuple, bool]:
-    """The measured choices so far (key -> fused?), for `lorakern info` and benchmarks."""
-    return dict(_choice)
+    """The measured choices so far (key -> fused?), for benchmarks."""
+    return {key: t_fused < t_unfused for key, (t_fused, t_unfused) in _times.items()}
 
 
 def recorded_times() -> dict[tuple, tuple[float, float]]:

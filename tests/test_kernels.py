@@ -261,7 +261,6 @@ def test_measured_dispatch_alternates_keeps_each_best_and_caches(monkeypatch):
     monkeypatch.delenv("LORAKERN_FUSED_GEMM", raising=False)
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(dispatch, "_choice", {})
     monkeypatch.setattr(dispatch, "_times", {})
     order, script = [], {"fused": [5.0, 1.0], "unfused": [2.0, 1.5]}
 

@@ -303,11 +303,10 @@ def _dispatch_choices() -> list[dict]:
     import sys
 
     dispatch = sys.modules.get("lorakern.kernels.dispatch")
-    if dispatch is None or not hasattr(dispatch, "recorded_choices"):
+    if dispatch is None:
         return []
-    times = dispatch.recorded_times() if hasattr(dispatch, "recorded_times") else {}
+    choices = dispatch.recorded_choices()
     return [
-        {"key": [str(k) for k in key], "fused": fused, "fused_ms": times.get(key, (None, None))[0],
-         "unfused_ms": times.get(key, (None, None))[1]}
-        for key, fused in dispatch.recorded_choices().items()
+        {"key": [str(k) for k in key], "fused": choices[key], "fused_ms": t_fused, "unfused_ms": t_unfused}
+        for key, (t_fused, t_unfused) in dispatch.recorded_times().items()
     ]
