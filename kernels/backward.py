@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
-from .forward import gemm_configs, grouped_tile, m_bucket
+from .forward import accumulate_config, gemm_configs, grouped_tile, m_bucket
 
 # ---------------------------------------------------------------- dS and dB
 
@@ -187,8 +187,7 @@ def lora_backward_dx(
     else:
         dx = torch.zeros((M, K), device=dy.device, dtype=dy.dtype) if weight is None else dy @ weight
         kernel = _lora_bwd_dx_kernel
-        cfg = gemm_configs("BLOCK_K", "BLOCK_N")[0] if interpreting() else triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4)
-        args.update(cfg.kwargs, HAS_BASE=False, num_warps=cfg.num_warps)
+        args.update(accumulate_config("BLOCK_K", "BLOCK_N"), HAS_BASE=False)
 
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)

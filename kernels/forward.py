@@ -55,6 +55,17 @@ def gemm_configs(cols: str, reduction: str) -> list[triton.Config]:
     ]
 
 
+def accumulate_config(cols: str, reduction: str) -> dict:
+    """Launch settings of the accumulate variants (HAS_BASE=False: cuBLAS already wrote the
+    GEMM into the output, the kernel adds the LoRA term): one 64-row x 128-column tile, not
+    autotuned, since timing candidates would add into the output again and again."""
+    if interpreting():
+        cfg = gemm_configs(cols, reduction)[0]
+    else:
+        cfg = triton.Config({"BLOCK_M": 64, cols: 128, reduction: 64, "GROUP_M": 8}, num_warps=4)
+    return dict(cfg.kwargs, num_warps=cfg.num_warps)
+
+
 def m_bucket(M: int) -> int:
     """Autotune key for M: the next power of two, so varying sequence lengths do not retune."""
     return next_pow2(M)
@@ -141,7 +152,7 @@ def _lora_fwd_kernel(
 
 
 # The autotuned variant computes the whole GEMM (it writes y without reading it, so
-# timing candidates is harmless); the accumulate variant (HAS_BASE=False) keeps one config.
+# timing candidates is harmless); the accumulate variant runs accumulate_config's tile.
 _lora_fwd_kernel_tuned = triton.autotune(
     configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"]
 )(_lora_fwd_kernel)
@@ -170,9 +181,7 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
     if has_base:
         kernel, tile = _lora_fwd_kernel_tuned, {}
     else:
-        cfg = gemm_configs("BLOCK_N", "BLOCK_K")[0] if interpreting() else triton.Config(
-            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4)
-        kernel, tile = _lora_fwd_kernel, dict(cfg.kwargs, num_warps=cfg.num_warps)
+        kernel, tile = _lora_fwd_kernel, accumulate_config("BLOCK_N", "BLOCK_K")
     w = x if weight is None else weight  # unread without HAS_BASE: any valid pointer
     kernel[grid](
         x, w, bias if bias is not None else x, a, S, lora_B, y,
