@@ -306,7 +306,7 @@ class LoraLinear(nn.Module):
         # Python floats (a tensor would only be read back on the host).
         as_tensor = torch.compiler.is_compiling()
         single = len(active) == 1
-        lora_A, lora_B, scaling, dropout = self.lora_A, self.lora_B, self.scaling, self.lora_dropout
+        lora_A, lora_B, scaling = self.lora_A, self.lora_B, self.scaling
         adapters = [
             (
                 lora_A[name].weight if autocast else _in_dtype(lora_A[name].weight, w.dtype),

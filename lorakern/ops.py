@@ -424,25 +424,24 @@ class ScalarDict(dict):
         # any item is set (the default dict-subclass protocol sets items first).
         return (type(self), (dict(self),))
 
-    def _mirrors(self) -> dict[str, torch.Tensor]:
-        # A plain attribute read: torch.compile traces `tensor()`, and dynamo in torch
-        # 2.11 cannot trace `__dict__.setdefault` (a graph break, seen on an H200).
-        return self._tensors
-
     def __setitem__(self, key, value) -> None:
         value = float(value)
         super().__setitem__(key, value)
         self._positive[key] = value > 0.0
-        mirror = self._mirrors().get(key)
+        mirror = self._tensors.get(key)
         if mirror is None:
-            self._mirrors()[key] = torch.tensor([value], dtype=torch.float64)
+            self._tensors[key] = torch.tensor([value], dtype=torch.float64)
         else:
             mirror.fill_(value)
 
+    def _forget(self, key) -> None:
+        """Drop the mirror and flag of a removed key."""
+        self._tensors.pop(key, None)
+        self._positive.pop(key, None)
+
     def __delitem__(self, key) -> None:
         super().__delitem__(key)
-        self._mirrors().pop(key, None)
-        self._positive.pop(key, None)
+        self._forget(key)
 
     def update(self, *args, **kwargs) -> None:
         for key, value in dict(*args, **kwargs).items():
@@ -454,19 +453,17 @@ class ScalarDict(dict):
         return self[key]
 
     def pop(self, key, *default):
-        self._mirrors().pop(key, None)
-        self._positive.pop(key, None)
+        self._forget(key)
         return super().pop(key, *default)
 
     def popitem(self):
         key, value = super().popitem()
-        self._mirrors().pop(key, None)
-        self._positive.pop(key, None)
+        self._forget(key)
         return key, value
 
     def clear(self) -> None:
         super().clear()
-        self._mirrors().clear()
+        self._tensors.clear()
         self._positive.clear()
 
     def is_positive(self, key) -> bool:
@@ -475,8 +472,12 @@ class ScalarDict(dict):
         return self._positive[key]
 
     def tensor(self, key) -> torch.Tensor:
-        """The value of `key` as a [1] float64 CPU tensor (the same tensor on every call)."""
-        return self._mirrors()[key]
+        """The value of `key` as a [1] float64 CPU tensor (the same tensor on every call).
+
+        A plain attribute read: torch.compile traces this, and dynamo in torch 2.11
+        cannot trace `__dict__.setdefault` (a graph break at every layer, seen on an H200).
+        """
+        return self._tensors[key]
 
 
 # --- the public functional ----------------------------------------------------------
