@@ -41,6 +41,11 @@ requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+def backend_device(backend: str) -> str:
+    """Where a backend's test tensors live: Triton's on KERNEL_DEVICE, the reference's on CPU."""
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Test shapes are tiny: intra-op threads only add barrier waits (tens of ms per

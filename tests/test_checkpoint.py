@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lorakern import ops
-from tests.conftest import KERNEL_DEVICE
+from tests.conftest import backend_device
 from tests.training_utils import K, tiny_lora_model
 from tests.utils import RTOL, assert_close
 
@@ -69,7 +69,7 @@ def _grads(model, x, *, use_reentrant=None, per_layer=False, preserve_rng_state=
 @pytest.mark.parametrize("use_reentrant", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_checkpointed_grads_equal_plain_grads_exactly(backend, use_reentrant, per_layer, monkeypatch):
-    device = KERNEL_DEVICE if backend == "triton" else "cpu"  # Triton: CUDA, else the interpreter
+    device = backend_device(backend)
     model = tiny_lora_model(dropout=0.3, backend=backend, device=device).train()
     x = torch.randn(3, 7, K, device=device)
     out, grads, dx = _grads(model, x)

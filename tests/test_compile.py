@@ -15,7 +15,7 @@ import torch
 import torch._dynamo.testing
 
 from lorakern import ops
-from tests.conftest import requires_cuda
+from tests.conftest import backend_device, requires_cuda
 from tests.training_utils import K, lora_layers, tiny_lora_model, train_step
 from tests.utils import RTOL, assert_close
 
@@ -57,17 +57,13 @@ BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() or ops.interpreting()), reason="needs a GPU or TRITON_INTERPRET=1"))]
 
 
-def _device(backend: str) -> str:
-    """Where a backend's tensors live here: Triton on CUDA when present (on CPU it needs
-    the interpreter), the reference on the CPU."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
-
 def _device_args(args, backend):
-    if backend == "triton" and torch.cuda.is_available():
-        return tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
-                     for a in args)
-    return args
+    """The op's arguments on the backend's device (scalars, 0-d, stay on the CPU)."""
+    device = backend_device(backend)
+    if device == "cpu":
+        return args
+    return tuple(a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
+                 for a in args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -139,8 +135,8 @@ def test_eager_function_and_registered_op_agree_exactly(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_graph_breaks(backend):
     """dynamo.explain: one graph, no break, each LoraLinear is one lorakern op node."""
-    model = tiny_lora_model(dropout=0.25, backend=backend, device=_device(backend)).train()
-    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, K, device=_device(backend)))
+    model = tiny_lora_model(dropout=0.25, backend=backend, device=backend_device(backend)).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, K, device=backend_device(backend)))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     nodes = [n for g in explanation.graphs for n in g.graph.nodes if n.op == "call_function"]
@@ -151,9 +147,9 @@ def test_no_graph_breaks(backend):
 def test_fullgraph_aot_eager_matches_eager(backend):
     """fullgraph=True through AOTAutograd (fake impls, autograd registration, functionalisation):
     outputs and every adapter grad equal eager's, dropout on, same seed."""
-    model = tiny_lora_model(dropout=0.25, backend=backend, device=_device(backend)).train()
+    model = tiny_lora_model(dropout=0.25, backend=backend, device=backend_device(backend)).train()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    _assert_same_step(compiled, model, torch.randn(2, 5, K, device=_device(backend)), seed=3)
+    _assert_same_step(compiled, model, torch.randn(2, 5, K, device=backend_device(backend)), seed=3)
 
 
 def test_fullgraph_under_cpu_autocast():

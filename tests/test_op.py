@@ -13,6 +13,7 @@ import torch
 
 import lorakern
 from lorakern import lora_linear, ops, reference
+from tests.conftest import backend_device
 from tests.utils import RTOL, assert_close
 
 
@@ -407,7 +408,7 @@ def test_weight_none_is_the_lora_term_alone(backend, lead, p):
         pytest.importorskip("triton")
         if not (torch.cuda.is_available() or ops.interpreting()):
             pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    dev = backend_device(backend)
     x, w, _, A, B = make_inputs(lead, 21, 11, 3)
     leaves = [t.to(dev).requires_grad_() for t in (x, A, B)]
     y = lora_linear(leaves[0], None, None, leaves[1], leaves[2], 0.7, dropout_p=p, seed=9, backend=backend)
