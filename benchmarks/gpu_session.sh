@@ -41,20 +41,23 @@ mkdir -p "$OUT"
 # holding torch (seen 2026-11-26: the `lorakern` script failed on "No module named
 # torch"), so everything goes through that Python: `python -m ...`.
 PY=${PY:-python}
-lorakern() { "$PY" -m lorakern.cli "$@"; }
+
+machine_info() {  # -> $OUT/machine.txt: card, driver, commit, versions, backend choice
+    {
+        nvidia-smi
+        echo "commit ${LORAKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+        "$PY" -m lorakern.cli info
+        echo "--- install log"; tail -n 5 "$OUT/install-$stage.log"
+    } > "$OUT/machine.txt" 2>&1
+    rm -f "$OUT/install-$stage.log"
+}
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 || {
     echo "install failed"; tail -n 20 "$OUT/install-$stage.log"; exit 1; }
 
 case "$stage" in
 quick)
-    {
-        nvidia-smi
-        echo "commit ${LORAKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-        lorakern info
-        echo "--- install log"; tail -n 5 "$OUT/install-$stage.log"
-    } > "$OUT/machine.txt" 2>&1
-    rm -f "$OUT/install-$stage.log"
+    machine_info
     timeout 90 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
     echo "rc=$?" >> "$OUT/check.txt"
     # Two runs of two shapes each (the suite writes its files at the end; the second
@@ -97,11 +100,7 @@ profile)
     grep "===\|!!!\|^(" "$OUT/profile.txt"
     ;;
 test)
-    {
-        nvidia-smi
-        echo "commit ${LORAKERN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-        lorakern info
-    } > "$OUT/machine.txt" 2>&1
+    machine_info
     timeout -s INT -k 20 400 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider \
         tests/test_kernels_op.py tests/test_compile.py tests/test_autocast.py tests/test_kernels_aot.py \
         > "$OUT/pytest-cuda-op.txt" 2>&1
