@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
-from .common import rank_pad
+from .common import DeviceScalars, has_dropout, rank_pad, traced
 from .dispatch import prefer_fused
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
 from .shrink import lora_shrink
@@ -22,7 +22,7 @@ def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
     if weight is None:  # the LoRA term alone: nothing to fuse it with
         return lora_forward_unfused(*args)
     key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), x.dtype, x.device)
-    if prefer_fused(key, lambda: lora_forward_fused(*args), lambda: lora_forward_unfused(*args), x.device):
+    if prefer_fused(key, lambda: lora_forward_fused(*args), lambda: lora_forward_unfused(*args), x.device, traced(x)):
         return lora_forward_fused(*args)
     return lora_forward_unfused(*args)
 
@@ -34,9 +34,9 @@ def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
     if weight is None:  # the LoRA term alone
         return lora_backward_dx(*args, fused=False)
     # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
-    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), p > 0.0, dy.dtype, dy.device)
+    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), has_dropout(p), dy.dtype, dy.device)
     fused = prefer_fused(
-        key, lambda: lora_backward_dx(*args, fused=True), lambda: lora_backward_dx(*args, fused=False), dy.device
+        key, lambda: lora_backward_dx(*args, fused=True), lambda: lora_backward_dx(*args, fused=False), dy.device, traced(dy)
     )
     return lora_backward_dx(*args, fused=fused)
 
@@ -54,14 +54,17 @@ def _forward_two_pass(x, weight, bias, lora_A, lora_B, scaling, p, seed):
 def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32).
 
+    scaling, p, seed: float, float, int; or one DeviceScalars as all three (values the
+    host does not read: torch.compile's traced path).
+
     Small M (decode) may run as one launch (`lora_forward_onepass`) when measured faster
     than shrink + GEMM; larger M always runs the shrink kernel then the GEMM.
     """
     M, K = x.shape
     args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
     if M <= ONEPASS_MAX_M and weight is not None:
-        key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), p > 0.0, x.dtype, x.device)
-        if prefer_fused(key, lambda: lora_forward_onepass(*args), lambda: _forward_two_pass(*args), x.device):
+        key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), has_dropout(p), x.dtype, x.device)
+        if prefer_fused(key, lambda: lora_forward_onepass(*args), lambda: _forward_two_pass(*args), x.device, traced(x)):
             return lora_forward_onepass(*args)
     return _forward_two_pass(*args)
 
@@ -87,4 +90,5 @@ __all__ = [
     "lora_backward_da",
     "lora_linear_forward",
     "lora_linear_backward",
+    "DeviceScalars",
 ]

@@ -47,9 +47,14 @@ def _jit_fn(kernel):
 
 def _signature(fn, dtype, adapter_dtype, constexprs: dict) -> dict[str, str]:
     sig = {}
+    in_memory = constexprs.get("SCALARS_IN_MEMORY", False)
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif in_memory and name in ("scaling", "p"):
+            sig[name] = "*fp32"  # DeviceScalars.values
+        elif in_memory and name == "seed":
+            sig[name] = "*i64"
         elif name in _COMPUTE_PTRS:
             sig[name] = _PTR[dtype]
         elif name in _ADAPTER_PTRS:
@@ -65,9 +70,10 @@ def _signature(fn, dtype, adapter_dtype, constexprs: dict) -> dict[str, str]:
     return sig
 
 
-def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles: bool):
-    """(label, kernel, constexprs, num_warps, num_stages) for one dtype pair."""
-    common = {"UPCAST": False, "PRECISION": dot_precision(dtype), "R_PAD": r_pad}
+def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles: bool, in_memory: bool = False):
+    """(label, kernel, constexprs, num_warps, num_stages) for one dtype pair; in_memory:
+    scalars loaded from DeviceScalars (the traced triton_op path)."""
+    common = {"UPCAST": False, "PRECISION": dot_precision(dtype), "R_PAD": r_pad, "SCALARS_IN_MEMORY": in_memory}
     yield "shrink", shrink._lora_shrink_kernel, {**common, "BLOCK_M": 64, "BLOCK_K": 128, "HAS_DROPOUT": True}, 4, 3
     for block_m, block_n, warps in ((64, 128, 4), (128, 64, 8), (256, 64, 8)):  # backward._dsdb_config
         yield f"dsdb {block_m}x{block_n}", backward._lora_bwd_dsdb_kernel, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 3
@@ -103,10 +109,13 @@ def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list
     target = GPUTarget("cuda", arch, 32)
     pairs = [(torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float32)]
     results = []
-    for (dtype, adapter_dtype), r_pad in itertools.product(pairs, (16, 64) if all_tiles else (16,)):
-        for label, kernel, constexprs, warps, stages in _cases(dtype, adapter_dtype, r_pad, all_tiles):
+    # Scalars in device memory: one dtype pair is enough (only the scalar loads differ).
+    runs = [(pair, r_pad, False) for pair, r_pad in itertools.product(pairs, (16, 64) if all_tiles else (16,))]
+    runs.append((pairs[0], 16, True))
+    for (dtype, adapter_dtype), r_pad, in_memory in runs:
+        for label, kernel, constexprs, warps, stages in _cases(dtype, adapter_dtype, r_pad, all_tiles, in_memory):
             fn = _jit_fn(kernel)
-            name = f"{label} x={str(dtype)[6:]} A={str(adapter_dtype)[6:]} r_pad={r_pad}"
+            name = f"{label} x={str(dtype)[6:]} A={str(adapter_dtype)[6:]} r_pad={r_pad}{' mem' if in_memory else ''}"
             t0 = time.perf_counter()
             try:
                 src = ASTSource(fn=fn, signature=_signature(fn, dtype, adapter_dtype, constexprs), constexprs=constexprs)

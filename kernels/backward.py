@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
+from .common import (
+    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, load_dropout, load_scaling, mma, rank_pad,
+    scalar_args,
+)
 from .forward import accumulate_config, gemm_configs, grouped_tile, m_bucket
 
 # ---------------------------------------------------------------- dS and dB
@@ -45,8 +48,9 @@ def _lora_bwd_dsdb_kernel(
     stride_dsm, stride_dsr,
     stride_dbp, stride_dbn, stride_dbr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    scaling = load_scaling(scaling, SCALARS_IN_MEMORY)
     pid = tl.program_id(0)
     rm = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
@@ -69,9 +73,10 @@ def _lora_bwd_dsdb_kernel(
 
 
 def lora_backward_dsdb(
-    dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling: float
+    dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dS = s·dY B [M, r] (fp32) and dB = s·dYᵀ S [N, r] (lora_B's dtype)."""
+    """dS = s·dY B [M, r] (fp32) and dB = s·dYᵀ S [N, r] (lora_B's dtype).
+    scaling: a float, or a DeviceScalars (common.scalar_args)."""
     M, N = dy.shape
     R = S.shape[1]
     if tuple(lora_B.shape) != (N, R) or S.shape[0] != M:
@@ -83,16 +88,17 @@ def lora_backward_dsdb(
     cfg = _dsdb_config(M, R, dy.element_size())
     num_pid = cdiv(M, cfg["BLOCK_M"])
     db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
+    scalars = scalar_args(0.0, 0, scaling)
     _lora_bwd_dsdb_kernel[(num_pid,)](
         dy, lora_B, S, dS, db_partial,
-        scaling,
-        M, N, R,
-        dy.stride(0), dy.stride(1),
-        lora_B.stride(0), lora_B.stride(1),
-        S.stride(0), S.stride(1),
-        dS.stride(0), dS.stride(1),
-        db_partial.stride(0), db_partial.stride(1), db_partial.stride(2),
-        R_PAD=rank_pad(R), **cfg, **common_meta(dy.dtype),
+        scaling=scalars["scaling"],
+        M=M, N=N, R=R,
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
+        stride_sm=S.stride(0), stride_sr=S.stride(1),
+        stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+        stride_dbp=db_partial.stride(0), stride_dbn=db_partial.stride(1), stride_dbr=db_partial.stride(2),
+        R_PAD=rank_pad(R), SCALARS_IN_MEMORY=scalars["SCALARS_IN_MEMORY"], **cfg, **common_meta(dy.dtype),
     )
     dB = db_partial[0] if num_pid == 1 else db_partial.sum(0)
     return dS, dB.to(lora_B.dtype)
@@ -113,8 +119,10 @@ def _lora_bwd_dx_kernel(
     stride_dxm, stride_dxk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, HAS_BASE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    if HAS_DROPOUT:
+        p, inv_keep, seed = load_dropout(p, inv_keep, seed, SCALARS_IN_MEMORY)
     # Output tile dx[rm, rk]; the GEMM reduces over N. Without HAS_BASE, dY W is
     # already in dx (computed by cuBLAS) and this adds the LoRA term to it.
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -158,11 +166,12 @@ def lora_backward_dx(
     weight: torch.Tensor | None,
     dS: torch.Tensor,
     lora_A: torch.Tensor,
-    p: float,
-    seed: int,
+    p,
+    seed,
     fused: bool = True,
 ) -> torch.Tensor:
     """dx = dY W + D(dS A).  dy [M, N], weight [N, K], dS [M, r] fp32, lora_A [r, K] -> [M, K].
+    p: float and seed: int, or one DeviceScalars as both (common.scalar_args).
 
     fused=True: one Triton GEMM with the LoRA term in its epilogue. fused=False: dY W
     by cuBLAS (torch.mm), then one Triton pass adds D(dS A) in place. weight None: the
@@ -179,7 +188,7 @@ def lora_backward_dx(
     check_device("dy", dy)
     if M == 0:
         return torch.empty((0, K), device=dy.device, dtype=dy.dtype)
-    args = dict(R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **common_meta(dy.dtype))
+    args = dict(R_PAD=rank_pad(R), **scalar_args(p, seed), **common_meta(dy.dtype))
     if fused and weight is not None:
         dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
         kernel = _lora_bwd_dx_kernel_tuned
@@ -192,15 +201,15 @@ def lora_backward_dx(
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
+    stride_wn, stride_wk = (0, 0) if weight is None else weight.stride()
     kernel[grid](
         dy, dx if weight is None else weight, dS, lora_A, dx,  # dx: an unread stand-in pointer
-        seed, p, 1.0 / (1.0 - p),
-        M, N, K, R, m_bucket(M),
-        dy.stride(0), dy.stride(1),
-        *((0, 0) if weight is None else weight.stride()),
-        dS.stride(0), dS.stride(1),
-        lora_A.stride(0), lora_A.stride(1),
-        dx.stride(0), dx.stride(1),
+        M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+        stride_wn=stride_wn, stride_wk=stride_wk,
+        stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+        stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
         **args,
     )
     return dx
@@ -224,8 +233,10 @@ def _lora_bwd_da_kernel(
     stride_xm, stride_xk,
     stride_dap, stride_dar, stride_dak,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    if HAS_DROPOUT:
+        p, inv_keep, seed = load_dropout(p, inv_keep, seed, SCALARS_IN_MEMORY)
     # Program (pid_k, pid_s): columns rk, rows [pid_s * ROWS_PER_SPLIT, ... + ROWS_PER_SPLIT).
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -249,9 +260,10 @@ def _lora_bwd_da_kernel(
 
 
 def lora_backward_da(
-    dS: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int
+    dS: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, p, seed
 ) -> torch.Tensor:
-    """dA = dSᵀ D(x).  dS [M, r] fp32, x [M, K] -> dA [r, K] in lora_A's dtype."""
+    """dA = dSᵀ D(x).  dS [M, r] fp32, x [M, K] -> dA [r, K] in lora_A's dtype.
+    p: float and seed: int, or one DeviceScalars as both (common.scalar_args)."""
     M, K = x.shape
     R = lora_A.shape[0]
     if tuple(dS.shape) != (M, R) or lora_A.shape[1] != K:
@@ -269,12 +281,11 @@ def lora_backward_da(
     da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
     _lora_bwd_da_kernel[(k_blocks, splits)](
         dS, x, da_partial,
-        seed, p, 1.0 / (1.0 - p),
-        M, K, R, rows_per_split,
-        dS.stride(0), dS.stride(1),
-        x.stride(0), x.stride(1),
-        da_partial.stride(0), da_partial.stride(1), da_partial.stride(2),
-        R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **cfg, **common_meta(x.dtype),
+        M=M, K=K, R=R, ROWS_PER_SPLIT=rows_per_split,
+        stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_dap=da_partial.stride(0), stride_dar=da_partial.stride(1), stride_dak=da_partial.stride(2),
+        R_PAD=rank_pad(R), **scalar_args(p, seed), **cfg, **common_meta(x.dtype),
     )
     dA = da_partial[0] if splits == 1 else da_partial.sum(0)
     return dA.to(lora_A.dtype)

@@ -10,6 +10,7 @@ Triton traps handled here once (DESIGN.md §4):
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -62,6 +63,78 @@ def check_device(name: str, t: torch.Tensor) -> None:
             f"{name} is on {t.device}; the Triton kernels need CUDA tensors "
             "(or CPU tensors with TRITON_INTERPRET=1)"
         )
+
+
+class DeviceScalars(NamedTuple):
+    """scaling, dropout p, 1/(1-p) and the seed in device memory, for launches the host
+    must not read them for (torch.compile's traced `triton_op` path: the values are graph
+    tensors, so changing them neither syncs nor recompiles). A launcher given one as its
+    `scaling` / `p` / `seed` passes pointers, and the kernels load the values.
+
+    values: float32 [3] (s, p, 1/(1-p)), p stored as -1 when it is 0 (keeps every
+    element); seed: int64 [1]; has_dropout: whether the kernels apply the mask (static).
+    """
+
+    values: torch.Tensor
+    seed: torch.Tensor
+    has_dropout: bool
+
+
+def device_scalars(scaling: float, p: float, seed: int, device) -> DeviceScalars:
+    """Host values -> a DeviceScalars on `device` (rounded to fp32 as by-value arguments are)."""
+    values = torch.tensor([scaling, p if p > 0.0 else -1.0, 1.0 / (1.0 - p)], dtype=torch.float32)
+    seed_t = torch.tensor([seed], dtype=torch.int64)
+    return DeviceScalars(values.to(device, non_blocking=True), seed_t.to(device, non_blocking=True), p > 0.0)
+
+
+def traced(t: torch.Tensor) -> bool:
+    """True for a FakeTensor / FunctionalTensor (torch.compile tracing a triton_op body)."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def has_dropout(p) -> bool:
+    """Whether the mask applies: p > 0 by value, or DeviceScalars.has_dropout."""
+    return p.has_dropout if isinstance(p, DeviceScalars) else p > 0.0
+
+
+def scalar_args(p, seed, scaling=None) -> dict:
+    """The kernels' p, inv_keep, seed, HAS_DROPOUT, SCALARS_IN_MEMORY (and scaling, unless
+    None: a kernel without one) arguments.
+
+    By value: float p and scaling, int seed. In memory: one DeviceScalars passed as p and
+    seed (and scaling), or as scaling alone with p=0.0 (a launch without dropout).
+    """
+    mem = next((v for v in (scaling, p, seed) if isinstance(v, DeviceScalars)), None)
+    if mem is None:
+        args = {"p": p, "inv_keep": 1.0 / (1.0 - p), "seed": seed, "HAS_DROPOUT": p > 0.0, "SCALARS_IN_MEMORY": False}
+    elif p is mem and seed is mem and scaling in (None, mem):
+        args = {"p": mem.values, "inv_keep": 0.0, "seed": mem.seed, "HAS_DROPOUT": mem.has_dropout, "SCALARS_IN_MEMORY": True}
+    elif scaling is mem and not isinstance(p, DeviceScalars) and p == 0.0 and not isinstance(seed, DeviceScalars):
+        args = {"p": 0.0, "inv_keep": 1.0, "seed": 0, "HAS_DROPOUT": False, "SCALARS_IN_MEMORY": True}
+    else:
+        raise TypeError("DeviceScalars: pass one object as p, seed (and scaling), or as scaling with p=0.0")
+    if scaling is not None:
+        args["scaling"] = mem.values if mem is not None else scaling
+    return args
+
+
+@triton.jit
+def load_scaling(scaling, SCALARS_IN_MEMORY: tl.constexpr):
+    """s passed by value, or loaded from DeviceScalars.values[0]."""
+    if SCALARS_IN_MEMORY:
+        return tl.load(scaling)
+    else:
+        return scaling
+
+
+@triton.jit
+def load_dropout(p, inv_keep, seed, SCALARS_IN_MEMORY: tl.constexpr):
+    """(p, 1/(1-p), seed) passed by value, or loaded: p then points at DeviceScalars.values
+    and seed at DeviceScalars.seed."""
+    if SCALARS_IN_MEMORY:
+        return tl.load(p + 1), tl.load(p + 2), tl.load(seed)
+    else:
+        return p, inv_keep, seed
 
 
 @triton.jit

@@ -30,16 +30,22 @@ def fused_gemm_override() -> bool | None:
     return None if value == "auto" else value == "1"
 
 
-def prefer_fused(key: tuple, fused: Callable[[], object], unfused: Callable[[], object], device: torch.device) -> bool:
-    """True when the fused variant should run for `key`; measures both once on CUDA."""
+def prefer_fused(
+    key: tuple, fused: Callable[[], object], unfused: Callable[[], object], device: torch.device, traced: bool = False
+) -> bool:
+    """True when the fused variant should run for `key`; measures both once on CUDA.
+
+    traced: the inputs are FakeTensors (torch.compile tracing the triton_op), so nothing
+    can be timed: a key not measured before takes cuBLAS.
+    """
     forced = fused_gemm_override()
     if forced is not None:
         return forced
     if interpreting() or device.type != "cuda":
         return True
     if key not in _times:
-        if torch.cuda.is_current_stream_capturing():
-            return False  # cannot time inside a CUDA graph capture: take cuBLAS, do not cache
+        if traced or torch.cuda.is_current_stream_capturing():
+            return False  # cannot time while tracing or inside a CUDA graph capture: cuBLAS, not cached
         _times[key] = _measure(fused, unfused)
     t_fused, t_unfused = _times[key]
     return t_fused < t_unfused

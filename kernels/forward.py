@@ -14,7 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, next_pow2, rank_pad
+from .common import (
+    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, load_dropout, load_scaling, mma, next_pow2,
+    rank_pad, scalar_args,
+)
 from .shrink import lora_shrink as _lora_shrink
 
 
@@ -67,7 +70,10 @@ def accumulate_config(cols: str, reduction: str) -> dict:
 
 
 def m_bucket(M: int) -> int:
-    """Autotune key for M: the next power of two, so varying sequence lengths do not retune."""
+    """Autotune key for M: the next power of two, so varying sequence lengths do not retune.
+    A symbolic M (a dynamic dimension while torch.compile traces) gets one bucket, 0."""
+    if isinstance(M, torch.SymInt):
+        return 0
     return next_pow2(M)
 
 
@@ -97,8 +103,11 @@ def _lora_fwd_kernel(
     stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_BASE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BASE: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    scaling = load_scaling(scaling, SCALARS_IN_MEMORY)
+    if HAS_DROPOUT:
+        p, inv_keep, seed = load_dropout(p, inv_keep, seed, SCALARS_IN_MEMORY)
     # FUSE_SHRINK (small M): S = D(x) Aᵀ is accumulated in the same K loop from the x
     # tiles already loaded, and written by the pid_n == 0 column of programs; every
     # other column recomputes it (x is tiny) instead of waiting for a second launch.
@@ -185,16 +194,15 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
     w = x if weight is None else weight  # unread without HAS_BASE: any valid pointer
     kernel[grid](
         x, w, bias if bias is not None else x, a, S, lora_B, y,
-        scaling, seed, p, 1.0 / (1.0 - p),
-        M, N, K, R, m_bucket(M),
-        x.stride(0), x.stride(1),
-        w.stride(0), w.stride(1),
-        a.stride(0), a.stride(1),
-        S.stride(0), S.stride(1),
-        lora_B.stride(0), lora_B.stride(1),
-        y.stride(0), y.stride(1),
+        M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_wn=w.stride(0), stride_wk=w.stride(1),
+        stride_ar=a.stride(0), stride_ak=a.stride(1),
+        stride_sm=S.stride(0), stride_sr=S.stride(1),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
         R_PAD=rank_pad(R), HAS_BIAS=has_base and bias is not None, FUSE_SHRINK=fuse_shrink,
-        HAS_DROPOUT=fuse_shrink and p > 0.0, HAS_BASE=has_base, **tile, **common_meta(x.dtype),
+        HAS_BASE=has_base, **scalar_args(p, seed, scaling), **tile, **common_meta(x.dtype),
     )
 
 
@@ -204,13 +212,14 @@ def lora_forward_onepass(
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
-    p: float,
-    seed: int,
+    scaling,
+    p,
+    seed,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink and fused GEMM in one launch (for small M, e.g. decode): returns (y [M, N], S [M, r] fp32).
 
-    x [M, K], weight [N, K], bias [N] | None, lora_A [r, K], lora_B [N, r].
+    x [M, K], weight [N, K], bias [N] | None, lora_A [r, K], lora_B [N, r]; scaling, p,
+    seed by value (float, float, int) or one DeviceScalars as all three (common.scalar_args).
     """
     R = lora_A.shape[0]
     if lora_A.shape[1] != x.shape[1]:
@@ -233,9 +242,11 @@ def lora_forward_fused(
     bias: torch.Tensor | None,
     S: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling,
 ) -> torch.Tensor:
-    """y = x Wᵀ + s·S Bᵀ + bias in one kernel.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> [M, N]."""
+    """y = x Wᵀ + s·S Bᵀ + bias in one kernel.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> [M, N].
+
+    scaling: a float, or a DeviceScalars (common.scalar_args)."""
     _check_forward_shapes(x, weight, bias, lora_B, S.shape[1], S)
     M, N = x.shape[0], weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -251,7 +262,7 @@ def lora_forward_unfused(
     bias: torch.Tensor | None,
     S: torch.Tensor,
     lora_B: torch.Tensor,
-    scaling: float,
+    scaling,
 ) -> torch.Tensor:
     """The same y, as x Wᵀ + bias by cuBLAS (F.linear) then one Triton pass adding s·S Bᵀ
     in place (S and B read in their own dtypes, rounded to x's in registers, as in the

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, mma, rank_pad
+from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, load_dropout, mma, rank_pad, scalar_args
 
 
 def _config(K: int) -> dict:
@@ -29,8 +29,10 @@ def _lora_shrink_kernel(
     stride_ar, stride_ak,
     stride_sm, stride_sr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    if HAS_DROPOUT:
+        p, inv_keep, seed = load_dropout(p, inv_keep, seed, SCALARS_IN_MEMORY)
     pid = tl.program_id(0)
     rm = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, R_PAD)
@@ -50,8 +52,10 @@ def _lora_shrink_kernel(
     tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, acc, mask=s_mask)
 
 
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """S = D(x) Aᵀ.  x [M, K], lora_A [r, K] -> S [M, r] float32."""
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p, seed) -> torch.Tensor:
+    """S = D(x) Aᵀ.  x [M, K], lora_A [r, K] -> S [M, r] float32.
+
+    p: float and seed: int, or one DeviceScalars as both (common.scalar_args)."""
     if x.dim() != 2 or lora_A.dim() != 2 or x.shape[1] != lora_A.shape[1]:
         raise ValueError(f"lora_shrink: expected x [M, K] and lora_A [r, K], got {tuple(x.shape)} and {tuple(lora_A.shape)}")
     check_device("x", x)
@@ -64,11 +68,10 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p: float, seed: int) -> t
     grid = (cdiv(M, cfg["BLOCK_M"]),)
     _lora_shrink_kernel[grid](
         x, lora_A, S,
-        seed, p, 1.0 / (1.0 - p),
-        M, K, R,
-        x.stride(0), x.stride(1),
-        lora_A.stride(0), lora_A.stride(1),
-        S.stride(0), S.stride(1),
-        R_PAD=rank_pad(R), HAS_DROPOUT=p > 0.0, **cfg, **common_meta(x.dtype),
+        M=M, K=K, R=R,
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        stride_sm=S.stride(0), stride_sr=S.stride(1),
+        R_PAD=rank_pad(R), **scalar_args(p, seed), **cfg, **common_meta(x.dtype),
     )
     return S

@@ -395,3 +395,60 @@ def test_gemms_at_gpu_tiles(monkeypatch, tile):
     dx = _kernels().lora_backward_dx(dy, W, dS, A, p, SEED, fused=True)
     dx64 = reference.lora_backward_dx(dy.double(), W.double(), dS.double(), A.double(), p, SEED)
     check_against_oracle(dx, reference.lora_backward_dx(dy, W, dS, A, p, SEED), dx64, dt, "dx")
+
+
+# ----------------------------------------------------------------------------- scalars in memory
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=lambda p: f"p{p}")
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=lambda d: DTYPE_IDS[d])
+def test_scalars_in_device_memory_match_by_value_bit_for_bit(dt, p):
+    """Each launcher given a DeviceScalars (the traced triton_op path: scaling, p, 1/(1-p)
+    and the seed loaded by the kernels) returns exactly what it returns with the same
+    values passed by value: same mask, same rounding of s and 1/(1-p)."""
+    from lorakern.kernels.common import device_scalars
+
+    k = _kernels()
+    M, r, s, seed = 70, 7, 0.37, 2**40 + 5
+    dev = KERNEL_DEVICE
+    x, dy = randn(M, K, dtype=dt, device=dev), randn(M, N, dtype=dt, device=dev)
+    W, bias = randn(N, K, dtype=dt, device=dev), randn(N, dtype=dt, device=dev)
+    A, B = randn(r, K, dtype=torch.float32, device=dev), randn(N, r, dtype=torch.float32, device=dev)
+    mem = device_scalars(s, p, seed, dev)
+    S = k.lora_shrink(x, A, p, seed)
+    dS, dB = k.lora_backward_dsdb(dy, B, S, s)
+    pairs = {
+        "shrink": (S, k.lora_shrink(x, A, mem, mem)),
+        "onepass": (k.lora_forward_onepass(x, W, bias, A, B, s, p, seed), k.lora_forward_onepass(x, W, bias, A, B, mem, mem, mem)),
+        "fused": (k.lora_forward_fused(x, W, bias, S, B, s), k.lora_forward_fused(x, W, bias, S, B, mem)),
+        "unfused": (k.lora_forward_unfused(x, W, bias, S, B, s), k.lora_forward_unfused(x, W, bias, S, B, mem)),
+        "lora only": (k.lora_forward_unfused(x, None, None, S, B, s), k.lora_forward_unfused(x, None, None, S, B, mem)),
+        "dsdb": ((dS, dB), k.lora_backward_dsdb(dy, B, S, mem)),
+        "dx fused": (k.lora_backward_dx(dy, W, dS, A, p, seed), k.lora_backward_dx(dy, W, dS, A, mem, mem)),
+        "dx unfused": (k.lora_backward_dx(dy, W, dS, A, p, seed, fused=False), k.lora_backward_dx(dy, W, dS, A, mem, mem, fused=False)),
+        "dA": (k.lora_backward_da(dS, x, A, p, seed), k.lora_backward_da(dS, x, A, mem, mem)),
+        "forward": (k.lora_linear_forward(x, W, bias, A, B, s, p, seed), k.lora_linear_forward(x, W, bias, A, B, mem, mem, mem)),
+        "backward": (
+            k.lora_linear_backward(dy, x, W, A, B, S, s, p, seed, (True, True, True)),
+            k.lora_linear_backward(dy, x, W, A, B, S, mem, mem, mem, (True, True, True)),
+        ),
+    }
+    for name, (by_value, in_memory) in pairs.items():
+        for a, b in zip(torch.utils._pytree.tree_leaves(by_value), torch.utils._pytree.tree_leaves(in_memory)):
+            assert torch.equal(a, b), f"{name}: in-memory scalars differ from by-value (max {(a - b).abs().max()})"
+    if p > 0.0:  # the mask is really applied in memory mode: another seed changes S
+        other = device_scalars(s, p, seed + 1, dev)
+        assert not torch.equal(S, k.lora_shrink(x, A, other, other))
+
+
+def test_device_scalars_must_not_be_mixed_with_values():
+    """One DeviceScalars is passed as scaling, p and seed together (or as scaling with
+    p=0.0); a by-value p beside an in-memory seed would silently use the wrong mask."""
+    from lorakern.kernels.common import device_scalars, scalar_args
+
+    mem = device_scalars(0.5, 0.2, 7, "cpu")
+    assert scalar_args(mem, mem, mem)["SCALARS_IN_MEMORY"] is True
+    assert scalar_args(0.0, 0, mem)["HAS_DROPOUT"] is False
+    for p, seed, scaling in ((0.2, mem, None), (mem, 7, None), (0.2, 7, mem), (mem, mem, 0.5)):
+        with pytest.raises(TypeError, match="DeviceScalars"):
+            scalar_args(p, seed, scaling)
