@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, load_dropout, load_scaling, mma, rank_pad,
+    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, launchable, load_dropout, load_scaling, mma, rank_pad,
     scalar_args,
 )
 from .forward import accumulate_config, gemm_configs, grouped_tile, m_bucket
@@ -89,7 +89,7 @@ def lora_backward_dsdb(
     num_pid = cdiv(M, cfg["BLOCK_M"])
     db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
     scalars = scalar_args(0.0, 0, scaling)
-    _lora_bwd_dsdb_kernel[(num_pid,)](
+    launchable(_lora_bwd_dsdb_kernel, dy)[(num_pid,)](
         dy, lora_B, S, dS, db_partial,
         scaling=scalars["scaling"],
         M=M, N=N, R=R,
@@ -100,7 +100,7 @@ def lora_backward_dsdb(
         stride_dbp=db_partial.stride(0), stride_dbn=db_partial.stride(1), stride_dbr=db_partial.stride(2),
         R_PAD=rank_pad(R), SCALARS_IN_MEMORY=scalars["SCALARS_IN_MEMORY"], **cfg, **common_meta(dy.dtype),
     )
-    dB = db_partial[0] if num_pid == 1 else db_partial.sum(0)
+    dB = db_partial.view(N, R) if num_pid == 1 else db_partial.sum(0)
     return dS, dB.to(lora_B.dtype)
 
 
@@ -202,7 +202,7 @@ def lora_backward_dx(
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
     stride_wn, stride_wk = (0, 0) if weight is None else weight.stride()
-    kernel[grid](
+    launchable(kernel, dy)[grid](
         dy, dx if weight is None else weight, dS, lora_A, dx,  # dx: an unread stand-in pointer
         M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
@@ -279,7 +279,7 @@ def lora_backward_da(
     rows_per_split = cdiv(m_blocks, splits) * cfg["BLOCK_M"]
     splits = cdiv(M, rows_per_split)
     da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
-    _lora_bwd_da_kernel[(k_blocks, splits)](
+    launchable(_lora_bwd_da_kernel, x)[(k_blocks, splits)](
         dS, x, da_partial,
         M=M, K=K, R=R, ROWS_PER_SPLIT=rows_per_split,
         stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
@@ -287,5 +287,5 @@ def lora_backward_da(
         stride_dap=da_partial.stride(0), stride_dar=da_partial.stride(1), stride_dak=da_partial.stride(2),
         R_PAD=rank_pad(R), **scalar_args(p, seed), **cfg, **common_meta(x.dtype),
     )
-    dA = da_partial[0] if splits == 1 else da_partial.sum(0)
+    dA = da_partial.view(R, K) if splits == 1 else da_partial.sum(0)
     return dA.to(lora_A.dtype)

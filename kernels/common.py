@@ -92,6 +92,17 @@ def traced(t: torch.Tensor) -> bool:
     return type(t) not in (torch.Tensor, torch.nn.Parameter)
 
 
+def launchable(kernel, like: torch.Tensor):
+    """`kernel`, or `torch.library.wrap_triton(kernel)` while torch.compile traces (FakeTensor
+    inputs): the launch then becomes a graph node instead of running. Only then: a
+    wrapped launch outside tracing goes through the dispatcher (~1 ms)."""
+    if traced(like):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
 def has_dropout(p) -> bool:
     """Whether the mask applies: p > 0 by value, or DeviceScalars.has_dropout."""
     return p.has_dropout if isinstance(p, DeviceScalars) else p > 0.0

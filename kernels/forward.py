@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, load_dropout, load_scaling, mma, next_pow2,
+    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, launchable, load_dropout, load_scaling, mma, next_pow2,
     rank_pad, scalar_args,
 )
 from .shrink import lora_shrink as _lora_shrink
@@ -192,7 +192,7 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
     else:
         kernel, tile = _lora_fwd_kernel, accumulate_config("BLOCK_N", "BLOCK_K")
     w = x if weight is None else weight  # unread without HAS_BASE: any valid pointer
-    kernel[grid](
+    launchable(kernel, x)[grid](
         x, w, bias if bias is not None else x, a, S, lora_B, y,
         M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1),

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, load_dropout, mma, rank_pad, scalar_args
+from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, launchable, load_dropout, mma, rank_pad, scalar_args
 
 
 def _config(K: int) -> dict:
@@ -66,7 +66,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p, seed) -> torch.Tensor:
         return S
     cfg = _config(K)
     grid = (cdiv(M, cfg["BLOCK_M"]),)
-    _lora_shrink_kernel[grid](
+    launchable(_lora_shrink_kernel, x)[grid](
         x, lora_A, S,
         M=M, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1),

@@ -569,8 +569,15 @@ def lora_linear(
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, x.dtype)
     if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B):
-        # Traced (torch.compile, export) or tensor subclasses: the registered op.
+        # Traced (torch.compile, export) or tensor subclasses: the registered ops. Triton
+        # kernels compiled (not interpreted): triton_ops, whose kernels the compiler sees;
+        # otherwise the opaque custom op.
+        has_dropout = isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
         scaling, dropout_p, seed = _scalar_tensors(scaling, dropout_p, seed)
+        if backend == "triton" and not interpreting():
+            from lorakern import triton_ops
+
+            return triton_ops.lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout)
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
     # Eager: the autograd.Function (same math). A scalar tensor is read on the host: it
     # lives on the CPU, so no device synchronisation.

@@ -1,0 +1,148 @@
+"""The Triton backend under torch.compile: `torch.library.triton_op`s the compiler traces.
+
+`ops.lora_linear` takes this path when it is traced (torch.compile, export) or given
+tensor subclasses, the backend is "triton" and the kernels are compiled (not
+interpreted). Unlike the opaque `lorakern::lora_linear_fwd` custom op, the bodies
+below are traced: each kernel launch (`wrap_triton`) becomes a node of the graph
+Inductor compiles, next to the surrounding ops.
+
+A traced body cannot read a tensor's value on the host, so the scalars reach the
+kernels through device memory (kernels.common.DeviceScalars):
+
+    lorakern::device_scalars   opaque, on the host: validates scaling / dropout p, draws
+                               the seed from torch's CPU generator when none is given
+                               (the draw eager mode makes, so compiled and eager masks
+                               agree), and copies [s, p, 1/(1-p)] and the seed to x's device;
+    lorakern::lora_linear_fwd_triton, lorakern::lora_linear_bwd_triton
+                               the kernels, reading those values from memory.
+
+Without Triton's compiler (TRITON_INTERPRET=1) `wrap_triton` cannot trace a kernel, so
+there `ops.lora_linear` takes the opaque custom op instead. The triton_ops also
+run eagerly (the dispatcher calls the body with plain tensors): that is how the CPU
+tests check their numerics in the interpreter.
+"""
+
+from typing import Optional
+
+import torch
+
+from lorakern import ops
+from lorakern.kernels import DeviceScalars, lora_linear_backward, lora_linear_forward
+from lorakern.kernels.common import device_scalars as _to_device
+
+
+@torch.library.custom_op(
+    "lorakern::device_scalars", mutates_args=(),
+    schema="(Tensor scaling, Tensor dropout_p, Tensor? seed, Device device) -> (Tensor, Tensor)",
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def device_scalars(scaling, dropout_p, seed, device):
+    """CPU scalars -> (values float32 [3] = (s, p or -1 when 0, 1/(1-p)), seed int64 [1]) on `device`.
+
+    scaling, dropout_p: one-element CPU float tensors; seed: one-element int64 CPU tensor,
+    or None to draw one (only when p > 0, as eager mode does).
+    """
+    s, p = float(scaling), float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if seed is None:
+        seed_value = ops.draw_seed() if p > 0.0 else 0
+    else:
+        seed_value = int(seed)
+        if seed_value < 0:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed_value}")
+    mem = _to_device(s, p, seed_value, device)
+    return mem.values, mem.seed
+
+
+@device_scalars.register_fake
+def _device_scalars_fake(scaling, dropout_p, seed, device):
+    return torch.empty(3, dtype=torch.float32, device=device), torch.empty(1, dtype=torch.int64, device=device)
+
+
+def _scalars(values: torch.Tensor, seed: torch.Tensor, has_dropout: bool):
+    """(scaling, p, seed) arguments of the kernel launchers: one DeviceScalars, with p and
+    seed by value (no dropout) when the mask is off."""
+    mem = DeviceScalars(values, seed, has_dropout)
+    return (mem, mem, mem) if has_dropout else (mem, 0.0, 0)
+
+
+@torch.library.triton_op("lorakern::lora_linear_fwd_triton", mutates_args=())
+def lora_linear_fwd_triton(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    values: torch.Tensor,
+    seed: torch.Tensor,
+    has_dropout: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (y [..., N] x's dtype, S [M, r] fp32), values / seed from `device_scalars`.
+    has_dropout (static) selects the masked kernels; a p of 0 then keeps every element."""
+    scaling, p, seed_arg = _scalars(values, seed, has_dropout)
+    lead, k = x.shape[:-1], x.shape[-1]
+    with ops._autocast_off(x.device.type):
+        y, S = lora_linear_forward(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, seed_arg)
+    # A fresh tensor (not a view of the kernel's 2-D buffer), as in ops._forward_core.
+    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S
+
+
+@torch.library.triton_op("lorakern::lora_linear_bwd_triton", mutates_args=())
+def lora_linear_bwd_triton(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    S: torch.Tensor,
+    values: torch.Tensor,
+    seed: torch.Tensor,
+    has_dropout: bool,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA backward: (dx [..., K], dA [r, K], dB [N, r]); one not needed is an empty [0]."""
+    scaling, p, seed_arg = _scalars(values, seed, has_dropout)
+    with ops._autocast_off(dy.device.type):
+        dx, dA, dB = lora_linear_backward(
+            dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, S,
+            scaling, p, seed_arg, (need_x, need_a, need_b),
+        )
+    return (
+        dy.new_empty(0) if dx is None else torch.ops.aten._unsafe_view(dx, x.shape),
+        lora_A.new_empty(0) if dA is None else dA,
+        lora_B.new_empty(0) if dB is None else dB,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_B, values, seed, has_dropout = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], values, seed)
+    ctx.has_dropout = has_dropout
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dS):
+    x, weight, lora_A, lora_B, S, values, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    dx = dA = dB = None
+    if need_x or need_a or need_b:
+        dx, dA, dB = lora_linear_bwd_triton(
+            dy, x, weight, lora_A, lora_B, S, values, seed, ctx.has_dropout, need_x, need_a, need_b
+        )
+        dx, dA, dB = (dx if need_x else None), (dA if need_a else None), (dB if need_b else None)
+    dW, dbias = ops._base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
+    return dx, dW, dbias, dA, dB, None, None, None
+
+
+lora_linear_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout: bool) -> torch.Tensor:
+    """y [..., N] through the traced ops; scaling / dropout_p / seed as `ops.lora_linear_fwd`
+    takes them (one-element CPU tensors, seed possibly None)."""
+    values, seed_d = device_scalars(scaling, dropout_p, seed, x.device)
+    return lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, values, seed_d, has_dropout)[0]
