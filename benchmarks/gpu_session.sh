@@ -74,9 +74,13 @@ quick)
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | tail -n 25; done
     ;;
 quick2)
-    # The tests CI never runs (requires_cuda, marked `cuda` by tests/conftest.py) first.
-    timeout -s INT -k 20 150 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider -m cuda tests \
-        > "$OUT/pytest-cuda-only.txt" 2>&1
+    # The tests CI never runs (requires_cuda, marked `cuda` by tests/conftest.py) first,
+    # the traced-Triton (triton_op) and compile ones before the rest.
+    timeout -s INT -k 20 90 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider -m cuda \
+        tests/test_triton_ops.py tests/test_compile.py > "$OUT/pytest-cuda-compile.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-compile.txt"
+    timeout -s INT -k 20 100 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider -m cuda tests \
+        --ignore=tests/test_triton_ops.py --ignore=tests/test_compile.py > "$OUT/pytest-cuda-only.txt" 2>        --deselect tests/test_triton_ops.py --deselect tests/test_compile.py > "$OUT/pytest-cuda-only.txt" 2>&11
     echo "rc=$?" >> "$OUT/pytest-cuda-only.txt"
     timeout 170 "$PY" -m lorakern.cli bench --shapes custom --kn 4096x4096 --tokens 16 --modes decode \
         --providers base lorakern peft --no-memory --e2e-size 1b-2layer --e2e-compile \
@@ -89,7 +93,7 @@ quick2)
         tests/test_compile.py tests/test_checkpoint.py tests/test_layer.py tests/test_op.py tests/test_errors.py \
         -k triton > "$OUT/pytest-cuda-triton.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-triton.txt"
-    tail -n 12 "$OUT/pytest-cuda-only.txt"
+    tail -n 12 "$OUT/pytest-cuda-compile.txt" "$OUT/pytest-cuda-only.txt"
     tar xzf "$OUT/e2e.tgz" -O e2e/e2e.log | tail -n 12
     grep -A7 "^| provider | model" <(tar xzf "$OUT/e2e.tgz" -O e2e/results.md 2>/dev/null)
     tail -n 8 "$OUT/pytest-cuda-triton.txt"

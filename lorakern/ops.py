@@ -3,10 +3,13 @@
     y = x Wᵀ + s · (D(x) Aᵀ) Bᵀ + bias
 
 `lora_linear` is the public functional. When traced (torch.compile, export) or given
-tensor subclasses it calls two `torch.library` custom ops, `lorakern::lora_linear_fwd`
-and `lorakern::lora_linear_bwd`, with fake (meta) implementations and an autograd
-registration, so `torch.compile(..., fullgraph=True)` traces through a LoRA model
-without graph breaks: to the compiler each op is one opaque node, on either backend.
+tensor subclasses it calls registered ops, so `torch.compile(..., fullgraph=True)`
+traces through a LoRA model without graph breaks:
+- the Triton backend with compiled kernels (torch >= 2.6): the `triton_op`s of
+  `lorakern.triton_ops`, whose kernel launches the compiler sees;
+- otherwise (reference backend, Triton's interpreter, older torch) two opaque custom
+  ops, `lorakern::lora_linear_fwd` and `lorakern::lora_linear_bwd`, with fake (meta)
+  implementations and an autograd registration.
 In plain eager mode it calls `LoraLinearFunction`, an autograd.Function over the same
 math (the custom-op dispatcher costs ~60 µs more per forward + backward).
 
@@ -18,10 +21,12 @@ the reference otherwise. LORAKERN_BACKEND overrides "auto".
 Scalars travel as one-element CPU tensors (scaling and dropout_p float64, seed int64):
 the compiler treats them as graph inputs, not constants, so changing an adapter's
 scaling or dropout probability does not recompile, and the ops read them on the host
-without a device synchronisation. When no seed is given and dropout is on, the forward
-op draws the seed from torch's default CPU generator itself and returns it for the
-backward: `torch.manual_seed` reproduces the mask, and activation checkpointing
-(which restores the CPU RNG state before recomputing) regenerates the same mask.
+without a device synchronisation (the traced Triton path hands them to the kernels
+through device memory instead, see lorakern/triton_ops.py). When no seed is given and
+dropout is on, the forward op draws the seed from torch's default CPU generator itself
+and returns it for the backward: `torch.manual_seed` reproduces the mask, and
+activation checkpointing (which restores the CPU RNG state before recomputing)
+regenerates the same mask.
 
 Autocast: under `torch.autocast(device_type)` the op behaves like `F.linear` — x,
 weight and bias are cast to the autocast dtype; float32 adapters stay float32 (the
@@ -392,6 +397,10 @@ _backward.__doc__ = "Autograd of lorakern::lora_linear_fwd.\n\n    " + _BACKWARD
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# torch.library.triton_op / wrap_triton (torch >= 2.6); older torch keeps the opaque op.
+_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+
+
 def _plain(*tensors) -> bool:
     """True when no tensor is a subclass (FakeTensor, DTensor, ...) other than Parameter."""
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
@@ -574,7 +583,7 @@ def lora_linear(
         # otherwise the opaque custom op.
         has_dropout = isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
         scaling, dropout_p, seed = _scalar_tensors(scaling, dropout_p, seed)
-        if backend == "triton" and not interpreting():
+        if backend == "triton" and not interpreting() and _HAS_TRITON_OP:
             from lorakern import triton_ops
 
             return triton_ops.lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout)
