@@ -80,7 +80,7 @@ quick2)
         tests/test_triton_ops.py tests/test_compile.py > "$OUT/pytest-cuda-compile.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-compile.txt"
     timeout -s INT -k 20 100 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider -m cuda tests \
-        --ignore=tests/test_triton_ops.py --ignore=tests/test_compile.py > "$OUT/pytest-cuda-only.txt" 2>        --deselect tests/test_triton_ops.py --deselect tests/test_compile.py > "$OUT/pytest-cuda-only.txt" 2>&11
+        --ignore=tests/test_triton_ops.py --ignore=tests/test_compile.py > "$OUT/pytest-cuda-only.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-only.txt"
     timeout 170 "$PY" -m lorakern.cli bench --shapes custom --kn 4096x4096 --tokens 16 --modes decode \
         --providers base lorakern peft --no-memory --e2e-size 1b-2layer --e2e-compile \
