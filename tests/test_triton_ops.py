@@ -4,7 +4,8 @@ for the Triton backend when the kernels are compiled.
 On CPU: their numerics run eagerly in the interpreter (bit-equal to the eager Triton
 path, every gradient), the host-side scalar op's seed and validation, and — in a
 subprocess without the interpreter — tracing of both ops on FakeTensor CUDA inputs,
-static and dynamic shapes (tests/trace_triton_ops.py). On CUDA: opcheck and inductor.
+static and dynamic shapes, and torch.compile of a LoRA model up to its recorded graphs
+(tests/trace_triton_ops.py). On CUDA: opcheck and the compiled graph.
 """
 
 from __future__ import annotations
@@ -150,6 +151,21 @@ def test_traced_ops_decompose_into_kernel_launches(mode):
     assert all(kwargs_mem for kwargs_mem in graph["scalars_in_memory"]), graph["scalars_in_memory"]
     if mode == "symbolic":
         assert graph["dynamic_M"], "M was specialised to a number"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA tests")
+def test_compile_of_a_lora_model_traces_the_kernels_fullgraph():
+    """torch.compile(fullgraph=True) of a LoRA model on the traced Triton path, as far as
+    a CPU goes (device checks off in the subprocess; graphs recorded, not run): one frame,
+    the forward and backward kernels in AOTAutograd's graphs with scalars in memory, no
+    opaque op; changing scaling and dropout does not recompile, a new batch shape
+    recompiles once with M symbolic."""
+    graph = _trace("dynamo")
+    assert graph["frames"] == [1, 1, 2], graph["frames"]
+    assert graph["opaque_lora_op"] == 0 and graph["device_scalars"] >= 2
+    for name in ("_lora_fwd_kernel", "_lora_bwd_dsdb_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"):
+        assert name in graph["kernels"], f"{name} not in the compiled graphs: {graph['kernels']}"
+    assert all(graph["scalars_in_memory"]) and graph["dynamic_M"]
 
 
 # ----------------------------------------------------------------------------- CUDA

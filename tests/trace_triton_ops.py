@@ -1,11 +1,17 @@
-"""Trace the traced-Triton ops as AOTAutograd would, without a GPU; print a JSON summary.
+"""Trace the traced-Triton ops as torch.compile would, without a GPU; print a JSON summary.
 
-    python -m tests.trace_triton_ops fake|symbolic      (TRITON_INTERPRET unset)
+    python -m tests.trace_triton_ops fake|symbolic|dynamo      (TRITON_INTERPRET unset)
 
-Inputs are FakeTensors on "cuda" (a CPU-only torch can make those); make_fx with the
-functional decomposition shows the kernel launches Inductor would compile. Backward
-autograd itself cannot run on fake CUDA tensors in a CPU-only torch (no device guard),
-so the backward op is traced by a direct call; its autograd wiring is tested eagerly.
+fake / symbolic: inputs are FakeTensors on "cuda" (a CPU-only torch can make those);
+make_fx with the functional decomposition shows the kernel launches Inductor would
+compile, static or with a dynamic M. Autograd cannot run on fake CUDA tensors in a
+CPU-only torch (no device guard), so there the backward op is traced by a direct call.
+
+dynamo: torch.compile(fullgraph=True) of a tiny LoRA model on CPU tensors, with the
+device checks switched off in this process only (compiled Triton kernels cannot run on
+a CPU, but they can be traced): dynamo, AOTAutograd's joint graph and partitioner see
+the real call path — forward and backward kernels, frames counted across scalar and
+shape changes. The compiled graphs are recorded, never run.
 Used by tests/test_triton_ops.py.
 """
 
@@ -59,29 +65,86 @@ def _kernel_name(kernel) -> str:
     return getattr(fn, "__name__", None) or fn.fn.__name__
 
 
-def main(mode: str) -> None:
+def _summary(graphs) -> dict:
+    kernels, in_memory, dynamic_m, code = [], [], False, ""
+    for gm in graphs:
+        code += gm.code
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or "triton_kernel_wrapper" not in str(node.target):
+                continue
+            kernels.append(_kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"])))
+            args = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
+            in_memory.append(bool(args.get("SCALARS_IN_MEMORY")))
+            dynamic_m |= isinstance(args.get("M"), torch.fx.Node)
+    return {
+        "kernels": kernels,
+        "scalars_in_memory": in_memory,
+        "dynamic_M": dynamic_m,
+        "opaque_lora_op": code.count("lorakern.lora_linear_fwd.default") + code.count("lorakern.lora_linear_bwd.default"),
+        "device_scalars": sum(
+            node.target is torch.ops.lorakern.device_scalars.default for gm in graphs for node in gm.graph.nodes
+        ),
+    }
+
+
+def _make_fx(mode: str) -> dict:
     t = _inputs(mode == "symbolic")
     scaling = torch.tensor([0.5], dtype=torch.float64)
     dropout_p = torch.tensor([0.1], dtype=torch.float64)
     gm = make_fx(dispatch_functionalize(_step), tracing_mode=mode)(
         t["x"], t["W"], t["A"], t["B"], t["dy"], scaling, dropout_p
     )
-    kernels, in_memory, dynamic_m = [], [], False
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or "triton_kernel_wrapper" not in str(node.target):
-            continue
-        kernels.append(_kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"])))
-        args = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
-        in_memory.append(bool(args.get("SCALARS_IN_MEMORY")))
-        dynamic_m |= isinstance(args.get("M"), torch.fx.Node)
-    code = gm.code
-    print(json.dumps({
-        "kernels": kernels,
-        "scalars_in_memory": in_memory,
-        "dynamic_M": dynamic_m,
-        "opaque_lora_op": code.count("lorakern.lora_linear_fwd.default") + code.count("lorakern.lora_linear_bwd.default"),
-        "device_scalars": code.count("lorakern.device_scalars.default"),  # lora_linear once, _step once
-    }))
+    return _summary([gm])
+
+
+class _Traced(Exception):
+    """Raised instead of running a recorded graph."""
+
+
+def _dynamo() -> dict:
+    import torch._dynamo.testing
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from lorakern import ops
+    from lorakern.kernels import backward, common, forward, shrink
+    from tests.training_utils import lora_layers, tiny_lora_model
+
+    for module in (common, shrink, forward, backward):
+        module.check_device = lambda name, t: None
+    ops.resolve_backend = lambda backend, device, dtype=torch.float32: "triton"
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm)
+
+        def run(*args):
+            raise _Traced
+
+        return run
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=record, bw_compiler=record)
+
+    model = tiny_lora_model(dropout=0.25, backend="triton").train()
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    frames = []
+    for change in ("first call", "scaling and dropout changed", "new batch shape"):
+        if change == "scaling and dropout changed":
+            for layer in lora_layers(model):
+                layer.scaling["default"] = 0.3
+                layer.lora_dropout["default"] = 0.0
+        x = torch.randn(3, 7, 16) if change == "new batch shape" else torch.randn(2, 5, 16)
+        try:
+            compiled(x)
+        except _Traced:
+            pass
+        frames.append(counter.frame_count)
+    return {**_summary(graphs), "frames": frames}
+
+
+def main(mode: str) -> None:
+    print(json.dumps(_dynamo() if mode == "dynamo" else _make_fx(mode)))
 
 
 if __name__ == "__main__":
