@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from lorakern import ops
-from tests.conftest import backend_device
+from tests.conftest import backend_device, requires_cuda
 from tests.training_utils import K, tiny_lora_model
 from tests.utils import RTOL, assert_close
 
@@ -151,3 +151,28 @@ def test_checkpoint_inside_torch_compile(compiler, monkeypatch):
     assert eager.keys() == compiled.keys() and len(eager) == 4
     for name in eager:
         assert torch.equal(compiled[name], eager[name]), name
+
+
+@requires_cuda
+def test_checkpoint_inside_torch_compile_triton_on_cuda():
+    """The same on the traced Triton path (lorakern/triton_ops.py): the seed comes from the
+    host op device_scalars (nondeterministic_seeded), so the compiled recomputation must
+    get the forward's seed; a different mask would change the grads far beyond rounding.
+    Compiled dispatch may pick cuBLAS where eager picked the fused GEMM: close, not equal."""
+    model = tiny_lora_model(dropout=0.3, backend="triton", device="cuda").train()
+
+    def forward(x):
+        h = checkpoint(model.up, x, use_reentrant=False)
+        return model.down(torch.relu(h))
+
+    x = torch.randn(2, 5, K, device="cuda")
+    results = []
+    for fn in (forward, torch.compile(forward, backend="inductor", fullgraph=True)):
+        torch.manual_seed(4)
+        fn(x).square().mean().backward()
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+    eager, compiled = results
+    assert eager.keys() == compiled.keys() and len(eager) == 4
+    for name in eager:
+        assert_close(compiled[name], eager[name], RTOL[torch.float32], name)
