@@ -80,7 +80,7 @@ class DeviceScalars(NamedTuple):
     has_dropout: bool
 
 
-def device_scalars(scaling: float, p: float, seed: int, device) -> DeviceScalars:
+def to_device_scalars(scaling: float, p: float, seed: int, device) -> DeviceScalars:
     """Host values -> a DeviceScalars on `device` (rounded to fp32 as by-value arguments are)."""
     values = torch.tensor([scaling, p if p > 0.0 else -1.0, 1.0 / (1.0 - p)], dtype=torch.float32)
     seed_t = torch.tensor([seed], dtype=torch.int64)
@@ -88,8 +88,13 @@ def device_scalars(scaling: float, p: float, seed: int, device) -> DeviceScalars
 
 
 def traced(t: torch.Tensor) -> bool:
-    """True for a FakeTensor / FunctionalTensor (torch.compile tracing a triton_op body)."""
-    return type(t) not in (torch.Tensor, torch.nn.Parameter)
+    """True for a FakeTensor, bare or inside a FunctionalTensor: torch.compile (or export)
+    tracing a triton_op body, where launches must become graph nodes."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):  # eager: the fast answer
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def launchable(kernel, like: torch.Tensor):

@@ -28,7 +28,7 @@ import torch
 
 from lorakern import ops
 from lorakern.kernels import DeviceScalars, lora_linear_backward, lora_linear_forward
-from lorakern.kernels.common import device_scalars as _to_device
+from lorakern.kernels.common import to_device_scalars
 
 
 @torch.library.custom_op(
@@ -51,7 +51,7 @@ def device_scalars(scaling, dropout_p, seed, device):
         seed_value = int(seed)
         if seed_value < 0:
             raise ValueError(f"seed must be in [0, 2**63), got {seed_value}")
-    mem = _to_device(s, p, seed_value, device)
+    mem = to_device_scalars(s, p, seed_value, device)
     return mem.values, mem.seed
 
 

@@ -406,7 +406,7 @@ def test_scalars_in_device_memory_match_by_value_bit_for_bit(dt, p):
     """Each launcher given a DeviceScalars (the traced triton_op path: scaling, p, 1/(1-p)
     and the seed loaded by the kernels) returns exactly what it returns with the same
     values passed by value: same mask, same rounding of s and 1/(1-p)."""
-    from lorakern.kernels.common import device_scalars
+    from lorakern.kernels.common import to_device_scalars
 
     k = _kernels()
     M, r, s, seed = 70, 7, 0.37, 2**40 + 5
@@ -414,7 +414,7 @@ def test_scalars_in_device_memory_match_by_value_bit_for_bit(dt, p):
     x, dy = randn(M, K, dtype=dt, device=dev), randn(M, N, dtype=dt, device=dev)
     W, bias = randn(N, K, dtype=dt, device=dev), randn(N, dtype=dt, device=dev)
     A, B = randn(r, K, dtype=torch.float32, device=dev), randn(N, r, dtype=torch.float32, device=dev)
-    mem = device_scalars(s, p, seed, dev)
+    mem = to_device_scalars(s, p, seed, dev)
     S = k.lora_shrink(x, A, p, seed)
     dS, dB = k.lora_backward_dsdb(dy, B, S, s)
     pairs = {
@@ -437,16 +437,16 @@ def test_scalars_in_device_memory_match_by_value_bit_for_bit(dt, p):
         for a, b in zip(torch.utils._pytree.tree_leaves(by_value), torch.utils._pytree.tree_leaves(in_memory)):
             assert torch.equal(a, b), f"{name}: in-memory scalars differ from by-value (max {(a - b).abs().max()})"
     if p > 0.0:  # the mask is really applied in memory mode: another seed changes S
-        other = device_scalars(s, p, seed + 1, dev)
+        other = to_device_scalars(s, p, seed + 1, dev)
         assert not torch.equal(S, k.lora_shrink(x, A, other, other))
 
 
 def test_device_scalars_must_not_be_mixed_with_values():
     """One DeviceScalars is passed as scaling, p and seed together (or as scaling with
     p=0.0); a by-value p beside an in-memory seed would silently use the wrong mask."""
-    from lorakern.kernels.common import device_scalars, scalar_args
+    from lorakern.kernels.common import scalar_args, to_device_scalars
 
-    mem = device_scalars(0.5, 0.2, 7, "cpu")
+    mem = to_device_scalars(0.5, 0.2, 7, "cpu")
     assert scalar_args(mem, mem, mem)["SCALARS_IN_MEMORY"] is True
     assert scalar_args(0.0, 0, mem)["HAS_DROPOUT"] is False
     for p, seed, scaling in ((0.2, mem, None), (mem, 7, None), (0.2, 7, mem), (mem, mem, 0.5)):
