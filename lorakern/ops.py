@@ -6,7 +6,8 @@
 tensor subclasses it calls registered ops, so `torch.compile(..., fullgraph=True)`
 traces through a LoRA model without graph breaks:
 - the Triton backend with compiled kernels (torch >= 2.6): the `triton_op`s of
-  `lorakern.triton_ops`, whose kernel launches the compiler sees;
+  `lorakern.triton_ops`, whose kernel launches the compiler sees (`use_triton_op`;
+  LORAKERN_TRITON_OP=0 turns it off);
 - otherwise (reference backend, Triton's interpreter, older torch) two opaque custom
   ops, `lorakern::lora_linear_fwd` and `lorakern::lora_linear_bwd`, with fake (meta)
   implementations and an autograd registration.
@@ -401,6 +402,16 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 _HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
 
 
+def use_triton_op() -> bool:
+    """Whether traced Triton-backend calls take lorakern.triton_ops (the compiler sees the
+    kernels) rather than the opaque custom op: yes when Triton compiles its kernels (not
+    the interpreter) and torch has triton_op, unless LORAKERN_TRITON_OP=0."""
+    value = os.environ.get("LORAKERN_TRITON_OP", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"LORAKERN_TRITON_OP must be 0 or 1, got {value!r}")
+    return value == "1" and _HAS_TRITON_OP and not interpreting()
+
+
 def _plain(*tensors) -> bool:
     """True when no tensor is a subclass (FakeTensor, DTensor, ...) other than Parameter."""
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
@@ -583,7 +594,7 @@ def lora_linear(
         # otherwise the opaque custom op.
         has_dropout = isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
         scaling, dropout_p, seed = _scalar_tensors(scaling, dropout_p, seed)
-        if backend == "triton" and not interpreting() and _HAS_TRITON_OP:
+        if backend == "triton" and use_triton_op():
             from lorakern import triton_ops
 
             return triton_ops.lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout)

@@ -124,8 +124,9 @@ def test_opcheck_device_scalars():
     torch.library.opcheck(t.device_scalars, (s, q, seed, torch.device(KERNEL_DEVICE)))
 
 
-def _trace(mode: str) -> dict:
+def _trace(mode: str, **extra_env: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra_env)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, "-m", "tests.trace_triton_ops", mode], env=env, capture_output=True, text=True, timeout=600,
@@ -166,6 +167,21 @@ def test_compile_of_a_lora_model_traces_the_kernels_fullgraph():
     for name in ("_lora_fwd_kernel", "_lora_bwd_dsdb_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"):
         assert name in graph["kernels"], f"{name} not in the compiled graphs: {graph['kernels']}"
     assert all(graph["scalars_in_memory"]) and graph["dynamic_M"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA tests")
+def test_lorakern_triton_op_0_compiles_the_opaque_op_instead():
+    """LORAKERN_TRITON_OP=0: the same model compiles with the opaque custom op (no kernel
+    nodes), still one frame and no recompile on scalar changes."""
+    graph = _trace("dynamo", LORAKERN_TRITON_OP="0")
+    assert graph["frames"] == [1, 1, 2], graph["frames"]
+    assert graph["opaque_lora_op"] > 0 and graph["kernels"] == [] and graph["device_scalars"] == 0
+
+
+def test_lorakern_triton_op_must_be_0_or_1(monkeypatch):
+    monkeypatch.setenv("LORAKERN_TRITON_OP", "yes")
+    with pytest.raises(ValueError, match="LORAKERN_TRITON_OP"):
+        ops.use_triton_op()
 
 
 # ----------------------------------------------------------------------------- CUDA
