@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, launchable, load_dropout, load_scaling, mma, rank_pad,
-    scalar_args,
+    cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, load_scaling, mma, rank_pad, scalar_args,
+    wrap_triton,
 )
 from .forward import accumulate_config, gemm_configs, grouped_tile, m_bucket
 
@@ -89,7 +89,7 @@ def lora_backward_dsdb(
     num_pid = cdiv(M, cfg["BLOCK_M"])
     db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
     scalars = scalar_args(0.0, 0, scaling)
-    launchable(_lora_bwd_dsdb_kernel, dy)[(num_pid,)](
+    wrap_triton(_lora_bwd_dsdb_kernel, dy)[(num_pid,)](
         dy, lora_B, S, dS, db_partial,
         scaling=scalars["scaling"],
         M=M, N=N, R=R,
@@ -202,7 +202,7 @@ def lora_backward_dx(
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
     stride_wn, stride_wk = (0, 0) if weight is None else weight.stride()
-    launchable(kernel, dy)[grid](
+    wrap_triton(kernel, dy)[grid](
         dy, dx if weight is None else weight, dS, lora_A, dx,  # dx: an unread stand-in pointer
         M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
@@ -279,7 +279,7 @@ def lora_backward_da(
     rows_per_split = cdiv(m_blocks, splits) * cfg["BLOCK_M"]
     splits = cdiv(M, rows_per_split)
     da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
-    launchable(_lora_bwd_da_kernel, x)[(k_blocks, splits)](
+    wrap_triton(_lora_bwd_da_kernel, x)[(k_blocks, splits)](
         dS, x, da_partial,
         M=M, K=K, R=R, ROWS_PER_SPLIT=rows_per_split,
         stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),

@@ -97,14 +97,20 @@ def traced(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def launchable(kernel, like: torch.Tensor):
+def wrap_triton(kernel, like: torch.Tensor):
     """`kernel`, or `torch.library.wrap_triton(kernel)` while torch.compile traces (FakeTensor
     inputs): the launch then becomes a graph node instead of running. Only then: a
-    wrapped launch outside tracing goes through the dispatcher (~1 ms)."""
-    if traced(like):
-        from torch.library import wrap_triton
+    wrapped launch outside tracing goes through the dispatcher (~1 ms).
 
-        return wrap_triton(kernel)
+    Named after torch's on purpose, and called with the kernel's own name (or a local
+    assigned from those names): torch finds a triton_op's kernels for its compile-cache
+    key by reading the source for `wrap_triton(<name>)` calls (torch._library.triton.
+    get_inner_triton_kernels), so a changed kernel invalidates cached compiled graphs.
+    """
+    if traced(like):
+        from torch.library import wrap_triton as torch_wrap_triton
+
+        return torch_wrap_triton(kernel)
     return kernel
 
 

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, launchable, load_dropout, load_scaling, mma, next_pow2,
-    rank_pad, scalar_args,
+    cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, load_scaling, mma, next_pow2, rank_pad,
+    scalar_args, wrap_triton,
 )
 from .shrink import lora_shrink as _lora_shrink
 
@@ -187,12 +187,11 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     a = lora_A if lora_A is not None else S  # unused pointer when not fusing the shrink
-    if has_base:
-        kernel, tile = _lora_fwd_kernel_tuned, {}
-    else:
-        kernel, tile = _lora_fwd_kernel, accumulate_config("BLOCK_N", "BLOCK_K")
+    # One name per assignment: how torch's source reading follows `kernel` (wrap_triton).
+    kernel = _lora_fwd_kernel_tuned if has_base else _lora_fwd_kernel
+    tile = {} if has_base else accumulate_config("BLOCK_N", "BLOCK_K")
     w = x if weight is None else weight  # unread without HAS_BASE: any valid pointer
-    launchable(kernel, x)[grid](
+    wrap_triton(kernel, x)[grid](
         x, w, bias if bias is not None else x, a, S, lora_B, y,
         M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1),

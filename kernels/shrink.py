@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cast, cdiv, check_device, common_meta, interpreting, drop, keep_mask, launchable, load_dropout, mma, rank_pad, scalar_args
+from .common import (
+    cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, mma, rank_pad, scalar_args, wrap_triton,
+)
 
 
 def _config(K: int) -> dict:
@@ -66,7 +68,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p, seed) -> torch.Tensor:
         return S
     cfg = _config(K)
     grid = (cdiv(M, cfg["BLOCK_M"]),)
-    launchable(_lora_shrink_kernel, x)[grid](
+    wrap_triton(_lora_shrink_kernel, x)[grid](
         x, lora_A, S,
         M=M, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1),

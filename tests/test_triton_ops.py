@@ -152,6 +152,12 @@ def test_traced_ops_decompose_into_kernel_launches(mode):
     assert all(kwargs_mem for kwargs_mem in graph["scalars_in_memory"]), graph["scalars_in_memory"]
     if mode == "symbolic":
         assert graph["dynamic_M"], "M was specialised to a number"
+    # torch reads the ops' source for wrap_triton(<kernel>) calls to key its compile cache
+    # on the kernels' code: every kernel each op can launch must be found.
+    assert graph["cache_key_kernels"] == {
+        "lora_linear_fwd_triton": ["_lora_fwd_kernel", "_lora_shrink_kernel"],
+        "lora_linear_bwd_triton": ["_lora_bwd_da_kernel", "_lora_bwd_dsdb_kernel", "_lora_bwd_dx_kernel"],
+    }, graph["cache_key_kernels"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA tests")

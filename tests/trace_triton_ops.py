@@ -94,7 +94,15 @@ def _make_fx(mode: str) -> dict:
     gm = make_fx(dispatch_functionalize(_step), tracing_mode=mode)(
         t["x"], t["W"], t["A"], t["B"], t["dy"], scaling, dropout_p
     )
-    return _summary([gm])
+    # The kernels torch finds by reading each op's source: they enter AOTAutograd's
+    # compile-cache key, so editing one must invalidate cached graphs.
+    from torch._library.triton import get_triton_kernels_for_op
+
+    found = {
+        op: sorted({_kernel_name(k) for k in get_triton_kernels_for_op(f"lorakern::{op}")})
+        for op in ("lora_linear_fwd_triton", "lora_linear_bwd_triton")
+    }
+    return {**_summary([gm]), "cache_key_kernels": found}
 
 
 class _Traced(Exception):
