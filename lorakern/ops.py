@@ -354,7 +354,12 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, 
         dy, x, weight, lora_A, lora_B, S, float(scaling), float(dropout_p), int(seed), backend,
         (need_x, need_a, need_b),
     )
-    # One fresh empty per output: custom-op outputs may not alias each other.
+    return _bwd_outputs(dy, lora_A, lora_B, dx, dA, dB)
+
+
+def _bwd_outputs(dy, lora_A, lora_B, dx, dA, dB):
+    """A backward op's outputs: a gradient not computed becomes an empty [0] tensor, one
+    fresh empty per output (custom-op outputs may not alias each other)."""
     return (
         dy.new_empty(0) if dx is None else dx,
         lora_A.new_empty(0) if dA is None else dA,
@@ -380,18 +385,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(S, seed)
 
 
-def _backward(ctx, dy, _dS, _dseed):
-    x, weight, lora_A, lora_B, S, scaling, dropout_p, seed = ctx.saved_tensors
+def op_grads(ctx, dy, x, weight, bwd_op) -> tuple:
+    """(dx, dW, dbias, dA, dB) of a registered forward op, given its ctx (needs_input_grad
+    of x, weight, bias, lora_A, lora_B first; bias_dtype) and `bwd_op(need_x, need_a,
+    need_b)`, the backward op call returning empty [0] tensors where not needed."""
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     dx = dA = dB = None
     if need_x or need_a or need_b:
-        dx, dA, dB = lora_linear_bwd(
-            dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend,
-            need_x, need_a, need_b,
-        )
+        dx, dA, dB = bwd_op(need_x, need_a, need_b)
         dx, dA, dB = (dx if need_x else None), (dA if need_a else None), (dB if need_b else None)
     dW, dbias = _base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
-    return dx, dW, dbias, dA, dB, None, None, None, None
+    return dx, dW, dbias, dA, dB
+
+
+def _backward(ctx, dy, _dS, _dseed):
+    x, weight, lora_A, lora_B, S, scaling, dropout_p, seed = ctx.saved_tensors
+    grads = op_grads(ctx, dy, x, weight, lambda need_x, need_a, need_b: lora_linear_bwd(
+        dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend, need_x, need_a, need_b,
+    ))
+    return (*grads, None, None, None, None)
 
 
 _backward.__doc__ = "Autograd of lorakern::lora_linear_fwd.\n\n    " + _BACKWARD_DOC

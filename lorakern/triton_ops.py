@@ -80,11 +80,13 @@ def lora_linear_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (y [..., N] x's dtype, S [M, r] fp32), values / seed from `device_scalars`.
     has_dropout (static) selects the masked kernels; a p of 0 then keeps every element."""
+    # ops._forward_core's steps, written out: torch finds the kernels for its compile-cache
+    # key by reading this body for calls by name (lora_linear_forward), and cannot follow
+    # _forward_core's `_implementation(backend).lora_linear_forward` (tests/test_triton_ops.py).
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
     lead, k = x.shape[:-1], x.shape[-1]
     with ops._autocast_off(x.device.type):
         y, S = lora_linear_forward(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, seed_arg)
-    # A fresh tensor (not a view of the kernel's 2-D buffer), as in ops._forward_core.
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S
 
 
@@ -104,17 +106,16 @@ def lora_linear_bwd_triton(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA backward: (dx [..., K], dA [r, K], dB [N, r]); one not needed is an empty [0]."""
+    # Written out for the same reason as the forward (lora_linear_backward called by name).
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
     with ops._autocast_off(dy.device.type):
         dx, dA, dB = lora_linear_backward(
             dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, S,
             scaling, p, seed_arg, (need_x, need_a, need_b),
         )
-    return (
-        dy.new_empty(0) if dx is None else torch.ops.aten._unsafe_view(dx, x.shape),
-        lora_A.new_empty(0) if dA is None else dA,
-        lora_B.new_empty(0) if dB is None else dB,
-    )
+    if dx is not None:
+        dx = torch.ops.aten._unsafe_view(dx, x.shape)
+    return ops._bwd_outputs(dy, lora_A, lora_B, dx, dA, dB)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -127,15 +128,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, _dS):
     x, weight, lora_A, lora_B, S, values, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    dx = dA = dB = None
-    if need_x or need_a or need_b:
-        dx, dA, dB = lora_linear_bwd_triton(
-            dy, x, weight, lora_A, lora_B, S, values, seed, ctx.has_dropout, need_x, need_a, need_b
-        )
-        dx, dA, dB = (dx if need_x else None), (dA if need_a else None), (dB if need_b else None)
-    dW, dbias = ops._base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
-    return dx, dW, dbias, dA, dB, None, None, None
+    grads = ops.op_grads(ctx, dy, x, weight, lambda need_x, need_a, need_b: lora_linear_bwd_triton(
+        dy, x, weight, lora_A, lora_B, S, values, seed, ctx.has_dropout, need_x, need_a, need_b,
+    ))
+    return (*grads, None, None, None)
 
 
 lora_linear_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
