@@ -41,8 +41,8 @@ def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
     return lora_backward_dx(*args, fused=fused)
 
 
-# Up to this many rows the one-launch forward (shrink inside the GEMM) is a candidate:
-# each column of programs recomputes S from x, which only pays while x is small.
+# Up to this many rows the shrink runs inside the kernel that adds the B-projection
+# (each column of programs recomputes S from x, which only pays while x is small).
 ONEPASS_MAX_M = 64
 
 
@@ -57,15 +57,18 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     scaling, p, seed: float, float, int; or one DeviceScalars as all three (values the
     host does not read: torch.compile's traced path).
 
-    Small M (decode) may run as one launch (`lora_forward_onepass`) when measured faster
-    than shrink + GEMM; larger M always runs the shrink kernel then the GEMM.
+    Small M (decode): one launch (`lora_forward_onepass`, the base GEMM in Triton) or two
+    (cuBLAS's GEMM, then one pass computing S and adding s·S Bᵀ), whichever measures
+    faster. Larger M, and while torch.compile traces: the shrink kernel, then the GEMM.
     """
     M, K = x.shape
     args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
-    if M <= ONEPASS_MAX_M and weight is not None:
+    if M <= ONEPASS_MAX_M and weight is not None and not traced(x):
         key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), has_dropout(p), x.dtype, x.device)
-        if prefer_fused(key, lambda: lora_forward_onepass(*args), lambda: _forward_two_pass(*args), x.device, traced(x)):
-            return lora_forward_onepass(*args)
+        fused = prefer_fused(
+            key, lambda: lora_forward_onepass(*args), lambda: lora_forward_onepass(*args, cublas_base=True), x.device
+        )
+        return lora_forward_onepass(*args, cublas_base=not fused)
     return _forward_two_pass(*args)
 
 

@@ -94,6 +94,14 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
          "FUSE_SHRINK": False, "HAS_DROPOUT": False, "HAS_BASE": False},
         4, 3,
     )
+    # The small-M accumulate variant that also computes S (lora_forward_onepass, cublas_base=True).
+    tile = forward._SMALL_M_ACCUMULATE
+    yield (
+        "fwd 16x128x128 onepass add", forward._lora_fwd_kernel,
+        {**common, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "GROUP_M": 8,
+         "HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_DROPOUT": True, "HAS_BASE": False},
+        tile["num_warps"], 3,
+    )
     for (bm, bc, br, warps, stages), has_base in itertools.product(tiles, (True, False)):
         yield (
             f"dx {bm}x{bc}x{br}{'' if has_base else ' add'}",

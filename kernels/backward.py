@@ -20,6 +20,7 @@ from .common import (
     wrap_triton,
 )
 from .forward import accumulate_config, gemm_configs, grouped_tile, m_bucket
+from .launch import launch
 
 # ---------------------------------------------------------------- dS and dB
 
@@ -89,17 +90,19 @@ def lora_backward_dsdb(
     num_pid = cdiv(M, cfg["BLOCK_M"])
     db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
     scalars = scalar_args(0.0, 0, scaling)
-    wrap_triton(_lora_bwd_dsdb_kernel, dy)[(num_pid,)](
-        dy, lora_B, S, dS, db_partial,
+    (stride_dym, stride_dyn), (stride_bn, stride_br), (stride_sm, stride_sr) = dy.stride(), lora_B.stride(), S.stride()
+    (stride_dsm, stride_dsr), (stride_dbp, stride_dbn, stride_dbr) = dS.stride(), db_partial.stride()
+    launch(wrap_triton(_lora_bwd_dsdb_kernel, dy), (num_pid,), dict(
+        dy_ptr=dy, b_ptr=lora_B, s_ptr=S, ds_ptr=dS, dbp_ptr=db_partial,
         scaling=scalars["scaling"],
         M=M, N=N, R=R,
-        stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
-        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-        stride_sm=S.stride(0), stride_sr=S.stride(1),
-        stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
-        stride_dbp=db_partial.stride(0), stride_dbn=db_partial.stride(1), stride_dbr=db_partial.stride(2),
+        stride_dym=stride_dym, stride_dyn=stride_dyn,
+        stride_bn=stride_bn, stride_br=stride_br,
+        stride_sm=stride_sm, stride_sr=stride_sr,
+        stride_dsm=stride_dsm, stride_dsr=stride_dsr,
+        stride_dbp=stride_dbp, stride_dbn=stride_dbn, stride_dbr=stride_dbr,
         R_PAD=rank_pad(R), SCALARS_IN_MEMORY=scalars["SCALARS_IN_MEMORY"], **cfg, **common_meta(dy.dtype),
-    )
+    ))
     dB = db_partial.view(N, R) if num_pid == 1 else db_partial.sum(0)
     return dS, dB.to(lora_B.dtype)
 
@@ -202,16 +205,18 @@ def lora_backward_dx(
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
 
     stride_wn, stride_wk = (0, 0) if weight is None else weight.stride()
-    wrap_triton(kernel, dy)[grid](
-        dy, dx if weight is None else weight, dS, lora_A, dx,  # dx: an unread stand-in pointer
+    (stride_dym, stride_dyn), (stride_dsm, stride_dsr) = dy.stride(), dS.stride()
+    (stride_ar, stride_ak), (stride_dxm, stride_dxk) = lora_A.stride(), dx.stride()
+    launch(wrap_triton(kernel, dy), grid, dict(
+        dy_ptr=dy, w_ptr=dx if weight is None else weight, ds_ptr=dS, a_ptr=lora_A, dx_ptr=dx,  # w_ptr=dx: unread
         M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
-        stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+        stride_dym=stride_dym, stride_dyn=stride_dyn,
         stride_wn=stride_wn, stride_wk=stride_wk,
-        stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
-        stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
-        stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
+        stride_dsm=stride_dsm, stride_dsr=stride_dsr,
+        stride_ar=stride_ar, stride_ak=stride_ak,
+        stride_dxm=stride_dxm, stride_dxk=stride_dxk,
         **args,
-    )
+    ))
     return dx
 
 
@@ -279,13 +284,15 @@ def lora_backward_da(
     rows_per_split = cdiv(m_blocks, splits) * cfg["BLOCK_M"]
     splits = cdiv(M, rows_per_split)
     da_partial = torch.empty((splits, R, K), device=x.device, dtype=torch.float32)
-    wrap_triton(_lora_bwd_da_kernel, x)[(k_blocks, splits)](
-        dS, x, da_partial,
+    (stride_dsm, stride_dsr), (stride_xm, stride_xk) = dS.stride(), x.stride()
+    stride_dap, stride_dar, stride_dak = da_partial.stride()
+    launch(wrap_triton(_lora_bwd_da_kernel, x), (k_blocks, splits), dict(
+        ds_ptr=dS, x_ptr=x, dap_ptr=da_partial,
         M=M, K=K, R=R, ROWS_PER_SPLIT=rows_per_split,
-        stride_dsm=dS.stride(0), stride_dsr=dS.stride(1),
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_dap=da_partial.stride(0), stride_dar=da_partial.stride(1), stride_dak=da_partial.stride(2),
+        stride_dsm=stride_dsm, stride_dsr=stride_dsr,
+        stride_xm=stride_xm, stride_xk=stride_xk,
+        stride_dap=stride_dap, stride_dar=stride_dar, stride_dak=stride_dak,
         R_PAD=rank_pad(R), **scalar_args(p, seed), **cfg, **common_meta(x.dtype),
-    )
+    ))
     dA = da_partial.view(R, K) if splits == 1 else da_partial.sum(0)
     return dA.to(lora_A.dtype)

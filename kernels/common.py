@@ -52,12 +52,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+_META_TF32 = {"UPCAST": _INTERPRETING, "PRECISION": "tf32"}
+_META_IEEE = {"UPCAST": _INTERPRETING, "PRECISION": "ieee"}
+
+
 def common_meta(dtype: torch.dtype) -> dict:
-    """Constexpr arguments shared by every kernel launch."""
-    return {"UPCAST": interpreting(), "PRECISION": dot_precision(dtype)}
+    """Constexpr arguments shared by every kernel launch (a shared dict: callers unpack it)."""
+    return _META_IEEE if dot_precision(dtype) == "ieee" else _META_TF32
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
+    if t.is_cuda:
+        return
     if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
         raise ValueError(
             f"{name} is on {t.device}; the Triton kernels need CUDA tensors "

@@ -18,6 +18,7 @@ from .common import (
     cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, load_scaling, mma, next_pow2, rank_pad,
     scalar_args, wrap_triton,
 )
+from .launch import launch
 from .shrink import lora_shrink as _lora_shrink
 
 
@@ -61,12 +62,32 @@ def gemm_configs(cols: str, reduction: str) -> list[triton.Config]:
 def accumulate_config(cols: str, reduction: str) -> dict:
     """Launch settings of the accumulate variants (HAS_BASE=False: cuBLAS already wrote the
     GEMM into the output, the kernel adds the LoRA term): one 64-row x 128-column tile, not
-    autotuned, since timing candidates would add into the output again and again."""
+    autotuned, since timing candidates would add into the output again and again.
+    Built once per (cols, reduction): it is read on every launch."""
+    cached = _ACCUMULATE_CONFIGS.get((cols, reduction))
+    if cached is None:
+        if interpreting():
+            cfg = gemm_configs(cols, reduction)[0]
+        else:
+            cfg = triton.Config({"BLOCK_M": 64, cols: 128, reduction: 64, "GROUP_M": 8}, num_warps=4)
+        cached = _ACCUMULATE_CONFIGS[(cols, reduction)] = dict(cfg.kwargs, num_warps=cfg.num_warps)
+    return cached
+
+
+_ACCUMULATE_CONFIGS: dict[tuple[str, str], dict] = {}
+
+
+def small_m_accumulate_config() -> dict:
+    """Tile of the small-M accumulate variant that also computes S (decode: cuBLAS wrote
+    x Wᵀ, one pass adds s·(x Aᵀ) Bᵀ): 16 rows, so an M = 16 call wastes no rows, and
+    128 columns, so each program's recomputation of S (x and A re-read from L2) is
+    shared by 128 outputs."""
     if interpreting():
-        cfg = gemm_configs(cols, reduction)[0]
-    else:
-        cfg = triton.Config({"BLOCK_M": 64, cols: 128, reduction: 64, "GROUP_M": 8}, num_warps=4)
-    return dict(cfg.kwargs, num_warps=cfg.num_warps)
+        return accumulate_config("BLOCK_N", "BLOCK_K")
+    return _SMALL_M_ACCUMULATE
+
+
+_SMALL_M_ACCUMULATE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4}
 
 
 def m_bucket(M: int) -> int:
@@ -101,6 +122,7 @@ def _lora_fwd_kernel(
     stride_sm, stride_sr,
     stride_bn, stride_br,
     stride_ym, stride_yn,
+    stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_BASE: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -113,7 +135,8 @@ def _lora_fwd_kernel(
     # other column recomputes it (x is tiny) instead of waiting for a second launch.
     # Otherwise S comes precomputed from the shrink kernel.
     # Without HAS_BASE, x Wᵀ (+ bias) is already in y (cuBLAS) and this adds s·S Bᵀ to it:
-    # one launch that reads S and B in their own dtypes (no casts on the host).
+    # one launch that reads S and B in their own dtypes (no casts on the host); with
+    # FUSE_SHRINK too, the K loop reads x and A only (S computed here, W not read).
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,12 +150,13 @@ def _lora_fwd_kernel(
     else:
         acc = tl.load(y_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K if HAS_BASE else 0, BLOCK_K):
+    for k0 in range(0, K if (HAS_BASE or FUSE_SHRINK) else 0, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = rk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = mma(x, w_t, acc, UPCAST, PRECISION)
+        if HAS_BASE:
+            w_t = tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None] * stride_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = mma(x, w_t, acc, UPCAST, PRECISION)
         if FUSE_SHRINK:
             xd = x
             if HAS_DROPOUT:
@@ -156,7 +180,7 @@ def _lora_fwd_kernel(
     lora = mma(cast(s, y_ptr.dtype.element_ty, UPCAST), cast(b_t, y_ptr.dtype.element_ty, UPCAST), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, PRECISION)
     acc += scaling * lora
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptrs, cast(acc, y_ptr.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -189,20 +213,24 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
     a = lora_A if lora_A is not None else S  # unused pointer when not fusing the shrink
     # One name per assignment: how torch's source reading follows `kernel` (wrap_triton).
     kernel = _lora_fwd_kernel_tuned if has_base else _lora_fwd_kernel
-    tile = {} if has_base else accumulate_config("BLOCK_N", "BLOCK_K")
+    tile = {} if has_base else (small_m_accumulate_config() if fuse_shrink else accumulate_config("BLOCK_N", "BLOCK_K"))
     w = x if weight is None else weight  # unread without HAS_BASE: any valid pointer
-    wrap_triton(kernel, x)[grid](
-        x, w, bias if bias is not None else x, a, S, lora_B, y,
+    (stride_xm, stride_xk), (stride_wn, stride_wk), (stride_ar, stride_ak) = x.stride(), w.stride(), a.stride()
+    (stride_sm, stride_sr), (stride_bn, stride_br), (stride_ym, stride_yn) = S.stride(), lora_B.stride(), y.stride()
+    has_bias = has_base and bias is not None
+    launch(wrap_triton(kernel, x), grid, dict(
+        x_ptr=x, w_ptr=w, bias_ptr=bias if has_bias else x, a_ptr=a, s_ptr=S, b_ptr=lora_B, y_ptr=y,
         M=M, N=N, K=K, R=R, M_BUCKET=m_bucket(M),
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_wn=w.stride(0), stride_wk=w.stride(1),
-        stride_ar=a.stride(0), stride_ak=a.stride(1),
-        stride_sm=S.stride(0), stride_sr=S.stride(1),
-        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
-        stride_ym=y.stride(0), stride_yn=y.stride(1),
-        R_PAD=rank_pad(R), HAS_BIAS=has_base and bias is not None, FUSE_SHRINK=fuse_shrink,
+        stride_xm=stride_xm, stride_xk=stride_xk,
+        stride_wn=stride_wn, stride_wk=stride_wk,
+        stride_ar=stride_ar, stride_ak=stride_ak,
+        stride_sm=stride_sm, stride_sr=stride_sr,
+        stride_bn=stride_bn, stride_br=stride_br,
+        stride_ym=stride_ym, stride_yn=stride_yn,
+        stride_bias=bias.stride(0) if has_bias else 0,
+        R_PAD=rank_pad(R), HAS_BIAS=has_bias, FUSE_SHRINK=fuse_shrink,
         HAS_BASE=has_base, **scalar_args(p, seed, scaling), **tile, **common_meta(x.dtype),
-    )
+    ))
 
 
 def lora_forward_onepass(
@@ -214,24 +242,34 @@ def lora_forward_onepass(
     scaling,
     p,
     seed,
+    cublas_base: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink and fused GEMM in one launch (for small M, e.g. decode): returns (y [M, N], S [M, r] fp32).
+    """Shrink and B-projection without S leaving the kernel (for small M, e.g. decode):
+    returns (y [M, N], S [M, r] fp32).
 
     x [M, K], weight [N, K], bias [N] | None, lora_A [r, K], lora_B [N, r]; scaling, p,
     seed by value (float, float, int) or one DeviceScalars as all three (common.scalar_args).
+    Every tensor may have any strides (all are passed to the kernel).
+
+    cublas_base=False: one launch, the base GEMM in the same kernel. True: x Wᵀ + bias by
+    cuBLAS (F.linear), then one Triton pass computes S and adds s·S Bᵀ (two launches;
+    the base at cuBLAS's speed, which a GEMV-shaped Triton tile does not reach).
     """
     R = lora_A.shape[0]
     if lora_A.shape[1] != x.shape[1]:
         raise ValueError(f"lora_forward: x {tuple(x.shape)} and lora_A {tuple(lora_A.shape)} disagree on K")
     _check_forward_shapes(x, weight, bias, lora_B, R)
     M, N = x.shape[0], weight.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if cublas_base:
+        y = torch.nn.functional.linear(x, weight, bias)
+    else:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     S = torch.empty((M, R), device=x.device, dtype=torch.float32)
     if M == 0:
         return y, S
     if N == 0:  # no program would write S
         return y, _lora_shrink(x, lora_A, p, seed)
-    _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink=True)
+    _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink=True, has_base=not cublas_base)
     return y, S
 
 

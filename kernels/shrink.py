@@ -14,6 +14,7 @@ import triton.language as tl
 from .common import (
     cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, mma, rank_pad, scalar_args, wrap_triton,
 )
+from .launch import launch
 
 
 def _config(K: int) -> dict:
@@ -68,12 +69,13 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p, seed) -> torch.Tensor:
         return S
     cfg = _config(K)
     grid = (cdiv(M, cfg["BLOCK_M"]),)
-    wrap_triton(_lora_shrink_kernel, x)[grid](
-        x, lora_A, S,
+    (stride_xm, stride_xk), (stride_ar, stride_ak), (stride_sm, stride_sr) = x.stride(), lora_A.stride(), S.stride()
+    launch(wrap_triton(_lora_shrink_kernel, x), grid, dict(
+        x_ptr=x, a_ptr=lora_A, s_ptr=S,
         M=M, K=K, R=R,
-        stride_xm=x.stride(0), stride_xk=x.stride(1),
-        stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
-        stride_sm=S.stride(0), stride_sr=S.stride(1),
+        stride_xm=stride_xm, stride_xk=stride_xk,
+        stride_ar=stride_ar, stride_ak=stride_ak,
+        stride_sm=stride_sm, stride_sr=stride_sr,
         R_PAD=rank_pad(R), **scalar_args(p, seed), **cfg, **common_meta(x.dtype),
-    )
+    ))
     return S

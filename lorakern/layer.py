@@ -291,10 +291,13 @@ class LoraLinear(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.merged or not active:
+        lora_A, lora_B, scaling = self.lora_A, self.lora_B, self.scaling
+        active = [a for a in self.active_adapters if a in lora_A]
+        if self.merged_adapters or not active:
             return self.base_layer(x)
-        w = self.base_weight()
+        w = self.base_layer.weight
+        if self.fan_in_fan_out:
+            w = w.t()
         # nn.Linear would raise on x / weight dtypes that differ outside autocast: compute
         # in the base weight's dtype (adapters in it or fp32) and answer in x's dtype.
         # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
@@ -306,7 +309,6 @@ class LoraLinear(nn.Module):
         # Python floats (a tensor would only be read back on the host).
         as_tensor = torch.compiler.is_compiling()
         single = len(active) == 1
-        lora_A, lora_B, scaling = self.lora_A, self.lora_B, self.scaling
         adapters = [
             (
                 lora_A[name].weight if autocast else _in_dtype(lora_A[name].weight, w.dtype),
