@@ -300,15 +300,17 @@ def test_ranks_above_64(r):
 @ranks
 @ps
 @params("has_bias", [True, False], ids=["bias", "nobias"])
-def test_forward_onepass(dtypes, M, r, p, has_bias):
-    """Shrink inside the GEMM (the small-M forward): y and S against reference and oracle."""
+@params("cublas_base", [False, True], ids=["triton-base", "cublas-base"])
+def test_forward_onepass(dtypes, M, r, p, has_bias, cublas_base):
+    """Shrink inside the kernel that adds the B-projection (the small-M forward), with the
+    base GEMM in the same kernel or by cuBLAS first: y and S against reference and oracle."""
     dt, adt = dtypes
     x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
     W = randn(N, K, dtype=dt, device=KERNEL_DEVICE)
     bias = randn(N, dtype=dt, device=KERNEL_DEVICE) if has_bias else None
     A = randn(r, K, dtype=adt, device=KERNEL_DEVICE)
     B = randn(N, r, dtype=adt, device=KERNEL_DEVICE)
-    y, S = poisoned(lambda: _kernels().lora_forward_onepass(x, W, bias, A, B, 0.5, p, SEED))
+    y, S = poisoned(lambda: _kernels().lora_forward_onepass(x, W, bias, A, B, 0.5, p, SEED, cublas_base=cublas_base))
     assert y.dtype == dt and S.dtype == torch.float32
     y_ref, S_ref = reference.lora_linear_forward(x, W, bias, A, B, 0.5, p, SEED)
     b64 = None if bias is None else bias.double()
@@ -317,13 +319,15 @@ def test_forward_onepass(dtypes, M, r, p, has_bias):
     check_against_oracle(y, y_ref, y_64, dt, "y")
 
 
-def test_onepass_mask_is_the_shrink_mask():
-    """The one-launch forward applies exactly the shrink kernel's dropout mask."""
+@params("cublas_base", [False, True], ids=["triton-base", "cublas-base"])
+def test_onepass_mask_is_the_shrink_mask(cublas_base):
+    """The small-M forward applies exactly the shrink kernel's dropout mask."""
     M, Kx, p = 5, 64, 0.4
     x = torch.ones(M, Kx, device=KERNEL_DEVICE)
     eye = torch.eye(Kx, device=KERNEL_DEVICE)
     W = torch.zeros(3, Kx, device=KERNEL_DEVICE)
-    _, S = _kernels().lora_forward_onepass(x, W, None, eye, torch.zeros(3, Kx, device=KERNEL_DEVICE), 1.0, p, 321)
+    zeros = torch.zeros(3, Kx, device=KERNEL_DEVICE)
+    _, S = _kernels().lora_forward_onepass(x, W, None, eye, zeros, 1.0, p, 321, cublas_base=cublas_base)
     assert torch.equal((S != 0).cpu(), reference.dropout_keep_mask(321, M, Kx, p))
 
 
