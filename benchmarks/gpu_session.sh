@@ -7,6 +7,11 @@
 #                                          # `lorakern check`, the headline shapes (Llama-3-8B
 #                                          # projections) at M = 16 and 8192 + memory rows, in
 #                                          # two bench runs so that a cut run loses half
+#   bash benchmarks/gpu_session.sh speed   # one call (~6 min): install, machine info, the CUDA
+#                                          # tests of the newest speed changes (direct launches,
+#                                          # small-M forward variants), the headline bench (as
+#                                          # quick, no `check`), then the profile's decode and
+#                                          # fwd+bwd sections
 #   bash benchmarks/gpu_session.sh quick2  # call 2, right after (the machine stays warm 30 s):
 #                                          # the CUDA-only tests (pytest -m cuda), the compiled
 #                                          # end-to-end row (lorakern vs PEFT under torch.compile),
@@ -32,7 +37,7 @@
 # (LORAKERN_AUTOTUNE=0), and so does `lorakern check`; the benchmarks autotune.
 # pytest runs under `timeout -s INT`: a run cut by its limit still prints its failures.
 set -u
-stage=${1:?usage: gpu_session.sh quick|quick2|profile|test|bench|e2e|test2|fused}
+stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -55,11 +60,7 @@ machine_info() {  # -> $OUT/machine.txt: card, driver, commit, versions, backend
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install-$stage.log" 2>&1 || {
     echo "install failed"; tail -n 20 "$OUT/install-$stage.log"; exit 1; }
 
-case "$stage" in
-quick)
-    machine_info
-    timeout 90 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
-    echo "rc=$?" >> "$OUT/check.txt"
+headline_bench() {  # -> $OUT/bench-a.tgz, bench-b.tgz: the four Llama-3-8B shapes, M = 16 and 8192
     # Two runs of two shapes each (the suite writes its files at the end; the second
     # run reuses the first one's compiled kernels from Triton's disk cache).
     for part in "a 4096x4096 4096x14336 200" "b 4096x1024 14336x4096 130"; do
@@ -70,8 +71,29 @@ quick)
         mkdir -p "$OUT/bench-$1" && mv "$OUT/bench-$1.log" "$OUT/bench-$1/"
         tar czf "$OUT/bench-$1.tgz" -C "$OUT" "bench-$1" && rm -rf "$OUT/bench-$1"
     done
+}
+
+case "$stage" in
+quick)
+    machine_info
+    timeout 90 "$PY" -m lorakern.cli check > "$OUT/check.txt" 2>&1
+    echo "rc=$?" >> "$OUT/check.txt"
+    headline_bench
     tail -n 3 "$OUT/check.txt"
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | tail -n 25; done
+    ;;
+speed)
+    machine_info
+    LORAKERN_AUTOTUNE=0 timeout -s INT -k 20 110 "$PY" -m pytest -q --tb=short --show-capture=no -p no:cacheprovider \
+        tests/test_launch.py tests/test_kernels.py \
+        -k "launch or (onepass and M16 and r16 and bf16)" > "$OUT/pytest-cuda-speed.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-speed.txt"
+    headline_bench
+    timeout -s INT 100 "$PY" benchmarks/profile_gpu.py "$OUT/profile.txt" > /dev/null 2>&1
+    echo "profile rc=$?"
+    tail -n 8 "$OUT/pytest-cuda-speed.txt"
+    for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | grep -A12 "^| target"; done
+    grep "===\|^decode graphed" "$OUT/profile.txt"
     ;;
 quick2)
     # The tests CI never runs (requires_cuda, marked `cuda` by tests/conftest.py) first,

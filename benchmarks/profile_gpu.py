@@ -3,6 +3,8 @@
     python benchmarks/profile_gpu.py [OUT_FILE]
 
 Sections (each printed as soon as it is done, so a cut run keeps what it finished):
+  0. host µs per call of every provider (decode; fwd+bwd at 4096x1024, M = 8192),
+     lorakern with and without the direct launch path;
   1. fwd+bwd at M = 8192, bf16, r = 16, fp32 adapters (the bench's headline rows):
      per-kernel CUDA time over 5 steps, lorakern vs the frozen base layer;
   2. decode at M = 16: host time per call (what do_bench sees when kernels are tiny)
@@ -57,6 +59,49 @@ def section_fwd_bwd() -> None:
             say(f"\n=== fwd+bwd {name} K={K} N={N} M=8192 bf16 r=16 (5 steps) ===")
             say(kernel_table(lambda: fwd_bwd(module, x, dy)))
             del module
+
+
+def _host_us(fn, calls: int = 200) -> float:
+    """Host time per call (µs): wall clock over `calls` calls, no synchronisation inside,
+    so it is the launch cost wherever the GPU keeps up (decode, small layers)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def section_host() -> None:
+    """Host µs per call of every provider: decode (4096², M = 16) and fwd+bwd (4096x1024,
+    M = 8192, where the H200's kernels take ~0.2 ms), lorakern with the direct launch
+    path (kernels.launch) on and off."""
+    from lorakern.kernels import launch
+
+    cases = (("decode", 4096, 4096, 16), ("fwd+bwd", 4096, 1024, 8192))
+    for mode, K, N, M in cases:
+        w = Weights.random(K, N, 16, torch.bfloat16, torch.device("cuda"))
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "decode")
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        row = []
+        for name in ("base", "eager", "addmm", "peft", "lorakern", "lorakern-triton-launch"):
+            module = build(name.split("-")[0], w, 0.0)
+            if name == "lorakern-triton-launch":
+                launch._DIRECT = False
+            try:
+                if mode == "decode":
+                    module.eval()
+                    with torch.inference_mode():
+                        us = _host_us(lambda: module(x))
+                else:
+                    us = _host_us(lambda: fwd_bwd(module, x, dy), calls=50)
+            finally:
+                launch._DIRECT = launch._direct_supported()
+            row.append(f"{name} {us:.1f}")
+        say(f"=== host us/call {mode} {K}x{N} M={M}: " + ", ".join(row) + " ===")
 
 
 def section_decode() -> None:
@@ -128,7 +173,7 @@ def section_compile() -> None:
 
 if __name__ == "__main__":
     say(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    for section in (section_fwd_bwd, section_decode, section_decode_graphs, section_compile):
+    for section in (section_host, section_fwd_bwd, section_decode, section_decode_graphs, section_compile):
         t0 = time.perf_counter()
         try:
             section()
