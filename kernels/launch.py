@@ -22,6 +22,7 @@ other call takes `kernel[grid](**args)` unchanged. LORAKERN_FAST_LAUNCH=0 turns 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -81,22 +82,33 @@ def launch(kernel, grid, args: dict) -> None:
         args = {**args, **config.all_kwargs()}
         kernel = kernel.fn
     device = torch.cuda.current_device()
-    binder = kernel.device_caches[device][4]
-    bound, specialization, options = binder(**args)
-    key = (id(kernel), device, tuple(specialization), tuple(options.items()))
+    try:
+        bound, specialization, options = kernel.device_caches[device][4](**args)  # Triton's binder
+        key = (id(kernel), device, tuple(specialization), tuple(options.items()))
+    except Exception as exc:  # Triton's internals differ from what was checked
+        _disable(exc)
+        kernel[grid](**args)
+        return
     compiled = _compiled.get(key)
-    if compiled is None:
+    if compiled is None:  # first call of this specialisation: Triton compiles (or finds) and launches
         compiled = kernel[grid](**args)
         if compiled is not None and getattr(compiled, "function", None) is not None:
             _compiled[key] = compiled
         return
     if callable(grid):
         grid = grid(bound)
-    stream = torch._C._cuda_getCurrentRawStream(device)
     compiled.run(
-        grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+        grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+        torch._C._cuda_getCurrentRawStream(device),
         compiled.function, compiled.packed_metadata, None, None, None, *bound.values(),
     )
+
+
+def _disable(exc: Exception) -> None:
+    global _DIRECT
+    _DIRECT = False
+    warnings.warn(f"lorakern: direct kernel launches turned off ({type(exc).__name__}: {exc}); "
+                  "launching through Triton's own path from now on", RuntimeWarning, stacklevel=3)
 
 
 def clear() -> None:
