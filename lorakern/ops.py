@@ -252,6 +252,16 @@ _BACKWARD_DOC = """Backward, with dY = ∂L/∂y (x [..., K] seen as [M, K]):
 
 # --- eager: an autograd.Function --------------------------------------------------
 
+# The gradients are not themselves differentiable (S is saved as a constant; the kernels
+# are opaque to autograd), so create_graph=True gets this error on every backend rather
+# than a second derivative that is silently wrong (or silently missing a term).
+SECOND_ORDER_ERROR = (
+    "lorakern.lora_linear does not support higher-order gradients: backward/autograd.grad "
+    "with create_graph=True reached a LoRA layer. Its first-order gradients are exact, but "
+    "they are not differentiable; compute second-order terms (gradient penalties, "
+    "Hessian-vector products) without lorakern layers in that graph."
+)
+
 
 def _eager_seed(seed: int | None, dropout_p: float) -> int:
     """The seed an eager call uses: the given one, else drawn when dropout is on."""
@@ -282,6 +292,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
+            raise RuntimeError(SECOND_ORDER_ERROR)
         x, weight, lora_A, lora_B, S = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dx = dA = dB = None

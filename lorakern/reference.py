@@ -242,7 +242,12 @@ def lora_forward(
     else:
         y = torch.nn.functional.linear(x, weight, bias)
     # S and B enter the epilogue in x's dtype, as the kernel's tensor-core dot does.
-    return y.addmm_(_as(S, x.dtype), _as(lora_B, x.dtype).t(), alpha=scaling)
+    S, lora_B = _as(S, x.dtype), _as(lora_B, x.dtype)
+    if scaling == 0.0:
+        # addmm_ with alpha=0 skips the product (BLAS semantics): a NaN or Inf in S or B
+        # would vanish. The kernels and PEFT compute 0·(S Bᵀ), NaN where the product is.
+        return y.add_((S @ lora_B.t()).mul_(0.0))
+    return y.addmm_(S, lora_B.t(), alpha=scaling)
 
 
 def lora_backward_dsdb(
