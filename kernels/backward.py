@@ -77,7 +77,8 @@ def lora_backward_dsdb(
     dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dS = s·dY B [M, r] (fp32) and dB = s·dYᵀ S [N, r] (lora_B's dtype).
-    scaling: a float, or a DeviceScalars (common.scalar_args)."""
+    scaling: a float, or a DeviceScalars (common.scalar_args).
+    Strides: dy, lora_B, S may have any strides; all are passed to the kernel."""
     M, N = dy.shape
     R = S.shape[1]
     if tuple(lora_B.shape) != (N, R) or S.shape[0] != M:
@@ -179,6 +180,8 @@ def lora_backward_dx(
     fused=True: one Triton GEMM with the LoRA term in its epilogue. fused=False: dY W
     by cuBLAS (torch.mm), then one Triton pass adds D(dS A) in place. weight None: the
     LoRA term alone (the pass adds it to zeros).
+    Strides: dy, weight, dS, lora_A may have any strides; all are passed to the kernel
+    (or to torch.mm for dY W when fused=False).
     """
     M, N = dy.shape
     K = lora_A.shape[1]
@@ -268,7 +271,8 @@ def lora_backward_da(
     dS: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, p, seed
 ) -> torch.Tensor:
     """dA = dSᵀ D(x).  dS [M, r] fp32, x [M, K] -> dA [r, K] in lora_A's dtype.
-    p: float and seed: int, or one DeviceScalars as both (common.scalar_args)."""
+    p: float and seed: int, or one DeviceScalars as both (common.scalar_args).
+    Strides: dS, x may have any strides; both are passed to the kernel."""
     M, K = x.shape
     R = lora_A.shape[0]
     if tuple(dS.shape) != (M, R) or lora_A.shape[1] != K:

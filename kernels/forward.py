@@ -283,7 +283,8 @@ def lora_forward_fused(
 ) -> torch.Tensor:
     """y = x Wᵀ + s·S Bᵀ + bias in one kernel.  x [M, K], weight [N, K], S [M, r], lora_B [N, r] -> [M, N].
 
-    scaling: a float, or a DeviceScalars (common.scalar_args)."""
+    scaling: a float, or a DeviceScalars (common.scalar_args).
+    Strides: x, weight, bias, S, lora_B may have any strides; all are passed to the kernel."""
     _check_forward_shapes(x, weight, bias, lora_B, S.shape[1], S)
     M, N = x.shape[0], weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -306,6 +307,8 @@ def lora_forward_unfused(
     fused kernel). Two launches: the cuBLAS GEMM and the epilogue.
 
     weight None: the LoRA term alone, added to zeros (no base GEMM, bias must be None).
+    Strides: any, for every argument (x, weight, bias go to F.linear; S, lora_B and y's
+    strides are passed to the kernel).
     """
     _check_forward_shapes(x, weight, bias, lora_B, S.shape[1], S)
     if weight is None:

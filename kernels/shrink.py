@@ -58,7 +58,8 @@ def _lora_shrink_kernel(
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, p, seed) -> torch.Tensor:
     """S = D(x) Aᵀ.  x [M, K], lora_A [r, K] -> S [M, r] float32.
 
-    p: float and seed: int, or one DeviceScalars as both (common.scalar_args)."""
+    p: float and seed: int, or one DeviceScalars as both (common.scalar_args).
+    Strides: x, lora_A (and the new S) may have any strides; all are passed to the kernel."""
     if x.dim() != 2 or lora_A.dim() != 2 or x.shape[1] != lora_A.shape[1]:
         raise ValueError(f"lora_shrink: expected x [M, K] and lora_A [r, K], got {tuple(x.shape)} and {tuple(lora_A.shape)}")
     check_device("x", x)
