@@ -192,8 +192,8 @@ def lora_backward_dx(
             f"lora_A {tuple(lora_A.shape)} do not agree"
         )
     check_device("dy", dy)
-    if M == 0:
-        return torch.empty((0, K), device=dy.device, dtype=dy.dtype)
+    if M == 0 or K == 0:
+        return torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     args = dict(R_PAD=rank_pad(R), **scalar_args(p, seed), **common_meta(dy.dtype))
     if fused and weight is not None:
         dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
@@ -278,7 +278,7 @@ def lora_backward_da(
     if tuple(dS.shape) != (M, R) or lora_A.shape[1] != K:
         raise ValueError(f"lora_backward_da: dS {tuple(dS.shape)}, x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)} do not agree")
     check_device("x", x)
-    if M == 0:
+    if M == 0 or K == 0:  # nothing to reduce, or nothing to reduce into
         return torch.zeros_like(lora_A)
     cfg = _da_config()
     k_blocks = cdiv(K, cfg["BLOCK_K"])

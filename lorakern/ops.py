@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from types import ModuleType
 
@@ -167,6 +168,18 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _check_devices(x, weight, bias, lora_A, lora_B) -> None:
+    """All tensors on x's device (checked before autocast, which asks x's device type)."""
+    if not isinstance(x, torch.Tensor):
+        return  # check_inputs names the bad argument
+    device = x.device
+    for t in (weight, bias, lora_A, lora_B):
+        if isinstance(t, torch.Tensor) and t.device != device:
+            named = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+            devices = {n: v.device for n, v in named.items() if isinstance(v, torch.Tensor)}
+            raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
 def _check_scalar(name: str, value) -> None:
     """A Python number, or a one-element floating-point CPU tensor (compiles without recompiles)."""
     if isinstance(value, torch.Tensor):
@@ -175,8 +188,22 @@ def _check_scalar(name: str, value) -> None:
                 f"{name} as a tensor must be a one-element floating-point CPU tensor, got "
                 f"shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
             )
+        if value.requires_grad:
+            raise TypeError(f"{name} as a tensor must not require grad: lora_linear gives it no gradient")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number or a one-element CPU tensor, got {type(value).__name__}")
+    elif name == "scaling":
+        _check_scaling_value(value)
+
+
+# The kernels take scaling as a float32 argument: a larger magnitude would become inf
+# there and raise in the reference's addmm_, so it is refused on both.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_scaling_value(value: float) -> None:
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"scaling must be finite and within float32 range, got {value}")
 
 
 SEED_HIGH = 2**62
@@ -194,9 +221,18 @@ def _draw_seed_tensor() -> torch.Tensor:
     return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64).view(())
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for device types autocast does not
+    know (meta), where torch raises instead."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast_off(device_type: str):
     """Disable autocast inside the op body (it computes in its inputs' dtypes)."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -204,12 +240,19 @@ def _autocast_off(device_type: str):
 # --- the math both entry points share --------------------------------------------
 
 
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., C] as [M, C], M the product of the leading dims (a view where possible).
+    Not reshape(-1, C): that is ambiguous, and raises, when C == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+
 def _forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
     """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x))."""
     lead, k = x.shape[:-1], x.shape[-1]
     with _autocast_off(x.device.type):
         y, S = _implementation(backend).lora_linear_forward(
-            x.reshape(-1, k), weight, bias, lora_A, lora_B, s, p, seed
+            rows(x), weight, bias, lora_A, lora_B, s, p, seed
         )
     if x.dim() == 2:
         return y, S
@@ -222,7 +265,7 @@ def _backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: i
     """dy [..., N], x [..., K] -> (dx [..., K], dA [r, K], dB [N, r]), None where not needed."""
     with _autocast_off(dy.device.type):
         dx, dA, dB = _implementation(backend).lora_linear_backward(
-            dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, S,
+            rows(dy), rows(x), weight, lora_A, lora_B, S,
             s, p, seed, needs,
         )
     if dx is not None and x.dim() != 2:
@@ -234,9 +277,9 @@ def _base_grads(dy, x, weight, bias_dtype, need_w: bool, need_bias: bool):
     """dW = dYᵀ x [N, K] and dbias = Σ_rows dY [N] (each None unless needed)."""
     dW = dbias = None
     if need_w or need_bias:
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = rows(dy)
     if need_w:
-        dW = (dy2.t() @ x.reshape(-1, x.shape[-1])).to(weight.dtype)
+        dW = (dy2.t() @ rows(x)).to(weight.dtype)
     if need_bias:
         dbias = dy2.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(bias_dtype)
     return dW, dbias
@@ -530,7 +573,7 @@ class ScalarDict(dict):
 def _autocast_inputs(x, weight, bias, lora_A, lora_B):
     """Under autocast, cast like F.linear: x, weight, bias to the autocast dtype; adapters
     keep float32 (fp32 masters, read in fp32 by the op), other adapter dtypes are cast."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, torch.Tensor) or not autocast_enabled(x.device.type):
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(x.device.type)
 
@@ -552,8 +595,14 @@ def _check_seed(seed) -> None:
                 f"seed as a tensor must be one int64 CPU element, got shape {tuple(seed.shape)}, "
                 f"dtype {seed.dtype}, device {seed.device}"
             )
-    elif seed is not None and not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    elif seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(
+                f"seed must be an int in [0, 2**63) or a one-element int64 CPU tensor, "
+                f"got {type(seed).__name__} {seed!r}"
+            )
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
 def _scalar_tensors(scaling, dropout_p, seed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -609,6 +658,7 @@ def lora_linear(
         >>> lorakern.lora_linear(x, W, None, A, B, 0.5).shape
         torch.Size([4, 6])
     """
+    _check_devices(x, weight, bias, lora_A, lora_B)
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     backend = resolve_backend(backend, x.device, x.dtype)
@@ -628,10 +678,11 @@ def lora_linear(
     scaling, dropout_p = float(scaling), float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_scaling_value(scaling)  # a tensor's value is read only here
     _check_seed(seed)
     if seed is not None:
         seed = int(seed)
-        if seed < 0:
+        if seed < 0:  # a tensor seed's value, read here
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     if not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)

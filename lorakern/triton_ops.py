@@ -86,7 +86,7 @@ def lora_linear_fwd_triton(
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
     lead, k = x.shape[:-1], x.shape[-1]
     with ops._autocast_off(x.device.type):
-        y, S = lora_linear_forward(x.reshape(-1, k), weight, bias, lora_A, lora_B, scaling, p, seed_arg)
+        y, S = lora_linear_forward(ops.rows(x), weight, bias, lora_A, lora_B, scaling, p, seed_arg)
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S
 
 
@@ -110,7 +110,7 @@ def lora_linear_bwd_triton(
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
     with ops._autocast_off(dy.device.type):
         dx, dA, dB = lora_linear_backward(
-            dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, S,
+            ops.rows(dy), ops.rows(x), weight, lora_A, lora_B, S,
             scaling, p, seed_arg, (need_x, need_a, need_b),
         )
     if dx is not None:
