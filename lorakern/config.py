@@ -125,18 +125,25 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: r must be an int >= 1, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or not math.isfinite(self.lora_alpha):
             raise ValueError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_OPTIONS:
+        if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            # A JSON string "false" is truthy: it would switch the feature on silently.
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LoraConfig: {name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.bias, str) or self.bias not in BIAS_OPTIONS:
             raise ValueError(f"LoraConfig: bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if not (self.init_lora_weights is True or self.init_lora_weights is False or self.init_lora_weights == "gaussian"):
             raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
+            if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, (list, tuple, set, frozenset)) \
+                    or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise TypeError(f"LoraConfig: modules_to_save must be a list of str, got {self.modules_to_save!r}")
             self.modules_to_save = list(self.modules_to_save)
+            for m in self.modules_to_save:  # each entry is spliced into a regex by is_excluded
+                _check_regex("modules_to_save", rf"(^|.*\.){m}($|\..*)", shown=m)
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None:
                 raise ValueError("LoraConfig: layers_to_transform cannot be used when target_modules is a str (regex or 'all-linear')")
@@ -153,8 +160,18 @@ class LoraConfig:
                 raise TypeError(f"LoraConfig: layers_to_transform must be an int >= 0 or a list of them, got {lt!r}")
             if not isinstance(lt, int):
                 self.layers_to_transform = list(lt)
-        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str):
-            self.layers_pattern = list(self.layers_pattern)
+        if self.layers_pattern is not None:
+            patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(f"LoraConfig: layers_pattern must be a str or a list of str, got {self.layers_pattern!r}")
+            for pattern in patterns:  # spliced into a regex by _layer_selected
+                _check_regex("layers_pattern", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", shown=pattern)
+            if not isinstance(self.layers_pattern, str):
+                self.layers_pattern = list(self.layers_pattern)
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"LoraConfig: {name} must be a dict {{regex: value}}, got {value!r}")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         for key, value in self.rank_pattern.items():
@@ -297,11 +314,13 @@ def _names_or_regex(what: str, value: Any) -> list[str] | str | None:
     raise TypeError(f"LoraConfig: {what} must be a list of str, a regex str or None, got {value!r}")
 
 
-def _check_regex(what: str, pattern: str) -> None:
+def _check_regex(what: str, pattern: str, shown: str | None = None) -> None:
+    """ValueError naming `what` and the user's entry (`shown`, default `pattern`) when
+    `pattern` does not compile."""
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"LoraConfig: {what} {pattern!r} is not a valid regex: {exc}") from None
+        raise ValueError(f"LoraConfig: {what} {shown if shown is not None else pattern!r} is not a valid regex: {exc}") from None
 
 
 def _suffix_match(names: list[str], key: str) -> bool:

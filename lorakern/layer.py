@@ -32,6 +32,10 @@ from torch import nn
 from lorakern.ops import ScalarDict, lora_linear
 
 
+# PEFT's words, so users find the warning they know.
+UNMERGE_TO_SET_ADAPTER = "Adapter cannot be set when the model is merged. Unmerging the model first."
+
+
 def _check_adapter_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
@@ -224,7 +228,15 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
     ) -> None:
-        """Add (or replace) adapter `adapter_name` and make it the active one."""
+        """Add (or replace) adapter `adapter_name` and make it the active one.
+
+        A merged adapter cannot be replaced (ValueError, layer unchanged): unmerge() would
+        then subtract the new weights' delta instead of the merged one, and the base drift.
+        """
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it"
+            )
         _check_adapter_args(r, lora_alpha, lora_dropout)
         # Checked before anything is registered, so a bad value leaves the layer unchanged.
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
@@ -263,8 +275,13 @@ class LoraLinear(nn.Module):
         """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
 
         As in PEFT, the active adapters' parameters become trainable and the others frozen.
+        A merged layer is unmerged first, with PEFT's warning: merged, it runs the base weight
+        alone, which holds the adapters merged before, not the ones set now.
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged:
+            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
+            self.unmerge()
         for name in self.lora_A:
             requires_grad = name in names
             self.lora_A[name].weight.requires_grad_(requires_grad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
-from lorakern.layer import LoraLinear, is_linear_like
+from lorakern.layer import UNMERGE_TO_SET_ADAPTER, LoraLinear, is_linear_like
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 
@@ -111,6 +112,11 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             yield name, module
+
+
+def merged_layers(model: nn.Module, adapter_name: str) -> list[str]:
+    """Dotted names of the layers whose base weight has adapter `adapter_name` merged in."""
+    return [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
@@ -373,7 +379,9 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
 
     The active adapters' parameters become trainable and the others frozen (adapters loaded
     with is_trainable=False stay frozen). Several active adapters may not each have a copy
-    of the same modules_to_save module.
+    of the same modules_to_save module. As in PEFT, a merged model is unmerged first, with
+    a warning (merged layers run their base weight alone, which would ignore the switch);
+    `merge` again afterwards if wanted. A refused call changes nothing.
     """
     state = adapter_state(model)
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -384,7 +392,12 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
         owners = [n for n in names if n in wrapper.modules_to_save]
         if len(owners) > 1:
             raise ValueError(f"adapters {owners} each have a copy of {wname!r} (modules_to_save); activate only one")
-    for _, layer in lora_layers(model):
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)  # once, not once per layer
+        for layer in layers:
+            layer.unmerge()
+    for layer in layers:
         layer.set_adapter(names)
         for n in state.inference & set(layer.lora_A):
             layer.lora_A[n].weight.requires_grad_(False)
@@ -556,10 +569,10 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
     """Add s·B A into the base weights for `adapter_names` (default: the active adapters).
 
     Deltas are summed in fp32 and cast to the weight's dtype once. After merging, the
-    layers run as plain linears (until `unmerge`). safe_merge: every merged weight is
-    computed and checked to be finite first; if any is not, ValueError names the layers
-    and no weight is changed. Saved modules are not affected (they already hold their
-    trained copies).
+    layers run as plain linears (until `unmerge`, or `set_adapter`, which unmerges first).
+    safe_merge: every merged weight is computed and checked to be finite first; if any is
+    not, ValueError names the layers and no weight is changed. Saved modules are not
+    affected (they already hold their trained copies).
 
     Precision of a merge/unmerge round trip: fp32 weights come back within 1e-6 relative;
     a bf16 (u = 2⁻⁸) weight element W moves by at most u·|W+ΔW| + u·(|W| + u·|W+ΔW|)
@@ -597,10 +610,13 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove lorakern from `model` and return it with plain modules.
 
-    merge=True: the active adapters are merged into the base weights first and each saved
-    module is replaced by the active adapter's trained copy (PEFT's merge_and_unload).
-    merge=False: merged adapters are unmerged and the original modules come back (PEFT's
-    unload). Base parameters stay frozen.
+    merge=True: the active adapters are merged into the base weights first (PEFT's
+    merge_and_unload). merge=False (PEFT's unload): merged adapters are unmerged, so the
+    LoRA layers' base layers come back with their original weights (PEFT's unload leaves
+    merged deltas in). Either way, as PEFT does, each modules_to_save module is replaced by
+    the active adapter's (trained) copy, or by the original module where no active adapter
+    has a copy; `disable_adapters` does not change that. Base parameters stay frozen; a kept
+    copy keeps its requires_grad flags.
     """
     state = adapter_state(model)
     if merge:
@@ -610,7 +626,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
-        keep = wrapper.active_module() if merge and not wrapper.disable_adapters else wrapper.original_module
+        active = wrapper.active_adapter
+        keep = wrapper.modules_to_save[active] if active in wrapper.modules_to_save else wrapper.original_module
         _set_submodule(model, name, keep)
     del state
     del model._lorakern

@@ -72,7 +72,7 @@ def test_files_keys_shapes_metadata(saved):
     path, _ = saved
     assert sorted(os.listdir(path)) == [CFG, ST]
     with safe_open(path / ST, "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata()["format"] == "pt" and set(f.metadata()) == {"format", "lorakern_config"}
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     P = "base_model.model.model.layers"
     expected = {"base_model.model.lm_head.weight": (128, 64)}

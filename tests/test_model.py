@@ -191,9 +191,12 @@ def test_modules_to_save_trainable_copy_and_restorable():
     with lorakern.disable_adapters(model):
         y_base = model(x)
     assert not torch.allclose(y_trained, y_base)
+    assert torch.equal(model.head.original_module.weight, head_w), "the original is kept unchanged"
+    trained_w = copy_.weight.detach().clone()
     lorakern.unload(model, merge=False)
-    assert isinstance(model.head, nn.Linear) and torch.equal(model.head.weight, head_w)
-    assert_close(model(x), y_base, TOL, "original head restored")
+    # As PEFT's unload: the active adapter's trained copy stays (tests/test_model_semantics.py).
+    assert isinstance(model.head, nn.Linear) and torch.equal(model.head.weight, trained_w)
+    assert_close(model(x), y_trained, TOL, "trained head kept")
 
 
 @pytest.mark.parametrize("bias, expected", [
@@ -546,11 +549,13 @@ def test_unload_merge_and_no_merge(llama):
     assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in merged.modules())
     assert merged.state_dict().keys() == llama.state_dict().keys()
     assert_close(logits(merged, ids), y, TOL, "merge_and_unload logits")
-    lorakern.merge(model)  # even merged, unload(merge=False) gives the original weights back
+    trained_head = model.lm_head.modules_to_save["default"].weight.detach().clone()
+    lorakern.merge(model)  # even merged, unload(merge=False) gives the original base weights back
     plain = lorakern.unload(model, merge=False)
     assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in plain.modules())
     for k, v in llama.state_dict().items():
-        assert_close(plain.state_dict()[k], v, 1e-6, k)
+        # ... and keeps the trained modules_to_save copy, as PEFT's unload does.
+        assert_close(plain.state_dict()[k], trained_head if k == "lm_head.weight" else v, 1e-6, k)
 
 
 def test_trainable_parameters_summary_format():
