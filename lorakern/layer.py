@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from lorakern.ops import ScalarDict, lora_linear
+from lorakern.ops import BACKENDS, ScalarDict, lora_linear
 
 
 # PEFT's words, so users find the warning they know.
@@ -167,12 +167,21 @@ class LoraLinear(nn.Module):
         fan_in_fan_out: bool = False,
     ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         conv1d = conv1d_class()
         if conv1d is not None and isinstance(base_layer, conv1d):
             if not fan_in_fan_out:
                 warnings.warn("base_layer is a Conv1D (weight [in, out]): setting fan_in_fan_out=True", stacklevel=2)
             fan_in_fan_out = True
         elif isinstance(base_layer, nn.Linear):
+            if type(base_layer).forward is not nn.Linear.forward:
+                # The fused op computes the base GEMM itself and never calls base_layer.forward:
+                # a subclass's own forward (quantized, instrumented, ...) would be skipped silently.
+                raise TypeError(
+                    f"base_layer is a {type(base_layer).__name__}, an nn.Linear subclass with its own forward; "
+                    "LoraLinear computes x Wᵀ + bias itself and would skip that forward"
+                )
             if fan_in_fan_out:
                 warnings.warn("base_layer is nn.Linear (weight [out, in]): setting fan_in_fan_out=False", stacklevel=2)
             fan_in_fan_out = False

@@ -27,6 +27,7 @@ from torch import nn
 
 from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
 from lorakern.layer import UNMERGE_TO_SET_ADAPTER, LoraLinear, is_linear_like
+from lorakern.ops import BACKENDS
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 
@@ -272,6 +273,8 @@ def inject(
     if taken:
         raise ValueError(f"layers {taken[:4]} already have an adapter named {adapter_name!r}")
     to_save = plan_modules_to_save(model, config)
+    if backend not in BACKENDS:  # before the model changes
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return inject_planned(model, config, adapter_name, targets, to_save, backend=backend, inference=False)
 
 

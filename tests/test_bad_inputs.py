@@ -78,3 +78,33 @@ def test_scaling_tensor_that_requires_grad_is_refused():
     s = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
     with pytest.raises(TypeError, match="must not require grad"):
         lorakern.lora_linear(x, W, None, A, B, s)
+
+
+def test_bogus_backend_refused_at_construction_and_inject():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lorakern.LoraLinear(torch.nn.Linear(8, 8), r=2, backend="bogus")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lorakern.inject(model, lorakern.LoraConfig(r=2, target_modules=["0"]), backend="bogus")
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_linear_subclass_with_its_own_forward_is_refused():
+    """LoraLinear never calls base_layer.forward: a subclass's forward would be skipped."""
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(TypeError, match="its own forward"):
+        lorakern.LoraLinear(Scaled(8, 8), r=2)
+
+
+def test_linear_subclass_without_its_own_forward_is_accepted():
+    class Plain(torch.nn.Linear):
+        pass
+
+    layer = lorakern.LoraLinear(Plain(8, 8), r=2)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
