@@ -56,10 +56,14 @@ def direct_enabled() -> bool:
     return _DIRECT
 
 
-def _hooks_set() -> bool:
-    from triton import knobs
+try:  # imported once, not on every launch (triton.knobs: Triton >= 3.4)
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: never _DIRECT (not a checked version)
+    _knobs = None
 
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+def _hooks_set() -> bool:
+    return _knobs.runtime.launch_enter_hook is not None or _knobs.runtime.launch_exit_hook is not None
 
 
 def launch(kernel, grid, args: dict) -> None:

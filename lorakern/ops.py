@@ -113,7 +113,8 @@ def _implementation(backend: str) -> ModuleType:
 
 
 def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
-    """Raise TypeError / ValueError naming the offending shapes, dtypes or devices."""
+    """Raise TypeError / ValueError naming the offending shapes or dtypes (devices are
+    `_check_devices`', which runs first: autocast asks x's device type before this)."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
     for name, t in named.items():
         if t is None and name in ("bias", "weight"):
@@ -125,9 +126,6 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
                 f"{name} has dtype {t.dtype}; lorakern supports float32, float16 and bfloat16 "
                 "(and float64 on the reference backend)"
             )
-        if t.device != x.device:
-            devices = {n: v.device for n, v in named.items() if v is not None}
-            raise ValueError(f"all tensors must be on one device, got {devices}")
     if weight is not None and weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
     if bias is not None and bias.dtype != x.dtype:
@@ -246,10 +244,9 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-
 def _forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
     """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x))."""
-    lead, k = x.shape[:-1], x.shape[-1]
+    lead = x.shape[:-1]
     with _autocast_off(x.device.type):
         y, S = _implementation(backend).lora_linear_forward(
             rows(x), weight, bias, lora_A, lora_B, s, p, seed

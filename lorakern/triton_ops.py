@@ -84,7 +84,7 @@ def lora_linear_fwd_triton(
     # key by reading this body for calls by name (lora_linear_forward), and cannot follow
     # _forward_core's `_implementation(backend).lora_linear_forward` (tests/test_triton_ops.py).
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
-    lead, k = x.shape[:-1], x.shape[-1]
+    lead = x.shape[:-1]
     with ops._autocast_off(x.device.type):
         y, S = lora_linear_forward(ops.rows(x), weight, bias, lora_A, lora_B, scaling, p, seed_arg)
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S

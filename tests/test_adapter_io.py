@@ -159,16 +159,21 @@ def test_bias_that_overflows_fp16_is_refused(tmp_path):
     assert_load_fails_unchanged(tiny_mlp().half(), tmp_path, r"blocks\.1\.down\.bias.*overflow.*torch\.float16")
 
 
+def _as_fp64_with(key, value):
+    """A rewrite_tensors edit: tensor `key` stored as fp64, its [0, 0] set to `value`."""
+
+    def edit(t):
+        t[key] = t[key].double()
+        t[key][0, 0] = value
+
+    return edit
+
+
 def test_values_that_fit_the_parameter_dtype_load(tmp_path):
     """Large values that the parameter's dtype can hold load, converted; NaN is still refused."""
     lorakern.save_adapter(trained(OLD, seed=1), tmp_path)
     k = KEY + "blocks.0.up.lora_A.weight"
-
-    def big(t):
-        t[k] = t[k].double()
-        t[k][0, 0] = 1e30
-
-    rewrite_tensors(tmp_path, big)
+    rewrite_tensors(tmp_path, _as_fp64_with(k, 1e30))
     model = lorakern.load_adapter(tiny_mlp(), tmp_path)
     assert model.blocks[0].up.lora_A["default"].weight[0, 0].item() == pytest.approx(1e30, rel=1e-6)
     rewrite_tensors(tmp_path, lambda t: t[k].__setitem__((0, 1), float("nan")))
@@ -181,12 +186,7 @@ def test_overflow_in_the_final_copy_is_refused_and_rolled_back(tmp_path, monkeyp
     caught too, after injection, and the load rolled back."""
     lorakern.save_adapter(trained(OLD, seed=1), tmp_path)
     k = KEY + "blocks.0.up.lora_A.weight"
-
-    def big(t):
-        t[k] = t[k].double()
-        t[k][0, 0] = 1e300
-
-    rewrite_tensors(tmp_path, big)
+    rewrite_tensors(tmp_path, _as_fp64_with(k, 1e300))
     real = adapters_mod._expected
 
     def expected(*args, **kwargs):  # plans fp64 for every LoRA matrix; the parameters are fp32
