@@ -18,6 +18,8 @@ from lorakern.model import (
 )
 from lorakern.ops import lora_linear
 from lorakern.peft_compat import patch_peft, unpatch_peft
+from lorakern.qops import lora_linear_quantized
+from lorakern.quantized import QuantLinear, quantize
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,5 @@ __all__ = [
     "LoraConfig", "inject", "set_adapter", "delete_adapter", "disable_adapters", "add_weighted_adapter",
     "merge", "unmerge", "unload", "trainable_parameters", "trainable_parameters_summary",
     "print_trainable_parameters", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",
+    "quantize", "QuantLinear", "lora_linear_quantized",
 ]

@@ -29,7 +29,9 @@ import warnings
 import torch
 from torch import nn
 
+from lorakern import quantized
 from lorakern.ops import BACKENDS, ScalarDict, lora_linear
+from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
 
 # PEFT's words, so users find the warning they know.
@@ -56,9 +58,22 @@ def conv1d_class() -> type | None:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for nn.Linear and transformers Conv1D (the layers LoraLinear can wrap)."""
+    """True for the layers LoraLinear can wrap: nn.Linear, transformers Conv1D, and quantized
+    linears (lorakern's QuantLinear, bitsandbytes' Linear4bit — an nn.Linear subclass)."""
     conv1d = conv1d_class()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+    return (
+        isinstance(module, nn.Linear)
+        or (conv1d is not None and isinstance(module, conv1d))
+        or quantized.is_quantized_linear(module)
+    )
+
+
+# PEFT's warning for the same operation on its bnb layers, in our words.
+LOSSY_QUANT_MERGE = (
+    "Merging an adapter into (or out of) a quantized base layer dequantises, adds and quantizes "
+    "again: the result is rounded to the quantized grid, so outputs can differ slightly from the "
+    "unmerged model's."
+)
 
 
 def _scaled(B: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
@@ -78,7 +93,8 @@ def lora_linear_multi(
     """``x Wᵀ + bias + Σ_i s_i·(D_i(x) A_iᵀ) B_iᵀ`` with as few fused op calls as possible.
 
     Args:
-        x: [..., K]; weight: [N, K] (any strides, e.g. a Conv1D weight's ``.t()``); bias: [N] | None.
+        x: [..., K]; weight: [N, K] (any strides, e.g. a Conv1D weight's ``.t()``), or a
+            lorakern.quant.QuantizedWeight of shape (N, K) (QLoRA); bias: [N] | None.
         adapters: non-empty list of (lora_A [r_i, K], lora_B [N, r_i], scaling s_i, dropout p_i).
             p_i is the Python number 0 for "no dropout" (eval mode too), else a positive
             Python float or a one-element CPU tensor; s_i a Python number or a
@@ -94,9 +110,11 @@ def lora_linear_multi(
     Grouping looks only at whether p is zero, never at its value: under torch.compile
     a tensor p can change without recompiling.
     """
+    # The first call carries the base GEMM: a quantized weight takes the QLoRA op.
+    first_op = lora_linear_quantized if isinstance(weight, QuantizedWeight) else lora_linear
     if len(adapters) == 1:  # s and p may be one-element CPU tensors here: no host read
         A, B, s, p = adapters[0]
-        return lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
+        return first_op(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
     plain = [(A, B, s) for A, B, s, p in adapters if _no_dropout(p)]
     dropped = [(A, B, s, p) for A, B, s, p in adapters if not _no_dropout(p)]
     calls = []
@@ -112,7 +130,7 @@ def lora_linear_multi(
             calls.append((A, B, 1.0, 0.0))
     calls.extend(dropped)
     (A, B, s, p), rest = calls[0], calls[1:]
-    y = lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
+    y = first_op(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
     for A, B, s, p in rest:
         y = y + lora_linear(x, None, None, A, B, s, dropout_p=p, backend=backend)
     return y
@@ -170,7 +188,20 @@ class LoraLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         conv1d = conv1d_class()
-        if conv1d is not None and isinstance(base_layer, conv1d):
+        # A quantized base (QuantLinear, bnb Linear4bit): its weight is dequantised inside the op.
+        self.quantized = quantized.is_quantized_linear(base_layer)
+        if self.quantized:
+            if fan_in_fan_out:
+                warnings.warn("a quantized base layer stores [out, in]: setting fan_in_fan_out=False", stacklevel=2)
+            fan_in_fan_out = False
+            quantized.quantized_weight(base_layer)  # raises now if bnb has not quantized it yet
+        elif quantized.is_bnb_linear8bit(base_layer):
+            raise TypeError(
+                "base_layer is a bitsandbytes Linear8bitLt (LLM.int8: it quantizes x as well); lorakern's QLoRA "
+                "takes bitsandbytes Linear4bit layers, or its own int8 weight-only format: "
+                "lorakern.quantize(model, 'int8') on the full-precision model"
+            )
+        elif conv1d is not None and isinstance(base_layer, conv1d):
             if not fan_in_fan_out:
                 warnings.warn("base_layer is a Conv1D (weight [in, out]): setting fan_in_fan_out=True", stacklevel=2)
             fan_in_fan_out = True
@@ -190,7 +221,10 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
         w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        if self.quantized:
+            self.out_features, self.in_features = quantized.quantized_weight(base_layer).shape
+        else:
+            self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.r: dict[str, int] = {}
@@ -316,11 +350,12 @@ class LoraLinear(nn.Module):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x)
-        lora_A, lora_B, scaling = self.lora_A, self.lora_B, self.scaling
-        active = [a for a in self.active_adapters if a in lora_A]
+            return self._base_forward(x)
+        active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged_adapters or not active:
-            return self.base_layer(x)
+            return self._base_forward(x)
+        if self.quantized:
+            return self._quantized_forward(x, active)
         w = self.base_layer.weight
         if self.fan_in_fan_out:
             w = w.t()
@@ -329,24 +364,49 @@ class LoraLinear(nn.Module):
         # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
         autocast = torch.is_autocast_enabled(x.device.type)
         mixed = x.is_floating_point() and x.dtype != w.dtype and not autocast
-        # Traced, scaling and dropout go to the op as the ScalarDicts' [1] CPU tensors:
-        # torch.compile does not recompile when they change (with several adapters only
-        # a dropout turning 0 or positive does, see _dropout_arg). Eager, they go as
-        # Python floats (a tensor would only be read back on the host).
+        adapters = self._adapter_args(active, None if autocast else w.dtype)
+        if mixed:
+            return lora_linear_multi(x.to(w.dtype), w, self.base_layer.bias, adapters, self.backend).to(x.dtype)
+        return lora_linear_multi(x, w, self.base_layer.bias, adapters, self.backend)
+
+    def _adapter_args(self, active: list[str], dtype: torch.dtype | None) -> list:
+        """(A, B, s, p) per active adapter as lora_linear_multi takes them; A and B in
+        `dtype` or fp32 (None: as stored, autocast casts them).
+
+        Traced, scaling and dropout go to the op as the ScalarDicts' [1] CPU tensors:
+        torch.compile does not recompile when they change (with several adapters only a
+        dropout turning 0 or positive does, see _dropout_arg). Eager, they go as Python
+        floats (a tensor would only be read back on the host)."""
         as_tensor = torch.compiler.is_compiling()
         single = len(active) == 1
-        adapters = [
+        return [
             (
-                lora_A[name].weight if autocast else _in_dtype(lora_A[name].weight, w.dtype),
-                lora_B[name].weight if autocast else _in_dtype(lora_B[name].weight, w.dtype),
-                scaling.tensor(name) if as_tensor else scaling[name],
+                self.lora_A[name].weight if dtype is None else _in_dtype(self.lora_A[name].weight, dtype),
+                self.lora_B[name].weight if dtype is None else _in_dtype(self.lora_B[name].weight, dtype),
+                self.scaling.tensor(name) if as_tensor else self.scaling[name],
                 self._dropout_arg(name, as_tensor, single),
             )
             for name in active
         ]
-        if mixed:
-            return lora_linear_multi(x.to(w.dtype), w, self.base_layer.bias, adapters, self.backend).to(x.dtype)
-        return lora_linear_multi(x, w, self.base_layer.bias, adapters, self.backend)
+
+    def _quantized_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """QLoRA: x (cast to the base's compute dtype, as bitsandbytes does) through the op
+        with the quantized weight; the answer in x's dtype."""
+        qw = quantized.quantized_weight(self.base_layer)
+        if torch.is_autocast_enabled(x.device.type):  # the op casts, and answers in the autocast dtype
+            return lora_linear_multi(x, qw, self.base_layer.bias, self._adapter_args(active, None), self.backend)
+        dtype = quantized.compute_dtype(self.base_layer, x) if x.is_floating_point() else x.dtype
+        adapters = self._adapter_args(active, dtype)
+        return lora_linear_multi(x.to(dtype), qw, self.base_layer.bias, adapters, self.backend).to(x.dtype)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer alone. A quantized one runs through lorakern's dequantisation, not
+        its own forward (bitsandbytes' CPU forward repacks the weight in eval mode)."""
+        if not self.quantized:
+            return self.base_layer(x)
+        dtype = quantized.compute_dtype(self.base_layer, x) if x.is_floating_point() else x.dtype
+        qw = quantized.quantized_weight(self.base_layer)
+        return quantized_linear(x.to(dtype), qw, self.base_layer.bias, self.backend).to(x.dtype)
 
     def _dropout_arg(self, name: str, as_tensor: bool, single: bool):
         """Adapter `name`'s dropout as lora_linear_multi takes it: 0.0 when off (eval, or
@@ -372,12 +432,16 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
         """The base weight (its own layout and dtype) plus the deltas of `adapter_names`,
-        summed in fp32 and cast once. Does not change the layer."""
+        summed in fp32 and cast once. Does not change the layer. For a quantized base: the
+        dense [out, in] weight in the dtype it was quantized from."""
         for name in adapter_names:
             if name not in self.lora_A:
                 raise ValueError(f"no adapter named {name!r}; have {list(self.lora_A)}")
-        w = self.base_layer.weight
         delta = sum(self.get_delta_weight(name) for name in adapter_names)
+        if self.quantized:
+            qw = quantized.quantized_weight(self.base_layer)
+            return (quantized.quant.dequantize_weight(qw, torch.float32) + delta).to(qw.dtype)
+        w = self.base_layer.weight
         if self.fan_in_fan_out:
             delta = delta.t()
         return (w.float() + delta).to(w.dtype)
@@ -387,7 +451,8 @@ class LoraLinear(nn.Module):
         """W += Σ s·B A for each adapter (default: the active ones), summed in fp32, cast once.
 
         safe_merge: check the merged weight is finite first; raise ValueError (layer
-        unchanged) if it is not.
+        unchanged) if it is not. A quantized base is dequantised, added to and quantized
+        again in its own format (lossy: warned, as PEFT does).
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
@@ -396,7 +461,7 @@ class LoraLinear(nn.Module):
         new_w = self.merged_weight(names)
         if safe_merge and not torch.isfinite(new_w).all():
             raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
-        self.base_layer.weight.copy_(new_w)
+        self._store_weight(new_w)
         self.merged_adapters.extend(names)
 
     @torch.no_grad()
@@ -404,12 +469,26 @@ class LoraLinear(nn.Module):
         """Undo merge(): W -= Σ s·B A over every merged adapter, in fp32, cast once."""
         if not self.merged_adapters:
             return
-        w = self.base_layer.weight
         delta = sum(self.get_delta_weight(name) for name in self.merged_adapters)
-        if self.fan_in_fan_out:
-            delta = delta.t()
-        w.copy_((w.float() - delta).to(w.dtype))
+        if self.quantized:
+            qw = quantized.quantized_weight(self.base_layer)
+            self._store_weight((quantized.quant.dequantize_weight(qw, torch.float32) - delta).to(qw.dtype))
+        else:
+            w = self.base_layer.weight
+            if self.fan_in_fan_out:
+                delta = delta.t()
+            w.copy_((w.float() - delta).to(w.dtype))
         self.merged_adapters = []
+
+    def _store_weight(self, new_w: torch.Tensor) -> None:
+        """Write a merged base weight: copied in place, or quantized again for a quantized base."""
+        if not self.quantized:
+            self.base_layer.weight.copy_(new_w)
+            return
+        warnings.warn(LOSSY_QUANT_MERGE, UserWarning, stacklevel=3)
+        if not torch.isfinite(new_w).all():
+            raise ValueError("the merged weight has inf or NaN entries; a quantized base cannot hold them")
+        quantized.store_quantized_weight(self.base_layer, quantized.requantize_like(self.base_layer, new_w))
 
     def extra_repr(self) -> str:
         parts = [

@@ -27,6 +27,7 @@ from torch import nn
 
 from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
 from lorakern.layer import UNMERGE_TO_SET_ADAPTER, LoraLinear, is_linear_like
+from lorakern.quantized import QuantLinear
 from lorakern.ops import BACKENDS
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
@@ -145,10 +146,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of an nn.Linear, Conv1D or LoraLinear."""
-    if isinstance(module, LoraLinear):
-        return module.in_features, module.out_features
-    if isinstance(module, nn.Linear):
+    """(in, out) of an nn.Linear, quantized linear, Conv1D or LoraLinear."""
+    if isinstance(module, (LoraLinear, nn.Linear, QuantLinear)):
         return module.in_features, module.out_features
     w = module.weight  # Conv1D: [in, out]
     return w.shape[0], w.shape[1]
@@ -641,12 +640,18 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared parameter counted once."""
+    """(trainable, total) parameter counts, each shared parameter counted once.
+
+    Quantized weights count as the parameters they stand for, as PEFT counts them: a
+    bitsandbytes Params4bit packs two per byte of its storage; a QuantLinear's weight is a
+    buffer of out × in values."""
     trainable = total = 0
     for p in model.parameters():
-        total += p.numel()
+        n = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     return trainable, total
 
 

@@ -1,6 +1,7 @@
 """Run an existing PEFT model's LoRA math through lorakern's fused op.
 
-`patch_peft(peft_model)` gives every PEFT LoRA `Linear` (nn.Linear or Conv1D base) an
+`patch_peft(peft_model)` gives every PEFT LoRA `Linear` (nn.Linear or Conv1D base) and
+every PEFT QLoRA `Linear4bit` (a bitsandbytes Linear4bit base) an
 instance-level `forward` that calls `lorakern.layer.lora_linear_multi` on PEFT's own
 parameters — `base_layer.weight` (a transposed view for fan_in_fan_out), its bias,
 `lora_A[name].weight`, `lora_B[name].weight`, `scaling[name]` and the dropout
@@ -9,8 +10,11 @@ merging all stay PEFT's. `unpatch_peft` removes the instance attribute again.
 
 Calls the fused op cannot reproduce exactly fall back to PEFT's own forward, per call:
 adapters disabled or merged, DoRA / other LoRA variants, lora_bias, mixed-batch
-`adapter_names=`, extra forward arguments, a quantized or other non-Linear base layer,
-a dropout module that is not nn.Dropout, or dtypes the op does not take.
+`adapter_names=`, extra forward arguments, a base layer other than nn.Linear / Conv1D /
+bitsandbytes Linear4bit, a dropout module that is not nn.Dropout, or dtypes the op does
+not take. A Linear4bit base computes as PEFT's does: x in the layer's compute dtype,
+the weight dequantised (bit-identical to bitsandbytes' dequantisation), the answer in
+x's dtype.
 
     >>> from peft import get_peft_model, LoraConfig            # doctest: +SKIP
     >>> model = get_peft_model(base, LoraConfig(target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
@@ -24,18 +28,24 @@ import types
 import torch
 from torch import nn
 
+from lorakern import quantized
 from lorakern.layer import is_linear_like, lora_linear_multi
 from lorakern.ops import SUPPORTED_DTYPES
 
 _PATCHED = "_lorakern_patched"
 
 
-def _peft_lora_linear_class() -> type:
+def _peft_lora_linear_classes() -> tuple[type, ...]:
+    """PEFT's LoRA Linear, and its bitsandbytes Linear4bit (defined when bitsandbytes imports)."""
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError as exc:
         raise ImportError("patch_peft needs the `peft` package (pip install peft)") from exc
-    return Linear
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return (Linear,)
+    return (Linear, Linear4bit)
 
 
 def _dropout_p(module: nn.Module, name: str) -> float | None:
@@ -55,10 +65,16 @@ def _fusable_adapters(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: d
     if module.disable_adapters or module.merged:
         return None
     base = module.get_base_layer()
-    if not is_linear_like(base) or x.dtype not in SUPPORTED_DTYPES or base.weight.dtype != x.dtype:
+    if x.dtype not in SUPPORTED_DTYPES:
         return None
-    if base.bias is not None and base.bias.dtype != x.dtype:
+    if quantized.is_quantized_linear(base):
+        x_dtype = quantized.compute_dtype(base, x)  # bitsandbytes casts x (and the bias) to it
+    elif not is_linear_like(base) or base.weight.dtype != x.dtype:
         return None
+    elif base.bias is not None and base.bias.dtype != x.dtype:
+        return None
+    else:
+        x_dtype = x.dtype
     adapters = []
     for name in module.active_adapters:
         if name not in module.lora_A:
@@ -68,7 +84,7 @@ def _fusable_adapters(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: d
         A, B = module.lora_A[name], module.lora_B[name]
         if type(A) is not nn.Linear or type(B) is not nn.Linear or B.bias is not None or A.bias is not None:
             return None
-        if A.weight.dtype not in (x.dtype, torch.float32) or B.weight.dtype not in (x.dtype, torch.float32):
+        if A.weight.dtype not in (x_dtype, torch.float32) or B.weight.dtype not in (x_dtype, torch.float32):
             return None
         p = _dropout_p(module, name)
         if p is None:
@@ -82,15 +98,20 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if adapters is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
+    backend = getattr(self, _PATCHED)
+    if quantized.is_quantized_linear(base):
+        dtype = quantized.compute_dtype(base, x)
+        qweight = quantized.quantized_weight(base)
+        return lora_linear_multi(x.to(dtype), qweight, base.bias, adapters, backend).to(x.dtype)
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
-    return lora_linear_multi(x, weight, base.bias, adapters, getattr(self, _PATCHED))
+    return lora_linear_multi(x, weight, base.bias, adapters, backend)
 
 
 def patch_peft(peft_model: nn.Module, backend: str = "auto") -> int:
     """Route the forward (and so the backward) of every PEFT LoRA Linear in `peft_model`
     through lorakern's fused op, sharing PEFT's parameters. Returns the number of layers
     patched; ValueError if there are none. Idempotent; undo with `unpatch_peft`."""
-    linear_cls = _peft_lora_linear_class()
+    linear_cls = _peft_lora_linear_classes()
     count = 0
     for module in peft_model.modules():
         if isinstance(module, linear_cls):
