@@ -1,7 +1,8 @@
 """Triton kernels of the fused LoRA linear, and their launchers (no autograd here).
 
 Each launcher has the signature and math of the function of the same name in
-`lorakern.reference`, which is its oracle.
+`lorakern.reference`, which is its oracle; the quantized-weight launchers'
+(`dequantize_weight`, `dequant_matmul`) oracle is `lorakern.quant.dequantize_weight`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
 from .common import DeviceScalars, has_dropout, rank_pad, traced
+from .dequant import dequantize_weight
 from .dispatch import prefer_fused
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
 from .shrink import lora_shrink
@@ -93,5 +95,6 @@ __all__ = [
     "lora_backward_da",
     "lora_linear_forward",
     "lora_linear_backward",
+    "dequantize_weight",
     "DeviceScalars",
 ]

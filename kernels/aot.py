@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, forward, shrink
+from . import backward, dequant, forward, shrink
 from .common import dot_precision
 
 # Hopper: 227 KiB of shared memory per block at most.
@@ -112,6 +112,45 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
         )
 
 
+def _dequant_cases():
+    """(label, kernel, signature, constexprs, options) of the dequantisation kernels, per
+    output dtype (their pointer types are not the GEMMs' roles, so spelled out here)."""
+    for dtype in _PTR:
+        out = _PTR[dtype]
+        dt = str(dtype)[6:]
+        cfg = {k: v for k, v in dequant._config_4bit().items() if k != "num_warps"}
+        for double_quant in (False, True):
+            sig = {"data_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if double_quant else "*fp32",
+                   "offset_ptr": "*fp32", "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
+                   "out_ptr": out, "numel": "i64", "n_bytes": "i64"}
+            constexprs = {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": double_quant, "UPCAST": False, **cfg}
+            yield (f"dequant 4bit{' dq' if double_quant else ''} out={dt}", dequant._lora_dequant_4bit_kernel,
+                   {**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
+                   {"num_warps": dequant._config_4bit()["num_warps"], "enable_fp_fusion": False})
+        cfg = {k: v for k, v in dequant._config_int8().items() if k != "num_warps"}
+        sig = {"data_ptr": "*i8", "absmax_ptr": "*fp32", "out_ptr": out, "N": "i32", "K": "i32",
+               "stride_dn": "i32", "stride_dk": "i32"}
+        constexprs = {"UPCAST": False, **cfg}
+        yield (f"dequant int8 out={dt}", dequant._lora_dequant_int8_kernel,
+               {**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
+               {"num_warps": dequant._config_int8()["num_warps"]})
+
+
+def _compile_one(name, fn, signature, constexprs, options, target, arch, print_fn) -> dict:
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options=options)
+        shared = int(compiled.metadata.shared)
+        ok = shared <= MAX_SHARED.get(arch, MAX_SHARED[90])
+        error = None if ok else f"shared memory {shared} B > {MAX_SHARED.get(arch, MAX_SHARED[90])} B"
+    except Exception as exc:  # a compile failure is the finding
+        shared, ok, error = None, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    print_fn(f"{'ok  ' if ok else 'FAIL'} sm_{arch} {name:<52} shared {shared} B  {time.perf_counter() - t0:.1f}s"
+             + (f"  {error}" if error else ""))
+    return {"case": name, "ok": ok, "shared": shared, "error": error}
+
+
 def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list[dict]:
     """Compile each case for sm_<arch>; returns one dict per case (ok, shared bytes, error)."""
     target = GPUTarget("cuda", arch, 32)
@@ -124,18 +163,11 @@ def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list
         for label, kernel, constexprs, warps, stages in _cases(dtype, adapter_dtype, r_pad, all_tiles, in_memory):
             fn = _jit_fn(kernel)
             name = f"{label} x={str(dtype)[6:]} A={str(adapter_dtype)[6:]} r_pad={r_pad}{' mem' if in_memory else ''}"
-            t0 = time.perf_counter()
-            try:
-                src = ASTSource(fn=fn, signature=_signature(fn, dtype, adapter_dtype, constexprs), constexprs=constexprs)
-                compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-                shared = int(compiled.metadata.shared)
-                ok = shared <= MAX_SHARED.get(arch, MAX_SHARED[90])
-                error = None if ok else f"shared memory {shared} B > {MAX_SHARED.get(arch, MAX_SHARED[90])} B"
-            except Exception as exc:  # a compile failure is the finding
-                shared, ok, error = None, False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            results.append({"case": name, "ok": ok, "shared": shared, "error": error})
-            print_fn(f"{'ok  ' if ok else 'FAIL'} sm_{arch} {name:<52} shared {shared} B  {time.perf_counter() - t0:.1f}s"
-                     + (f"  {error}" if error else ""))
+            signature = _signature(fn, dtype, adapter_dtype, constexprs)
+            options = {"num_warps": warps, "num_stages": stages}
+            results.append(_compile_one(name, fn, signature, constexprs, options, target, arch, print_fn))
+    for name, kernel, signature, constexprs, options in _dequant_cases():
+        results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
     return results
 
 

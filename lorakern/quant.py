@@ -201,7 +201,7 @@ def quantize_weight(
         if double_quant:
             raise ValueError("double_quant applies to 4-bit formats only, not int8")
         w = weight.float()
-        absmax = w.abs().amax(dim=1)
+        absmax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])  # amax refuses K == 0
         data = torch.round(w * (127.0 / absmax.unsqueeze(1))).nan_to_num(0.0).to(torch.int8)
         return QuantizedWeight(data, "int8", shape, weight.dtype, absmax)
     if blocksize not in BLOCKSIZES:
