@@ -1,10 +1,25 @@
-"""Shared test setup: interpreter switch, skip marks, seeding."""
+"""Shared test setup: import path, interpreter switch, skip marks, seeding."""
 
+import importlib.machinery
+import importlib.util
 import os
+import sys
 import warnings
+from pathlib import Path
 
-import pytest
-import torch
+# The repo root must not be on sys.path: its kernels/ folder (installed as lorakern.kernels)
+# would answer `import kernels`, the name of the Hugging Face kernels package that
+# bitsandbytes and transformers probe for. `python -m pytest` puts the cwd there; drop it
+# and serve the helpers' `from tests.x import ...` from this folder instead.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+if "tests" not in sys.modules:
+    _spec = importlib.machinery.ModuleSpec("tests", None, is_package=True)
+    _spec.submodule_search_locations = [str(ROOT / "tests")]
+    sys.modules["tests"] = importlib.util.module_from_spec(_spec)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The Triton interpreter must be chosen before any @triton.jit function is defined,
 # i.e. before lorakern.kernels is imported. With no GPU, every kernel test runs in it.
