@@ -14,6 +14,7 @@ from .common import DeviceScalars, has_dropout, rank_pad, traced
 from .dequant import dequantize_weight
 from .dispatch import prefer_fused
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
+from .qgemm import dequant_matmul
 from .shrink import lora_shrink
 
 
@@ -74,6 +75,32 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
     return _forward_two_pass(*args)
 
 
+def qlora_linear_forward(x, qtensors, meta, bias, lora_A, lora_B, scaling, p, seed):
+    """Forward over a quantized weight on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32).
+
+    qtensors: (data, absmax, code, offset, nested_absmax, nested_code) as
+    `dequantize_weight` takes them; meta: (quant_type, blocksize, nested_blocksize, N, K).
+    Small M (decode): the faster, as measured, of (a) `dequant_matmul` reading the
+    quantized weight in its K loop, then one pass adding s·S Bᵀ, and (b) the dense
+    weight dequantised into a temporary, then the dense forward. Larger M: (b).
+    """
+    quant_type, blocksize, nested_blocksize, n, k = meta
+    M = x.shape[0]
+
+    def dequantised():
+        weight = dequantize_weight(*qtensors, quant_type, blocksize, nested_blocksize, (n, k), x.dtype)
+        return lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+    def fused():
+        y = dequant_matmul(x, *qtensors, quant_type, blocksize, nested_blocksize, (n, k), bias)
+        return lora_forward_onepass(x, None, None, lora_A, lora_B, scaling, p, seed, base=y)
+
+    if M > ONEPASS_MAX_M or traced(x):
+        return dequantised()
+    key = ("qfwd1", quant_type, m_bucket(M), n, k, rank_pad(lora_A.shape[0]), has_dropout(p), x.dtype, x.device)
+    return fused() if prefer_fused(key, fused, dequantised, x.device) else dequantised()
+
+
 def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs):
     """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB)."""
     need_x, need_a, need_b = needs
@@ -95,6 +122,8 @@ __all__ = [
     "lora_backward_da",
     "lora_linear_forward",
     "lora_linear_backward",
+    "qlora_linear_forward",
     "dequantize_weight",
+    "dequant_matmul",
     "DeviceScalars",
 ]

@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, dequant, forward, shrink
+from . import backward, dequant, forward, qgemm, shrink
 from .common import dot_precision
 
 # Hopper: 227 KiB of shared memory per block at most.
@@ -136,6 +136,36 @@ def _dequant_cases():
                {"num_warps": dequant._config_int8()["num_warps"]})
 
 
+def _qgemm_cases(all_tiles: bool):
+    """(label, kernel, signature, constexprs, options) of the fused dequantise-GEMM
+    (kernels/qgemm.py): each format per x dtype at the first tile (every tile with
+    --all), plus its other paths (odd K, blocks straddling rows, blocksize >= BLOCK_K,
+    split-K partials) once in bf16."""
+    tiles = qgemm.QGEMM_TILES if all_tiles else qgemm.QGEMM_TILES[:1]
+    formats = {  # label: (data, absmax, INT8, DOUBLE_QUANT)
+        "nf4": ("*u8", "*fp32", False, False), "nf4 dq": ("*u8", "*u8", False, True), "int8": ("*i8", "*fp32", True, False),
+    }
+    # label: EVEN_K, ROW_ALIGNED, BLOCKSIZE, PARTIAL
+    paths = {"": (True, True, 64, False)}
+    extra = {" oddK": (False, False, 64, False), " bs256": (True, True, 256, False), " split": (True, True, 64, True)}
+    for dtype, (bn, bk, warps, stages), (fmt, (data, absmax, int8, dq)) in itertools.product(_PTR, tiles, formats.items()):
+        for path, (even_k, row_aligned, blocksize, partial) in [*paths.items(), *(extra.items() if dtype == torch.bfloat16 else ())]:
+            if int8 and path in (" oddK", " bs256"):
+                continue
+            sig = {"x_ptr": _PTR[dtype], "data_ptr": data, "absmax_ptr": absmax, "code_ptr": "*fp32", "offset_ptr": "*fp32",
+                   "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "bias_ptr": _PTR[dtype],
+                   "y_ptr": "*fp32" if partial else _PTR[dtype]}
+            sig.update(dict.fromkeys(("M", "N", "K", "K_BYTES", "K_PER_SPLIT", "stride_xm", "stride_xk", "stride_dn", "stride_dk",
+                                      "stride_ys", "stride_ym", "stride_yn", "stride_bias"), "i32"))
+            constexprs = {"BLOCK_M": qgemm.BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "INT8": int8,
+                          "BLOCKSIZE": 1 if int8 else blocksize, "NESTED_BLOCKSIZE": 256 if dq else 1, "DOUBLE_QUANT": dq,
+                          "EVEN_K": even_k, "ROW_ALIGNED": row_aligned and not int8, "HAS_BIAS": not partial,
+                          "PARTIAL": partial, "UPCAST": False, "PRECISION": dot_precision(dtype)}
+            yield (f"qgemm {fmt}{path} 16x{bn}x{bk} x={str(dtype)[6:]}", qgemm._lora_qgemm_kernel,
+                   {**sig, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
+                   {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+
+
 def _compile_one(name, fn, signature, constexprs, options, target, arch, print_fn) -> dict:
     t0 = time.perf_counter()
     try:
@@ -167,6 +197,8 @@ def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list
             options = {"num_warps": warps, "num_stages": stages}
             results.append(_compile_one(name, fn, signature, constexprs, options, target, arch, print_fn))
     for name, kernel, signature, constexprs, options in _dequant_cases():
+        results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
+    for name, kernel, signature, constexprs, options in _qgemm_cases(all_tiles):
         results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
     return results
 

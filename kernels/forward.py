@@ -243,6 +243,7 @@ def lora_forward_onepass(
     p,
     seed,
     cublas_base: bool = False,
+    base: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink and B-projection without S leaving the kernel (for small M, e.g. decode):
     returns (y [M, N], S [M, r] fp32).
@@ -254,13 +255,21 @@ def lora_forward_onepass(
     cublas_base=False: one launch, the base GEMM in the same kernel. True: x Wᵀ + bias by
     cuBLAS (F.linear), then one Triton pass computes S and adds s·S Bᵀ (two launches;
     the base at cuBLAS's speed, which a GEMV-shaped Triton tile does not reach).
+    base: y = x Wᵀ + bias [M, N] already computed by the caller (e.g. from a quantized
+    weight, kernels/qgemm.py; weight and bias then None): the pass adds s·S Bᵀ into it in
+    place and returns it.
     """
     R = lora_A.shape[0]
     if lora_A.shape[1] != x.shape[1]:
         raise ValueError(f"lora_forward: x {tuple(x.shape)} and lora_A {tuple(lora_A.shape)} disagree on K")
     _check_forward_shapes(x, weight, bias, lora_B, R)
-    M, N = x.shape[0], weight.shape[0]
-    if cublas_base:
+    M, N = x.shape[0], lora_B.shape[0]
+    if base is not None:
+        if tuple(base.shape) != (M, N) or base.dtype != x.dtype:
+            raise ValueError(f"lora_forward_onepass: base must be [{M}, {N}] in {x.dtype}, got "
+                             f"{tuple(base.shape)} {base.dtype}")
+        y = base
+    elif cublas_base:
         y = torch.nn.functional.linear(x, weight, bias)
     else:
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -269,7 +278,8 @@ def lora_forward_onepass(
         return y, S
     if N == 0:  # no program would write S
         return y, _lora_shrink(x, lora_A, p, seed)
-    _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink=True, has_base=not cublas_base)
+    has_base = base is None and not cublas_base
+    _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink=True, has_base=has_base)
     return y, S
 
 

@@ -23,6 +23,7 @@ from lorakern import quant
 from lorakern.ops import (
     SECOND_ORDER_ERROR,
     _autocast_inputs,
+    _autocast_off,
     _backward_core,
     _check_devices,
     _check_scaling_value,
@@ -73,8 +74,23 @@ def _dequantize_fake(data, absmax, code, offset, nested_absmax, nested_code, qua
 
 def _dequantize(meta, tensors, dtype: torch.dtype, backend: str) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return dequantize_op(*tensors, *meta[:2], meta[2], meta[3], meta[4], dtype, backend)
+        return dequantize_op(*tensors, *meta, dtype, backend)
     return _dequantize_eager(meta, tensors, dtype, backend)
+
+
+def _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
+    """x [..., K] -> (y [..., N], S [M, r]). Triton: kernels.qlora_linear_forward (at
+    small M it may read the 4-bit weight directly); reference: dequantise, then the op."""
+    if backend != "triton":
+        return _forward_core(x, _dequantize_eager(meta, qtensors, x.dtype, backend), bias, lora_A, lora_B,
+                             s, p, seed, backend)
+    from lorakern import kernels
+
+    with _autocast_off(x.device.type):
+        y, S = kernels.qlora_linear_forward(rows(x), qtensors, meta, bias, lora_A, lora_B, s, p, seed)
+    if x.dim() != 2:
+        y = torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))  # as ops._forward_core
+    return y, S
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
@@ -104,14 +120,14 @@ class QuantLoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, meta, *qtensors):
-        weight = _dequantize(meta, qtensors, x.dtype, backend)
         ctx.traced = torch.compiler.is_compiling()
         if ctx.traced:  # scalars are CPU tensors: saved as tensors, the seed as the op returns it
+            weight = dequantize_op(*qtensors, *meta, x.dtype, backend)
             y, S, seed = lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
             ctx.save_for_backward(x, lora_A, lora_B, S, scaling, dropout_p, seed, *qtensors)
         else:
             seed = _eager_seed(seed, dropout_p)
-            y, S = _forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+            y, S = _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
             ctx.save_for_backward(x, lora_A, lora_B, S, *qtensors)
             ctx.scalars = (scaling, dropout_p, seed)
         ctx.backend, ctx.meta = backend, meta
@@ -239,6 +255,6 @@ def lora_linear_quantized(
     _check_seed(seed)
     seed = None if seed is None else int(seed)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
-        weight = _dequantize(meta, qtensors, x.dtype, backend)
-        return _forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, _eager_seed(seed, dropout_p), backend)[0]
+        seed = _eager_seed(seed, dropout_p)
+        return _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
     return QuantLoraLinearFunction.apply(x, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, meta, *qtensors)

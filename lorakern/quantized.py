@@ -156,6 +156,8 @@ def _canonical_bnb_state(module: nn.Module):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if not state.nested:  # the inverse leaves a plain absmax as the repack stored it: bf16 [K/bs, N]
+            state.absmax = state.absmax.t().reshape(-1).float()
         weight.quant_state = state
     return weight.data, state
 

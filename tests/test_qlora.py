@@ -33,13 +33,15 @@ def _plain_lora(x, W, bias, A, B, s):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_quantized_op_every_gradient(backend, quant_type, dtype):
-    """y and dx, dA, dB, dbias of the QLoRA op equal the dense math on the dequantised weight."""
+@pytest.mark.parametrize("lead", [(3, 7), (80,)], ids=["M21", "M80"])
+def test_quantized_op_every_gradient(backend, quant_type, dtype, lead):
+    """y and dx, dA, dB, dbias of the QLoRA op equal the dense math on the dequantised weight
+    (Triton: M = 21 reads the quantized weight in the GEMM, M = 80 dequantises first)."""
     dev = backend_device(backend)
     n, k, r = 40, 72, 5
     qw = quantize_weight(torch.randn(n, k, device=dev, dtype=dtype), quant_type, 32, double_quant=quant_type != "int8")
     W = dequantize_weight(qw, dtype)
-    x = torch.randn(3, 7, k, device=dev, dtype=dtype, requires_grad=True)
+    x = torch.randn(*lead, k, device=dev, dtype=dtype, requires_grad=True)
     A = torch.randn(r, k, device=dev, requires_grad=True)
     B = torch.randn(n, r, device=dev, requires_grad=True)
     bias = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
@@ -65,10 +67,13 @@ def test_quantized_op_dropout_matches_dense_op(backend):
     B = torch.randn(24, 4, device=dev, requires_grad=True)
     y = lora_linear_quantized(x, qw, None, A, B, 0.5, dropout_p=0.3, seed=11, backend=backend)
     y2 = lorakern.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.3, seed=11, backend=backend)
-    assert torch.equal(y, y2)
+    # Triton at small M reads the 4-bit weight in its K loop (kernels/qgemm.py): the same
+    # mask and math, another fp32 summation order. The reference is the dense op exactly.
+    tol = 0.0 if backend == "reference" else RTOL[torch.float32]
+    assert_close(y, y2, tol, "y")
     g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, (x, A, B), g), torch.autograd.grad(y2, (x, A, B), g)):
-        assert torch.equal(a, b)
+    for name, a, b in zip("x A B".split(), torch.autograd.grad(y, (x, A, B), g), torch.autograd.grad(y2, (x, A, B), g)):
+        assert_close(a, b, tol, "d" + name)
 
 
 def test_quantized_op_saves_no_dense_weight():
@@ -361,14 +366,14 @@ def test_bnb_cpu_repacked_weight_is_read_back(bnb_llama_dir):
     rounding each absmax to bfloat16 as it does; LoraLinear undoes the layout before
     reading (and then never calls bnb's forward), so it sees exactly what bnb now holds."""
     model = _load_4bit(bnb_llama_dir, double_quant=False)
-    layer = model.model.layers[0].self_attn.q_proj
+    layer = model.model.layers[0].mlp.down_proj  # in_features 128: two absmax blocks per row
     original = quantized_weight(copy.deepcopy(layer))
     layer.eval()
     with torch.no_grad():
         layer(torch.randn(2, 64))
     if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this bitsandbytes build did not repack the weight (no AVX512-BF16)")
-    lora = lorakern.LoraLinear(layer, r=4)
+    lora = lorakern.LoraLinear(layer, r=4, lora_alpha=4)
     original.absmax = original.absmax.bfloat16().float()
     assert torch.equal(dequantize_weight(quantized_weight(lora.base_layer)), dequantize_weight(original))
 
