@@ -27,6 +27,12 @@
 #   bash benchmarks/gpu_session.sh fused   # lorakern with the fused GEMMs forced
 #                                          # (LORAKERN_FUSED_GEMM=1) vs base: what the measured
 #                                          # dispatch turned down, and by how much
+#   bash benchmarks/gpu_session.sh qlora   # one call (<= ~3.3 min): the QLoRA rows (issue 12) in
+#                                          # bf16: bf16 base vs bitsandbytes Linear4bit vs PEFT QLoRA
+#                                          # vs lorakern QLoRA (NF4 + double quant, r = 16) on the four
+#                                          # Llama-3-8B projections at M = 1, 16, 8192 + memory rows (two
+#                                          # runs of two shapes), then the QLoRA end-to-end step
+#                                          # (1b-2layer Llama) vs PEFT + bitsandbytes
 #
 # Everything lands in $OUT (the device tool's output folder; out/gpu when run by hand),
 # at most 8 files and no deeper than $OUT/name, as the device tool brings back: bench
@@ -37,7 +43,7 @@
 # (LORAKERN_AUTOTUNE=0), and so does `lorakern check`; the benchmarks autotune.
 # pytest runs under `timeout -s INT`: a run cut by its limit still prints its failures.
 set -u
-stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused}
+stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -160,6 +166,35 @@ e2e)
     echo "e2e rc=$?" >> "$OUT/e2e.log"
     tar czf "$OUT/e2e.tgz" -C "$OUT" e2e && rm -rf "$OUT/e2e"
     tail -n 30 "$OUT/e2e.log"
+    ;;
+qlora)
+    # The bitsandbytes / PEFT rows need a CUDA build of bitsandbytes in the image: without
+    # one they are skipped (the reason is in results.md) and lorakern's rows still run.
+    machine_info
+    "$PY" -c "import peft; print('peft', peft.__version__)" >> "$OUT/machine.txt" 2>&1
+    "$PY" -c "from lorakern.bench.qlora import bnb_available; import torch; print('bitsandbytes on cuda:', bnb_available(torch.device('cuda')))" \
+        >> "$OUT/machine.txt" 2>&1
+    for part in "a 4096x4096 4096x14336 70" "b 4096x1024 14336x4096 55"; do
+        set -- $part
+        timeout "$4" "$PY" -m lorakern.cli bench --suite qlora --shapes custom --kn "$2" "$3" --tokens 1 16 8192 \
+            --no-e2e --out "$OUT/qlora-$1" > "$OUT/qlora-$1.log" 2>&1
+        echo "bench rc=$?" >> "$OUT/qlora-$1.log"
+        mkdir -p "$OUT/qlora-$1" && mv "$OUT/qlora-$1.log" "$OUT/qlora-$1/"
+        tar czf "$OUT/qlora-$1.tgz" -C "$OUT" "qlora-$1" && rm -rf "$OUT/qlora-$1"
+    done
+    # End to end: a token decode row to satisfy the suite, then the 2-layer 1B Llama, lorakern
+    # QLoRA vs transformers BitsAndBytesConfig 4-bit + PEFT (the same weights, saved and reloaded).
+    timeout 60 "$PY" -m lorakern.cli bench --suite qlora --shapes custom --kn 4096x4096 --tokens 16 --modes decode \
+        --no-memory --e2e-size 1b-2layer --no-plots --out "$OUT/qlora-e2e" > "$OUT/qlora-e2e.log" 2>&1
+    echo "e2e rc=$?" >> "$OUT/qlora-e2e.log"
+    mkdir -p "$OUT/qlora-e2e" && mv "$OUT/qlora-e2e.log" "$OUT/qlora-e2e/"
+    tar czf "$OUT/qlora-e2e.tgz" -C "$OUT" qlora-e2e && rm -rf "$OUT/qlora-e2e"
+    tail -n 3 "$OUT/machine.txt"
+    for part in a b e2e; do
+        tar xzf "$OUT/qlora-$part.tgz" -O "qlora-$part/qlora-$part.log" | sed -n '/^| target/,/^$/p'
+        tar xzf "$OUT/qlora-$part.tgz" -O "qlora-$part/qlora-$part.log" | tail -n 2
+    done
+    grep -A4 "^| provider | model" <(tar xzf "$OUT/qlora-e2e.tgz" -O qlora-e2e/results.md 2>/dev/null)
     ;;
 fused)
     LORAKERN_FUSED_GEMM=1 timeout 560 "$PY" -m lorakern.cli bench --providers base lorakern --no-e2e --no-memory \

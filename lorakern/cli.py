@@ -93,13 +93,21 @@ def _bench(args: argparse.Namespace) -> int:
         overrides["kn"] = tuple(parse_kn(s) for s in args.kn)
     elif args.kn:
         raise SystemExit("--kn is only used with --shapes custom")
-    config = BenchConfig.for_device(device, preset, **overrides)
+    if args.providers:
+        from lorakern.bench.providers import PROVIDERS
+        from lorakern.bench.qlora import QLORA_PROVIDERS
+
+        allowed = QLORA_PROVIDERS if args.suite == "qlora" else PROVIDERS
+        wrong = [p for p in args.providers if p not in allowed]
+        if wrong:
+            raise SystemExit(f"--suite {args.suite} providers are {', '.join(allowed)}; got {', '.join(wrong)}")
+    config = BenchConfig.for_device(device, preset, suite=args.suite, **overrides)
     if args.shapes == "custom":
         config = dataclasses.replace(config, preset="custom")
     if args.dry_run:
         print(config.as_dict())
         return 0
-    print(f"lorakern bench: preset {config.preset} on {device}, {str(config.dtype).removeprefix('torch.')}, "
+    print(f"lorakern bench: suite {config.suite}, preset {config.preset} on {device}, {str(config.dtype).removeprefix('torch.')}, "
           f"providers {', '.join(config.providers)}", file=sys.stderr)
     results = run_suite(config, progress=not args.quiet)
     print(machine_line(results))
@@ -118,7 +126,9 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lorakern.bench.cost import MODES
     from lorakern.bench.providers import PROVIDERS
+    from lorakern.bench.qlora import QLORA_PROVIDERS
     from lorakern.bench.shapes import PRESETS
+    from lorakern.bench.suite import SUITES
 
     parser = argparse.ArgumentParser(prog="lorakern", description="Fused LoRA kernels for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,20 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="run the fused path against the reference and print the errors")
 
     bench = sub.add_parser(
-        "bench", help="benchmark suite: base vs eager vs addmm vs PEFT vs lorakern",
+        "bench", help="benchmark suite: base vs eager vs addmm vs PEFT vs lorakern (--suite qlora: 4-bit bases)",
         description="With no arguments: Llama-3-8B shapes in bf16 on a GPU; small shapes in fp32 on CPU "
-        "(a few minutes either way). decode runs at M <= 16, fwd and fwd+bwd at M > 16.",
+        "(a few minutes either way). decode runs at M <= 16, fwd and fwd+bwd at M > 16. "
+        "--suite qlora: a 4-bit (NF4, double quant) base instead, bf16 on both devices: "
+        "bf16 base vs bitsandbytes Linear4bit vs PEFT QLoRA vs lorakern QLoRA, and the QLoRA end-to-end step.",
     )
     bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    bench.add_argument("--suite", choices=SUITES, default="lora",
+                       help="lora (default): dense base; qlora: 4-bit base (needs bitsandbytes for its bnb/PEFT rows)")
     bench.add_argument("--shapes", choices=sorted(PRESETS) + ["custom"],
                        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()) + "; custom: --kn")
     bench.add_argument("--kn", nargs="+", metavar="KxN", help="projections for --shapes custom, e.g. 4096x1024")
     bench.add_argument("--tokens", nargs="+", type=int, metavar="M", help="token counts M (rows of x)")
     bench.add_argument("--rank", nargs="+", type=int, metavar="R", help="LoRA ranks")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                       help="default bfloat16 on GPU, float32 on CPU")
+                       help="default bfloat16 on GPU, float32 on CPU (--suite qlora: bfloat16 on both)")
     bench.add_argument("--modes", nargs="+", choices=MODES)
-    bench.add_argument("--providers", nargs="+", choices=PROVIDERS)
+    bench.add_argument("--providers", nargs="+", choices=PROVIDERS + QLORA_PROVIDERS,
+                       help=f"lora suite: {' '.join(PROVIDERS)}; qlora suite: {' '.join(QLORA_PROVIDERS)}")
     bench.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropout of the timed rows (default 0)")
     bench.add_argument("--bias", action="store_true", help="give the base layer a bias")
     bench.add_argument("--no-memory", action="store_true", help="skip saved-activation / peak memory rows")

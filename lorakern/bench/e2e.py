@@ -11,6 +11,14 @@ With `compile=True` each model also runs under `torch.compile` (inductor, defaul
 options: graph breaks allowed, so PEFT is not held to a stricter bar than lorakern);
 those rows are named "lorakern+compile" / "peft+compile", and their first warm-up
 step, which includes compilation, is reported as `first_step_ms`.
+
+The QLoRA variant (`run_e2e_qlora`, rows "lorakern-qlora" / "peft-qlora") trains the same
+model with its decoder's linear layers stored 4-bit (NF4, double quantisation, blocksize 64,
+compute dtype = the run's dtype; the output head stays dense, as both libraries leave it):
+lorakern.quantize + lorakern.inject against transformers' BitsAndBytesConfig(load_in_4bit)
+loading of the same weights (saved to a temporary folder) + peft.get_peft_model. Neither
+runs peft.prepare_model_for_kbit_training (no gradient checkpointing, no fp32 norms), so
+both train exactly what the dense rows train.
 """
 
 from __future__ import annotations
@@ -164,7 +172,37 @@ def _sync(device: torch.device) -> None:
 
 
 def _param_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of parameters and buffers, plus the statistics a bitsandbytes 4-bit weight keeps
+    outside them (its QuantState: absmax, code book, nested absmax)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [t for t in (state.absmax, state.code, getattr(state, "offset", None)) if isinstance(t, torch.Tensor)]
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                tensors += [t for t in (nested.absmax, nested.code) if isinstance(t, torch.Tensor)]
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def logical_params(model: nn.Module) -> int:
+    """Parameter count with every quantized weight counted as its dense [out, in] (a 4-bit
+    weight is stored as uint8 buffers or packed parameters, not as out·in elements)."""
+    from lorakern.quantized import is_quantized_linear, quantized_weight
+
+    total, skip = 0, set()
+    for module in model.modules():
+        if is_quantized_linear(module):
+            n, k = quantized_weight(module).shape
+            total += n * k
+            skip.add(id(module.weight))
+    return total + sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 def train_steps(
@@ -239,6 +277,83 @@ def train_steps(
         compiled=compile,
         first_step_ms=first_step_ms,
     )
+
+
+QLORA_FORMAT = {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
+
+
+def quantize_lorakern(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """lorakern.quantize: the decoder's nn.Linear layers -> QuantLinear (NF4, double quant), in place."""
+    from lorakern.quantized import quantize
+
+    return quantize(model, QLORA_FORMAT["quant_type"], blocksize=QLORA_FORMAT["blocksize"],
+                    double_quant=QLORA_FORMAT["double_quant"], compute_dtype=compute_dtype)
+
+
+def load_bnb_4bit(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`model`'s weights loaded back through transformers' BitsAndBytesConfig(load_in_4bit=True)
+    (NF4, double quant, compute dtype `dtype`) onto `device`, via a temporary folder."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+    from transformers.utils import logging as hf_logging
+
+    from lorakern.bench.qlora import import_bitsandbytes
+
+    import_bitsandbytes()
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QLORA_FORMAT["quant_type"],
+                                bnb_4bit_use_double_quant=QLORA_FORMAT["double_quant"], bnb_4bit_compute_dtype=dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="lorakern-e2e-") as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(folder)
+            target = device.index if device.index is not None else "cpu"
+            if device.type == "cuda" and device.index is None:
+                target = torch.cuda.current_device()
+            return type(model).from_pretrained(folder, quantization_config=config, device_map={"": target}, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def run_e2e_qlora(
+    device: torch.device,
+    dtype: torch.dtype,
+    size: E2ESize,
+    providers: list[str],
+    tick: Callable[[str], None] = lambda label: None,
+    r: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.05,
+    seed: int = 0,
+) -> list[dict]:
+    """One row per provider ("lorakern-qlora", "peft-qlora"): the same training step as
+    `run_e2e` over a 4-bit base (see the module docstring), from the same dense weights and
+    the same A (B = 0), on the same batch."""
+    base = build_llama(size, device, dtype, seed)
+    models: dict[str, nn.Module] = {}
+    if "peft-qlora" in providers:
+        models["peft-qlora"] = inject_peft(load_bnb_4bit(base, device, dtype), r, alpha, dropout)
+    if "lorakern-qlora" in providers:
+        models["lorakern-qlora"] = inject_lorakern(quantize_lorakern(base, dtype), r, alpha, dropout)
+    del base
+    if len(models) == 2:
+        copy_adapters(models["peft-qlora"], models["lorakern-qlora"])
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    ids = torch.randint(0, size.vocab_size, (size.batch, size.seq_len), generator=gen).to(device)
+    rows = []
+    for name in list(models):
+        model = models.pop(name)
+        params = logical_params(model)  # before training: bitsandbytes may repack on CPU only in eval
+        row = train_steps(name, model, ids, size, device, tick).as_dict()
+        row["params"] = params
+        rows.append(row)
+        del model
+        if device.type == "cuda":  # free before the next one runs
+            torch.cuda.empty_cache()
+    return rows
 
 
 def steps_count(size: E2ESize, providers: list[str], compile: bool = False) -> int:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 ROW_COLUMNS = (
     "provider", "mode", "K", "N", "M", "r", "dtype", "dropout", "median_ms", "p20_ms", "p80_ms", "reps",
-    "tflops", "gbps", "ratio_to_base", "roofline_frac", "rel_err", "agrees",
+    "tflops", "gbps", "ratio_to_base", "roofline_frac", "rel_err", "agrees", "bits_per_param",
 )
-MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes")
+MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes", "weight_bytes")
 E2E_COLUMNS = (
     "provider", "size", "params", "trainable_params", "tokens_per_step", "step_ms_median", "step_ms_p20",
     "step_ms_p80", "tokens_per_s", "peak_bytes", "saved_bytes", "loss_first", "loss_last", "compiled",
@@ -20,6 +20,8 @@ E2E_COLUMNS = (
 PROVIDER_STYLE = {
     "base": ("black", "--"), "eager": ("tab:orange", "-"), "addmm": ("tab:green", "-"),
     "peft": ("tab:red", "-"), "lorakern": ("tab:blue", "-"),
+    "base-bf16": ("black", "--"), "bnb-4bit": ("tab:gray", "--"), "peft-qlora": ("tab:red", "-"),
+    "lorakern-qlora": ("tab:blue", "-"),
 }
 
 
@@ -105,6 +107,15 @@ def e2e_table(results: dict) -> str:
     return _table(header, body)
 
 
+def quant_table(results: dict) -> str:
+    """Markdown: the stored size of each provider's base weight per shape (QLoRA runs)."""
+    header = ["K×N", "provider", "bits / parameter", "weight MiB"]
+    order = {name: i for i, name in enumerate(results.get("providers", []))}
+    body = [[f"{w['K']}×{w['N']}", w["provider"], f"{w['bits_per_param']:.4f}", _mib(w["weight_bytes"])]
+            for w in sorted(results["quant"]["weights"], key=lambda w: (w["K"], w["N"], order.get(w["provider"], 99)))]
+    return _table(header, body)
+
+
 def targets_table(results: dict) -> str:
     header = ["target", "measured", "limit", "met", "detail"]
     body = [[t["target"], _fmt(t["value"]), "–" if t["limit"] is None else f"{t['op']} {t['limit']}",
@@ -116,8 +127,9 @@ def to_markdown(results: dict) -> str:
     """The whole run as a Markdown report."""
     c = results["ceilings"]
     cfg = results["config"]
+    quant = results.get("quant")
     parts = [
-        f"# lorakern benchmark — {results['machine']['card']}",
+        f"# lorakern {'QLoRA ' if quant else ''}benchmark — {results['machine']['card']}",
         "",
         machine_line(results) + ".",
         "",
@@ -134,8 +146,19 @@ def to_markdown(results: dict) -> str:
         "Modes: `fwd` = training forward (autograd recording, W frozen); `fwd+bwd` = forward + backward; "
         "`decode` = inference forward (torch.inference_mode) at M ≤ 16.",
     ]
+    if quant:
+        v = quant.get("versions", {})
+        parts += ["", f"QLoRA rows: base weights {quant['quant_type'].upper()}, blocksize {quant['blocksize']}"
+                  + (", double quantisation" if quant["double_quant"] else "") + f", compute dtype {quant['compute_dtype']}; "
+                  "`base-bf16` = the frozen dense nn.Linear in the compute dtype, `bnb-4bit` = bitsandbytes' Linear4bit "
+                  "alone, `peft-qlora` = PEFT's LoRA over it, `lorakern-qlora` = LoraLinear over QuantLinear; "
+                  "`rel err` against fp64 of the dense weight (base-bf16) or of the dequantised weight (the others). "
+                  f"bitsandbytes {v.get('bitsandbytes') or 'absent'}, peft {v.get('peft') or 'absent'}, "
+                  f"transformers {v.get('transformers') or 'absent'}."]
     if results["targets"]:
         parts += ["", "## Targets", "", targets_table(results)]
+    if quant and quant.get("weights"):
+        parts += ["", "## Stored base weights", "", quant_table(results)]
     parts += ["", "## Layer timings", "", timing_table(results)]
     if results["memory"]:
         parts += ["", "## Memory of fwd+bwd (saved activations exclude parameters; peak is CUDA only)", "",
@@ -144,8 +167,10 @@ def to_markdown(results: dict) -> str:
         parts += ["", f"End-to-end step skipped: {results['e2e_skipped']}."]
     if results["e2e"]:
         s = results["e2e_size"]
+        base = (f", base {quant['quant_type'].upper()}" + (" + double quant" if quant["double_quant"] else "")
+                + f" (lorakern.quantize vs transformers' BitsAndBytesConfig), compute {quant['compute_dtype']}") if quant else ""
         parts += ["", f"## End-to-end training step (Llama, hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, "
-                  f"batch {s['batch']}×{s['seq_len']}, LoRA r=16 on all linear layers, dropout 0.05, AdamW)", "",
+                  f"batch {s['batch']}×{s['seq_len']}, LoRA r=16 on all linear layers, dropout 0.05, AdamW{base})", "",
                   e2e_table(results)]
     return "\n".join(parts) + "\n"
 

@@ -9,6 +9,8 @@
   memory    saved-activation bytes (and CUDA peak) of fwd+bwd, dropout 0 and 0.1
   e2e       Llama training step, lorakern vs PEFT
   targets   the issue's measured targets, evaluated on these rows (targets.py)
+With suite="qlora" the rows, memory and e2e entries are the QLoRA ones instead (qlora.py:
+bf16 base vs bitsandbytes 4-bit base vs PEFT QLoRA vs lorakern QLoRA), plus `quant`.
 Modes: fwd = training forward (autograd records; W frozen, x and adapters need grad);
 fwd+bwd = that forward plus backward; decode = inference forward (torch.inference_mode,
 eval mode) at M <= 16.
@@ -37,6 +39,7 @@ from lorakern.bench.timing import TimerSpec, measure_ceilings, time_many, timer_
 # Max relative error vs fp64 for the providers to count as computing the same thing (DESIGN.md §5).
 AGREE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MEMORY_DROPOUTS = (0.0, 0.1)
+SUITES = ("lora", "qlora")
 # Inputs are rotated through a pool at least this many times the last-level cache.
 ROTATE_FACTOR = 2
 ROTATE_MAX_BYTES = 1 << 30
@@ -62,11 +65,15 @@ class BenchConfig:
     e2e_compile: bool = False
     timer: TimerSpec = field(default_factory=TimerSpec)
     seed: int = 0
+    suite: str = "lora"
 
     @classmethod
-    def for_device(cls, device: torch.device, preset: str | None = None, **overrides) -> BenchConfig:
+    def for_device(cls, device: torch.device, preset: str | None = None, suite: str = "lora", **overrides) -> BenchConfig:
         """Defaults: GPU -> llama8b shapes, bf16, all providers; CPU -> small shapes, fp32,
-        base/eager/peft/lorakern, a wall-clock budget of 0.3 s per measurement."""
+        base/eager/peft/lorakern, a wall-clock budget of 0.3 s per measurement.
+        suite="qlora": the QLoRA providers (qlora.py), bf16 on both devices (QLoRA's compute dtype)."""
+        if suite not in SUITES:
+            raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
         gpu = device.type == "cuda"
         preset = preset or ("llama8b" if gpu else "small")
         if preset not in PRESETS:
@@ -84,6 +91,10 @@ class BenchConfig:
         )
         if preset == "tiny":
             config = replace(config, timer=TimerSpec(warmup_ms=5, rep_ms=20, min_reps=3), e2e_size="micro")
+        if suite == "qlora":
+            from lorakern.bench.qlora import QLORA_PROVIDERS
+
+            config = replace(config, suite=suite, dtype=torch.bfloat16, providers=QLORA_PROVIDERS)
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict:
@@ -104,6 +115,7 @@ class BenchConfig:
             "e2e_compile": self.e2e_compile,
             "timer": vars(self.timer),
             "seed": self.seed,
+            "suite": self.suite,
         }
 
 
@@ -257,6 +269,10 @@ def _memory_rows(config: BenchConfig, providers: list[str], progress: Progress) 
 
 def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     """Run everything `config` asks for; returns the results dict (see the module docstring)."""
+    if config.suite == "qlora":
+        from lorakern.bench.qlora import run_qlora_suite
+
+        return run_qlora_suite(config, progress)
     providers, skipped = available_providers(list(config.providers))
     if providers and providers[0] != "base" and "base" in providers:
         providers = ["base"] + [p for p in providers if p != "base"]

@@ -6,6 +6,11 @@ provider on every headline row; saved activations with dropout 0.1 no larger tha
 dropout 0; end-to-end >= 1.25x PEFT tokens/s at lower peak memory.
 CPU: lorakern fwd+bwd within 1.05x of PEFT's time on the same shapes; lorakern's saved
 activations with dropout 0.1 no larger than PEFT's with dropout 0.
+QLoRA (`--suite qlora`, issue 12; GPU, bf16 compute, NF4 with double quant, r = 16,
+Llama-3-8B shapes): base weights <= 4.13 bits per parameter; lorakern QLoRA fwd+bwd at
+M = 8192 <= 1.15x the bf16 frozen base; decode (M = 1-16) <= 0.6x the bf16 base's time;
+end to end >= 1.5x PEFT + bitsandbytes QLoRA tokens/s. On CPU the same quantities are
+reported for information ("CPU run: targets are for the GPU").
 """
 
 from __future__ import annotations
@@ -112,8 +117,72 @@ def _cpu_targets(results: dict) -> list[dict]:
     return out
 
 
+QLORA_LK, QLORA_PEFT = "lorakern-qlora", "peft-qlora"
+CPU_NOTE = "CPU run: targets are for the GPU"
+
+
+def _qlora_targets(results: dict) -> list[dict]:
+    """The QLoRA targets: limits on a GPU; on CPU the same values with no limit and CPU_NOTE."""
+    gpu = results["machine"]["device"] == "cuda"
+    rows = results["rows"]
+    if gpu:
+        rows = [r for r in rows if r["dtype"] == "bfloat16" and r["r"] == 16 and (r["K"], r["N"]) in LLAMA8B_KN]
+    train_M = sorted({r["M"] for r in rows if r["mode"] != "decode"})
+    headline_M = HEADLINE_M if gpu or not train_M else train_M[-1]
+    lk = [r for r in rows if r["provider"] == QLORA_LK and r["dropout"] == 0.0]
+    out = []
+
+    def add(name: str, value, limit, op: str, detail: str) -> None:
+        if gpu:
+            out.append(_target(name, value, limit, op, detail))
+        else:
+            gpu_limit = "" if limit is None else f" (GPU limit {op} {limit})"
+            out.append(_target(name, value, None, op, f"{CPU_NOTE}{gpu_limit}; {detail}"))
+
+    bits = [r for r in rows if r["provider"] in (QLORA_LK, "bnb-4bit") and r.get("bits_per_param") is not None]
+    if bits:
+        worst = max(bits, key=lambda r: r["bits_per_param"])
+        shapes = sorted({(r["K"], r["N"]) for r in bits})
+        add("QLoRA base weights: bits per parameter (NF4, double quant, blocksize 64)", worst["bits_per_param"], 4.13,
+            "<=", f"worst of {len(shapes)} shapes: K={worst['K']} N={worst['N']} ({worst['provider']})")
+    for mode, limit, pick, label in (
+        ("fwd+bwd", 1.15, lambda r: r["M"] == headline_M, f"M={headline_M}"),
+        ("decode", 0.6, lambda r: True, "M=1-16"),
+        ("fwd", None, lambda r: r["M"] == headline_M, f"M={headline_M}"),
+    ):
+        value, detail = _worst([r for r in lk if r["mode"] == mode and pick(r)], "ratio_to_base")
+        add(f"lorakern QLoRA {mode} / bf16 base ({label}" + (", r=16, Llama-3-8B)" if gpu else ")"),
+            value, limit, "<=", detail)
+    headline = [r for r in rows if r["M"] == headline_M or r["mode"] == "decode"]
+    ratios = []
+    for mode in ("fwd", "fwd+bwd", "decode"):
+        by_key = defaultdict(dict)
+        for r in headline:
+            if r["mode"] == mode:
+                by_key[(r["K"], r["N"], r["M"], r["r"], r["dropout"])][r["provider"]] = r["median_ms"]
+        ratios += [v[QLORA_LK] / v[QLORA_PEFT] for v in by_key.values() if QLORA_LK in v and QLORA_PEFT in v]
+    if ratios:
+        out.append(_target("lorakern QLoRA / PEFT QLoRA time (worst headline row)", max(ratios), None, "<=",
+                           (f"{CPU_NOTE}; " if not gpu else "") + f"{sum(x < 1 for x in ratios)}/{len(ratios)} rows faster"))
+    e2e = {r["provider"]: r for r in results.get("e2e", [])}
+    if QLORA_LK in e2e and QLORA_PEFT in e2e:
+        lk_e, pf_e = e2e[QLORA_LK], e2e[QLORA_PEFT]
+        add("end-to-end tokens/s: lorakern QLoRA / PEFT + bitsandbytes QLoRA", lk_e["tokens_per_s"] / pf_e["tokens_per_s"],
+            1.5, ">=", f"{lk_e['size']} Llama")
+        if lk_e["peak_bytes"] is not None and pf_e["peak_bytes"]:
+            out.append(_target("end-to-end peak memory: lorakern QLoRA / PEFT QLoRA",
+                               lk_e["peak_bytes"] / pf_e["peak_bytes"], None, "<=", "information"))
+        if pf_e["saved_bytes"]:
+            out.append(_target("end-to-end saved activations: lorakern QLoRA / PEFT QLoRA",
+                               lk_e["saved_bytes"] / pf_e["saved_bytes"], None, "<=",
+                               (f"{CPU_NOTE}; " if not gpu else "") + "information"))
+    return out
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """One dict per target: target, value, limit, op, met (True / False / None when not measured), detail."""
+    if results.get("config", {}).get("suite") == "qlora":
+        return _qlora_targets(results)
     if results["machine"]["device"] == "cuda":
         return _gpu_targets(results)
     return _cpu_targets(results)
