@@ -168,8 +168,9 @@ e2e)
     tail -n 30 "$OUT/e2e.log"
     ;;
 qlora)
-    # The bitsandbytes / PEFT rows need a CUDA build of bitsandbytes in the image: without
-    # one they are skipped (the reason is in results.md) and lorakern's rows still run.
+    # The bitsandbytes / PEFT rows need bitsandbytes, which the image lacks: carry its wheel
+    # (benchmarks/NOTES.md, 2026-12-01); without it they are skipped (the reason is in
+    # results.md) and lorakern's rows still run.
     machine_info
     "$PY" -c "import peft; print('peft', peft.__version__)" >> "$OUT/machine.txt" 2>&1
     "$PY" -c "from lorakern.bench.qlora import bnb_available; import torch; print('bitsandbytes on cuda:', bnb_available(torch.device('cuda')))" \
