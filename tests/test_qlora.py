@@ -392,3 +392,23 @@ def test_trainable_parameter_counts_match_peft(bnb_llama_dir):
     peft_model = peft.get_peft_model(_load_4bit(bnb_llama_dir), peft.LoraConfig(**config))
     ours = lorakern.inject(_load_4bit(bnb_llama_dir), lorakern.LoraConfig(**config))
     assert lorakern.trainable_parameters(ours) == tuple(peft_model.get_nb_trainable_parameters())
+
+
+def test_lorakern_quantized_model_adapter_round_trip(tmp_path):
+    """save_adapter / load_adapter on a lorakern-quantized model: the same logits after loading."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(_llama_config())
+    first, second = copy.deepcopy(dense), copy.deepcopy(dense)
+    for model in (first, second):
+        quantize(model, "nf4", compute_dtype=torch.float32)
+    config = lorakern.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lorakern.inject(first, config)
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        want = first(ids).logits
+    lorakern.save_adapter(first, tmp_path)
+    lorakern.load_adapter(second, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(second(ids).logits, want)
