@@ -6,7 +6,12 @@ A directory holds:
   the trainable biases (``bias="all"``: every parameter named ``bias``, PEFT's rule;
   ``"lora_only"``: ``<lora layer>.base_layer.bias``) and each modules_to_save module's
   own state dict under its path; metadata ``{"format": "pt"}`` and ``"lorakern_config"``:
-  the config saved beside them, as JSON (PEFT ignores metadata).
+  the config saved beside them, as JSON (PEFT ignores metadata). With
+  ``save_embedding_layers`` (PEFT's option and rule, see `save_adapter`) also the base
+  model's input / output embedding weights, keyed as PEFT keys them:
+  ``<embedding>.weight`` (``model.embed_tokens.weight``, ``lm_head.weight``,
+  ``bert.embeddings.word_embeddings.weight``, ...), ``lm_head.base_layer.weight`` for a
+  LoRA-targeted head, ``<module>.original_module.weight`` for a modules_to_save one.
 - ``adapter_config.json``: PEFT's LoRA keys, sorted, indented, ``"peft_type": "LORA"``.
   Scaling is never stored; it is recomputed from r / lora_alpha / the patterns.
 
@@ -20,6 +25,8 @@ Loading checks everything (keys, shapes, ranks and alphas, that the files are on
 pair, peft_type), converts every value to the dtype of the parameter it loads into and
 checks it is finite there, all before it touches the model, and undoes its changes if
 anything fails after that, so a failed load leaves the model exactly as it was.
+Embedding weights in the file load into the base model's embedding parameters, as in
+PEFT (they are optional keys: a file without them loads as before).
 A legacy ``adapter_model.bin`` is read only with ``torch.load(weights_only=True)``.
 """
 
@@ -30,6 +37,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -38,8 +46,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lorakern.config import LoraConfig
+from lorakern.config import ALL_LINEAR, LoraConfig
 from lorakern.distributed import gather_full_tensors
+from lorakern.layer import LoraLinear, adapter_dtype
 from lorakern.model import (
     AdapterState,
     ModulesToSave,
@@ -65,6 +74,10 @@ CONFIG_NAME = "adapter_config.json"
 LOCK_NAME = ".lorakern-save.lock"
 RECORD_KEY = "lorakern_config"  # weights metadata: the config saved beside them, as JSON
 PREFIX = "base_model.model."
+# PEFT's EMBEDDING_LAYER_NAMES: with save_embedding_layers="auto", targeting a module of
+# one of these names (list entry, or a regex matching a module ending in one) saves the
+# targeted embedding layers' base weights.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 class AdapterLoadError(ValueError):
@@ -74,8 +87,12 @@ class AdapterLoadError(ValueError):
 # ---- save -------------------------------------------------------------------------
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT would save for `adapter_name`, keyed as in adapter_model.safetensors."""
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", save_embedding_layers: bool | str = "auto"
+) -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for `adapter_name`, keyed as in adapter_model.safetensors
+    (`save_embedding_layers`: as in `save_adapter`)."""
+    _check_save_embedding_layers(save_embedding_layers)
     state = adapter_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(state.configs)}")
@@ -85,6 +102,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for name, layer in layers:
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:  # DoRA; PEFT's key has no ".weight"
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     if cfg.bias == "all":
         for name, p in _bias_params(model):
             out[PREFIX + name] = p
@@ -95,6 +114,161 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     for name, wrapper in saved_modules(model):
         if adapter_name in wrapper.modules_to_save:
             for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PREFIX}{name}.{k}"] = v
+    out.update(_embedding_state(model, adapter_name, cfg, save_embedding_layers))
+    return out
+
+
+# ---- embedding layers -------------------------------------------------------------
+
+
+def _check_save_embedding_layers(value) -> None:
+    if not (value is True or value is False or (isinstance(value, str) and value == "auto")):
+        raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {value!r}")
+
+
+def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """(name, module) of the model's input and output embedding layers, as transformers'
+    get_input_embeddings() / get_output_embeddings() give them (a model without a head
+    has only the first; a module is listed once), named by where they sit in the model.
+    None for a model without get_input_embeddings (not a transformers model)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    if not callable(get_in):
+        return None
+    layers: list[nn.Module] = []
+    for getter in (get_in, getattr(model, "get_output_embeddings", None)):
+        if not callable(getter):
+            continue
+        try:
+            layer = getter()
+        except (NotImplementedError, AttributeError):  # transformers' base class raises for models without one
+            continue
+        if isinstance(layer, nn.Module) and all(layer is not m for m in layers):
+            layers.append(layer)
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    return [(names[id(m)], m) for m in layers if names.get(id(m))]
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    """The base-model module behind a lorakern wrapper (the module itself when unwrapped)."""
+    if isinstance(module, LoraLinear):
+        return module.base_layer
+    if isinstance(module, ModulesToSave):
+        return module.original_module
+    return module
+
+
+def _embedding_targeted(model: nn.Module, config: LoraConfig) -> bool:
+    """PEFT's test for save_embedding_layers="auto": target_modules as a list names one of
+    EMBEDDING_LAYER_NAMES literally; as a regex (not "all-linear", which never takes the
+    output head) it fullmatches a module whose name ends in one. exclude_modules is not
+    consulted (PEFT does not)."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            return False
+        ends = re.compile(r"(.*\.)?(" + "|".join(EMBEDDING_LAYER_NAMES) + r")$")
+        return any(re.fullmatch(targets, n) for n, _ in model.named_modules() if ends.match(n))
+    return bool(targets) and any(e in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def _base_config_dir(model_id: str, revision: str | None) -> str | None:
+    """A directory on this machine holding the base model's config.json: `model_id` itself
+    when it is one, else the Hugging Face cache's snapshot of that repo (at `revision`, the
+    commit the model was loaded from, when known). Never downloads."""
+    if os.path.isfile(os.path.join(model_id, "config.json")):
+        return model_id
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_id, "config.json", revision=revision)
+    except Exception:  # no huggingface_hub, or not a valid repo id (a local path that is gone)
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def _vocab_resized(model: nn.Module) -> bool:
+    """save_embedding_layers="auto"'s second rule (PEFT's): the model's config.vocab_size
+    differs from the vocab_size in the config of the model it was loaded from."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    model_id = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not vocab or not model_id or not isinstance(model_id, (str, os.PathLike)):
+        return False  # e.g. a model built from a config: nothing to compare with (PEFT: not saved)
+    model_id = os.fspath(model_id)
+    where = _base_config_dir(model_id, getattr(config, "_commit_hash", None))
+    base_vocab = None
+    if where is not None and callable(getattr(type(config), "from_pretrained", None)):
+        try:
+            base_vocab = getattr(type(config).from_pretrained(where, local_files_only=True), "vocab_size", None)
+        except Exception:  # an unreadable config: treated as not found
+            where = None
+    if where is None:
+        warnings.warn(
+            f"save_embedding_layers='auto': found no config.json of the base model {model_id!r} on this machine "
+            "(lorakern never downloads) - will assume that the vocabulary was not modified; pass "
+            "save_embedding_layers=True to save the embedding layers",
+            stacklevel=5,
+        )
+        return False
+    if base_vocab is not None and base_vocab != vocab:
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning.",
+            stacklevel=5,
+        )
+        return True
+    return False
+
+
+def _embedding_state(model: nn.Module, adapter_name: str, config: LoraConfig, save_embedding_layers) -> dict[str, torch.Tensor]:
+    """The embedding tensors PEFT's get_peft_model_state_dict adds for `save_embedding_layers`.
+
+    PEFT's rule: "auto" means True when an embedding layer is targeted (see
+    `_embedding_targeted`) or the vocabulary was resized (`_vocab_resized`), each with
+    PEFT's warning. When saving: if an embedding layer is targeted, only the input / output
+    embeddings that are LoRA layers over an nn.Linear / nn.Embedding are saved, as
+    `<layer>.base_layer.<k>`; otherwise both embeddings are saved with everything under
+    their name: `<layer>.<k>` for a plain module, `<layer>.base_layer.<k>` (and its LoRA
+    weights, saved anyway) for a LoRA layer, `<layer>.original_module.<k>` and
+    `<layer>.modules_to_save.<k>` (this adapter's copy) for a modules_to_save one.
+    Floating-point tensors only (a quantized base's packed weights are not embeddings).
+    """
+    if save_embedding_layers == "auto":
+        targeted = _embedding_targeted(model, config)
+        if targeted:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=4)
+            save = True
+        else:
+            save = _vocab_resized(model)
+    else:
+        save = bool(save_embedding_layers)
+        targeted = save and _embedding_targeted(model, config)
+    if not save:
+        return {}
+    layers = _embedding_modules(model)
+    if layers is None:
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.", stacklevel=4)
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        entries: list[tuple[str, torch.Tensor]]
+        if targeted:
+            if not isinstance(layer, LoraLinear) or not isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+                continue
+            entries = [(f"base_layer.{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
+        elif isinstance(layer, LoraLinear):
+            entries = [(f"base_layer.{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
+        elif isinstance(layer, ModulesToSave):
+            entries = [(f"original_module.{k}", v) for k, v in layer.original_module.state_dict(keep_vars=True).items()]
+            if adapter_name in layer.modules_to_save:
+                copy_sd = layer.modules_to_save[adapter_name].state_dict(keep_vars=True)
+                entries += [(f"modules_to_save.{k}", v) for k, v in copy_sd.items()]
+        else:
+            entries = list(layer.state_dict(keep_vars=True).items())
+        for k, v in entries:
+            if v.is_floating_point():
                 out[f"{PREFIX}{name}.{k}"] = v
     return out
 
@@ -225,8 +399,29 @@ def _replace_pair(path: Path, weights: bytes, config: bytes) -> None:
                 os.unlink(tmp)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", save_embedding_layers: bool | str = "auto"
+) -> None:
     """Save `adapter_name` to directory `path` in PEFT's format (see module docstring).
+
+    save_embedding_layers (PEFT's save_pretrained option, same default and rule): True
+    also saves the base model's input and output embedding weights (transformers'
+    get_input_embeddings() / get_output_embeddings()), which an adapter trained after
+    `resize_token_embeddings` needs; False never does; "auto" saves them, warning as PEFT
+    does, when
+    - an embedding layer is a LoRA target: target_modules (a list) names "embed_tokens"
+      or "lm_head", or (a regex) matches a module whose name ends in one. Then only the
+      targeted layers' base weights are saved (``lm_head.base_layer.weight``); or
+    - the vocabulary was resized: ``model.config.vocab_size`` differs from vocab_size in
+      the config.json of the model it was loaded from (``model.name_or_path``). PEFT reads
+      that config from the local directory or from the Hub; lorakern never goes online:
+      it reads the local directory, else the Hugging Face cache's copy (at the commit the
+      model was loaded from), and when it finds neither it warns and does not save them
+      (pass True). A model built from a config has no base to compare with: not saved,
+      as in PEFT. (Comparing config.vocab_size with the embedding's rows would detect
+      nothing: resize_token_embeddings updates both.)
+    The embedding tensors are written under the keys PEFT uses; "not a transformers
+    model" (no get_input_embeddings) with True warns and saves none, as PEFT.
 
     A save holds an exclusive lock on `path` (fcntl.flock on a `.lorakern-save.lock` file
     there, removed when the save ends), so saves to one directory from several threads or
@@ -253,7 +448,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     cfg = adapter_state(model).configs.get(adapter_name)
     # An FSDP2-sharded model holds DTensors: gather full tensors (a collective, so on a
     # sharded model every rank calls save_adapter; each writes the same files).
-    tensors = gather_full_tensors(adapter_state_dict(model, adapter_name))
+    tensors = gather_full_tensors(adapter_state_dict(model, adapter_name, save_embedding_layers))
     # safetensors refuses shared or strided storage: give every tensor its own copy.
     data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     peft_dict = cfg.to_peft_dict()
@@ -388,9 +583,10 @@ class _Slot(NamedTuple):
     current: torch.Tensor | None  # the tensor it overwrites; None when the load creates it
     shape: tuple[int, ...]
     module: str  # the module's name
-    what: str  # "lora_A", "lora_B", "modules_to_save" or "bias"
+    what: str  # "lora_A", "lora_B", "lora_magnitude_vector" (DoRA), "modules_to_save", "bias" or "embedding"
     dtype: torch.dtype  # the destination's dtype and device, known before anything is created
     device: torch.device
+    optional: bool = False  # a key the file may omit (embedding weights: saved only on request)
 
 
 def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing: bool, targets, to_save):
@@ -398,15 +594,21 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
     already), and the names of the saved modules. Changes nothing."""
     exp: dict[str, _Slot] = {}
     for t in targets:
+        m = None
         if existing:
             a, b = t.module.lora_A[adapter_name].weight, t.module.lora_B[adapter_name].weight
             a_spec, b_spec = (a.dtype, a.device), (b.dtype, b.device)
+            if config.use_dora:
+                m = t.module.lora_magnitude_vector[adapter_name].weight
         else:
-            # LoraLinear.update_layer creates A and B in fp32 on the base weight's device.
+            # LoraLinear.update_layer creates A, B (and DoRA's magnitude) in adapter_dtype
+            # on the base weight's device.
             a = b = None
-            a_spec = b_spec = (torch.float32, t.module.weight.device)
+            a_spec = b_spec = (adapter_dtype(t.module.weight), t.module.weight.device)
         exp[f"{t.name}.lora_A.weight"] = _Slot(a, (t.r, t.in_features), t.name, "lora_A", *a_spec)
         exp[f"{t.name}.lora_B.weight"] = _Slot(b, (t.out_features, t.r), t.name, "lora_B", *b_spec)
+        if config.use_dora:
+            exp[f"{t.name}.lora_magnitude_vector"] = _Slot(m, (t.out_features,), t.name, "lora_magnitude_vector", *b_spec)
     saved_names = [n for n, _ in to_save]
     for name, module in to_save:
         if existing:
@@ -428,7 +630,25 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
             bias = t.module.base_layer.bias if hasattr(t.module, "base_layer") else t.module.bias
             if bias is not None:
                 exp[f"{t.name}.bias"] = _Slot(bias, tuple(bias.shape), t.name, "bias", bias.dtype, bias.device)
+    _expect_embeddings(model, exp, {t.name for t in targets}, set(saved_names))
     return exp, saved_names
+
+
+def _expect_embeddings(model: nn.Module, exp: dict[str, _Slot], target_names: set[str], saved_names: set[str]) -> None:
+    """Add optional slots for the embedding weights PEFT saves with save_embedding_layers:
+    each floating-point tensor of the base model's input / output embedding module, keyed
+    as a model with just this adapter names it: ``<layer>.base_layer.<k>`` where the
+    adapter targets the layer, ``<layer>.original_module.<k>`` where it saves it
+    (modules_to_save), ``<layer>.<k>`` otherwise. They load into the base module's own
+    tensors (through lorakern's wrappers), as PEFT's load_state_dict does, so tied input
+    and output embeddings (one parameter) both change. Keys already expected (a bias
+    saved by bias="all" / "lora_only") keep their slot."""
+    for name, module in _embedding_modules(model) or []:
+        form = "base_layer." if name in target_names else "original_module." if name in saved_names else ""
+        for k, v in _base_of(module).state_dict(keep_vars=True).items():
+            ck = _canonical(f"{name}.{form}{k}")
+            if v.is_floating_point() and ck not in exp:
+                exp[ck] = _Slot(v, tuple(v.shape), name, "embedding", v.dtype, v.device, optional=True)
 
 
 class _Undo:
@@ -498,11 +718,14 @@ def _check_agreement(model: nn.Module, config: LoraConfig, adapter_name: str, ta
         )
     for name, layer in have.items():
         t = want[name]
-        if layer.r[adapter_name] != t.r or layer.lora_alpha[adapter_name] != t.alpha or layer.use_rslora[adapter_name] != config.use_rslora:
+        use_dora = layer.use_dora.get(adapter_name, False)
+        if (layer.r[adapter_name] != t.r or layer.lora_alpha[adapter_name] != t.alpha
+                or layer.use_rslora[adapter_name] != config.use_rslora or use_dora != config.use_dora):
             raise AdapterLoadError(
                 f"module {name!r}: adapter {adapter_name!r} has r={layer.r[adapter_name]}, "
-                f"lora_alpha={layer.lora_alpha[adapter_name]}, use_rslora={layer.use_rslora[adapter_name]} in the model "
-                f"but the file's config gives r={t.r}, lora_alpha={t.alpha}, use_rslora={config.use_rslora}"
+                f"lora_alpha={layer.lora_alpha[adapter_name]}, use_rslora={layer.use_rslora[adapter_name]}, "
+                f"use_dora={use_dora} in the model but the file's config gives r={t.r}, lora_alpha={t.alpha}, "
+                f"use_rslora={config.use_rslora}, use_dora={config.use_dora}"
             )
 
 
@@ -522,25 +745,45 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
         raise AdapterLoadError(f"adapter in {str(path)!r} does not fit this model: {exc}") from None
 
     found: dict[str, torch.Tensor] = {}
+    file_key: dict[str, str] = {}
     unexpected, problems = [], []
+    # Saved modules that are embedding layers: PEFT's save_embedding_layers also writes
+    # their copy as `<module>.modules_to_save.<k>`, a key its own load ignores.
+    embedding_saved = {s.module for s in exp.values() if s.what == "embedding"} & set(saved_names)
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             unexpected.append(key)
             continue
         ck = _canonical(key[len(PREFIX):])
         if ck in exp:
+            if ck in found and not _same(found[ck], value):  # `<layer>.base_layer.bias` and `<layer>.bias`
+                problems.append(f"{file_key[ck]} and {key} load into one tensor of this model but differ in the file")
             found[ck] = value
+            file_key[ck] = key
             continue
         # PEFT with bias="all" also writes a saved module's biases as
         # `<module>.modules_to_save.<k>` and `<module>.original_module.<k>`; accept and skip them.
         owner = next((s for s in saved_names if ck.startswith(s + ".modules_to_save.") or ck.startswith(s + ".original_module.")), None)
-        if owner is None or not _is_bias(ck):
-            unexpected.append(key)
-    missing = [k for k in exp if k not in found]
+        if owner is not None and (_is_bias(ck) or (owner in embedding_saved and ck.startswith(owner + ".modules_to_save."))):
+            continue
+        unexpected.append(key)
+    missing = [k for k in exp if k not in found and not exp[k].optional]
     for ck, value in found.items():
         shape, module_name, what = exp[ck].shape, exp[ck].module, exp[ck].what
         if not value.is_floating_point():
-            problems.append(f"{PREFIX}{ck}: dtype {value.dtype} is not floating point")
+            problems.append(f"{file_key[ck]}: dtype {value.dtype} is not floating point")
+        elif tuple(value.shape) != shape and what == "embedding":
+            hint = ""
+            if value.dim() == len(shape) and value.dim() >= 1 and tuple(value.shape[1:]) == shape[1:]:
+                hint = (
+                    f" (a vocabulary of {value.shape[0]} tokens in the file, {shape[0]} in the model: the adapter was "
+                    f"saved with token embeddings resized to {value.shape[0]}; resize this model's to match, "
+                    f"e.g. model.resize_token_embeddings({value.shape[0]}), before loading)"
+                )
+            problems.append(
+                f"{file_key[ck]}: shape {list(value.shape)} in the file, but {list(shape)} for the model's "
+                f"embedding layer {module_name!r}{hint}"
+            )
         elif tuple(value.shape) != shape:
             hint = ""
             if what == "lora_A" and value.dim() == 2 and value.shape[1] == shape[1]:
@@ -561,12 +804,30 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
     return targets, to_save, exp, found
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
 def _convert(model: nn.Module, path, exp: dict[str, _Slot], found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every value in its destination's dtype and device, checked finite there: a value
     finite in the file can overflow the parameter's dtype (fp64 1e300 in fp32, fp32 1e6 in
-    fp16) and would load as inf. Raises AdapterLoadError naming each such key."""
+    fp16) and would load as inf. Raises AdapterLoadError naming each such key, and for keys
+    that load into one tensor of the model (tied input and output embeddings) with
+    different values: PEFT would keep whichever it copies last."""
     values = {ck: value.to(dtype=exp[ck].dtype, device=exp[ck].device) for ck, value in found.items()}
     problems = [_not_finite(ck, found[ck], v) for ck, v in values.items() if not torch.isfinite(v).all()]
+    if not problems:
+        first: dict[int, str] = {}
+        for ck in values:
+            current = exp[ck].current
+            if current is None:
+                continue
+            other = first.setdefault(id(current), ck)
+            if other != ck and not torch.equal(values[other], values[ck]):
+                problems.append(
+                    f"{PREFIX}{other} and {PREFIX}{ck} load into one tensor of this model (tied weights) "
+                    "but the file holds different values for them"
+                )
     if problems:
         more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
         raise AdapterLoadError(f"cannot load adapter from {str(path)!r} into {type(model).__name__}: " + "; ".join(problems[:8]) + more)
@@ -599,6 +860,17 @@ def load_adapter(
 
     Every value is converted to the dtype of the parameter it loads into and must be finite
     there (a value that overflows that dtype is refused like a NaN in the file).
+
+    Embedding weights (PEFT's save_embedding_layers: ``model.embed_tokens.weight``,
+    ``lm_head.weight``, ``lm_head.base_layer.weight`` where the adapter targets lm_head,
+    ``<layer>.original_module.weight`` where it saves it, ...; the layers are the model's
+    get_input_embeddings() / get_output_embeddings()) load into the base model's
+    embedding parameters, as PEFT loads them: checked and rolled back like every other key,
+    and a vocabulary size that differs from the model's is refused, naming the key and both
+    shapes (resize the model's token embeddings first, as for PEFT). Tied input and output
+    embeddings are one parameter, so loading either changes both; two keys for one tied
+    parameter must hold equal values. `unload` / `delete_adapter` do not restore the
+    previous embeddings (nor does PEFT).
 
     The two files must be one save's pair: weights saved by lorakern record the config they
     were saved with, and beside a config that describes another adapter (another r, alpha,
@@ -640,7 +912,8 @@ def load_adapter(
     # undoing everything on any error.
     values = _convert(model, path, exp, found)
     places = [(t.name, t.module) for t in targets] + list(to_save)
-    undo = _Undo(model, adapter_name, [exp[ck].current for ck in found if exp[ck].current is not None], places)
+    overwritten = {id(t): t for t in (exp[ck].current for ck in found) if t is not None}  # tied: once
+    undo = _Undo(model, adapter_name, list(overwritten.values()), places)
     try:
         with torch.no_grad():
             if not existing:
@@ -650,7 +923,7 @@ def load_adapter(
             wrappers = dict(saved_modules(model))
             for ck, value in values.items():
                 module_name, what = exp[ck].module, exp[ck].what
-                if what in ("lora_A", "lora_B"):
+                if what in ("lora_A", "lora_B", "lora_magnitude_vector"):
                     dst = getattr(layers[module_name], what)[adapter_name].weight
                 elif what == "modules_to_save":
                     copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)

@@ -56,7 +56,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # feature lorakern does not implement: loading such a config raises instead of
 # silently computing something else.
 PEFT_FEATURE_OFF: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "loftq_config": {},
@@ -97,6 +96,7 @@ class LoraConfig:
         layers_pattern: name(s) of the layer container (e.g. "layers", "h").
         rank_pattern / alpha_pattern: {regex: r} / {regex: alpha} overrides per module.
         fan_in_fan_out: the targeted base weights are stored [in, out] (GPT-2's Conv1D).
+        use_dora: DoRA (weight-decomposed LoRA), PEFT's semantics (lorakern/dora.py).
 
     Example:
         >>> import lorakern
@@ -119,6 +119,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -127,7 +128,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "fan_in_fan_out"):
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
             # A JSON string "false" is truthy: it would switch the feature on silently.
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LoraConfig: {name} must be a bool, got {getattr(self, name)!r}")
@@ -278,7 +279,7 @@ class LoraConfig:
         """Build a config from an adapter_config.json dict.
 
         Raises ValueError for another peft_type or a LoRA feature lorakern does not
-        implement (e.g. use_dora=true); unknown keys are ignored with a warning.
+        implement (e.g. lora_bias=true); unknown keys are ignored with a warning.
         """
         if not isinstance(d, dict):
             raise ValueError(f"adapter config must be a JSON object, got {type(d).__name__}")

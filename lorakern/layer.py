@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-from lorakern import quantized
+from lorakern import dora, quantized
 from lorakern.ops import BACKENDS, ScalarDict, lora_linear
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
@@ -74,6 +74,12 @@ LOSSY_QUANT_MERGE = (
     "again: the result is rounded to the quantized grid, so outputs can differ slightly from the "
     "unmerged model's."
 )
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype new adapters get, as in PEFT (autocast_adapter_dtype=True): float64 on a
+    float64 base, else float32 (fp32 masters for fp16 / bf16 / quantized bases)."""
+    return torch.float64 if base_weight.dtype == torch.float64 else torch.float32
 
 
 def _scaled(B: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
@@ -183,6 +189,7 @@ class LoraLinear(nn.Module):
         adapter_name: str = "default",
         backend: str = "auto",
         fan_in_fan_out: bool = False,
+        use_dora: bool = False,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -233,13 +240,18 @@ class LoraLinear(nn.Module):
         self.lora_dropout: dict[str, float] = ScalarDict()
         self.scaling: dict[str, float] = ScalarDict()
         self.use_rslora: dict[str, bool] = {}
+        # DoRA (lorakern/dora.py): PEFT's names, a magnitude vector per DoRA adapter.
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self._row_sq_norms: tuple | None = None  # (weight version key, ‖W_n‖²) for DoRA's norm
+        self._dora_merged_norm: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖ at merge time, for unmerge
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
         self.backend = backend
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -270,8 +282,12 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> None:
         """Add (or replace) adapter `adapter_name` and make it the active one.
+
+        use_dora: DoRA (lorakern/dora.py), its magnitude initialised to the row norms of
+        W + s·B A, as PEFT does.
 
         A merged adapter cannot be replaced (ValueError, layer unchanged): unmerge() would
         then subtract the new weights' delta instead of the merged one, and the base drift.
@@ -281,13 +297,16 @@ class LoraLinear(nn.Module):
                 f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it"
             )
         _check_adapter_args(r, lora_alpha, lora_dropout)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        if use_dora and self.quantized:
+            raise NotImplementedError("DoRA over a quantized base layer is not implemented yet")
         # Checked before anything is registered, so a bad value leaves the layer unchanged.
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
         if not (isinstance(init_lora_weights, bool) or gaussian):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         w = self.base_layer.weight
-        # Adapters are fp32 masters unless the base itself is fp32/fp64 (PEFT's default).
-        dtype = torch.float32
+        dtype = adapter_dtype(w)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
         self.r[adapter_name] = r
@@ -296,6 +315,14 @@ class LoraLinear(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.use_dora[adapter_name] = use_dora
+        if use_dora:
+            with torch.no_grad():
+                norm = dora.weight_norm(self.base_weight(), self.lora_A[adapter_name].weight,
+                                        self.lora_B[adapter_name].weight, self.scaling[adapter_name])
+            self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(norm.to(dtype))
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self.active_adapters = [adapter_name]
 
     @torch.no_grad()
@@ -329,6 +356,8 @@ class LoraLinear(nn.Module):
             requires_grad = name in names
             self.lora_A[name].weight.requires_grad_(requires_grad)
             self.lora_B[name].weight.requires_grad_(requires_grad)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].weight.requires_grad_(requires_grad)
         self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -341,7 +370,9 @@ class LoraLinear(nn.Module):
             self.merge(remerge)
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
-        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora):
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora):
             del d[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
@@ -354,6 +385,8 @@ class LoraLinear(nn.Module):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged_adapters or not active:
             return self._base_forward(x)
+        if any(self.use_dora.get(a, False) for a in active):
+            return self._dora_forward(x, active)
         if self.quantized:
             return self._quantized_forward(x, active)
         w = self.base_layer.weight
@@ -388,6 +421,37 @@ class LoraLinear(nn.Module):
             )
             for name in active
         ]
+
+    def _dora_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """One active DoRA adapter (lorakern/dora.py), in the base weight's dtype (the autocast
+        dtype under autocast); the answer in x's dtype (the autocast dtype under autocast)."""
+        if len(active) != 1:
+            raise NotImplementedError(
+                f"DoRA with several active adapters ({active}) is not implemented; activate one at a time"
+            )
+        name = active[0]
+        w, bias = self.base_weight(), self.base_layer.bias
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype
+        out_dtype = dtype if autocast else x.dtype
+        x, w = x.to(dtype), w.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
+        s = self.scaling[name]
+        norm = dora.weight_norm(w, A, B, s, self._cached_row_sq_norms(w))
+        p = self.lora_dropout[name] if self.training else 0.0
+        y = dora.dora_forward(
+            lambda *args: lora_linear(*args, backend=self.backend), x, w, bias, A, B, s, p,
+            self.lora_magnitude_vector[name].weight, norm,
+        )
+        return y.to(out_dtype)
+
+    def _cached_row_sq_norms(self, w: torch.Tensor) -> torch.Tensor:
+        """‖W_n‖², recomputed only when the base weight changes (merge, load, dtype)."""
+        key = (w.data_ptr(), w._version, w.dtype, w.shape)
+        if self._row_sq_norms is None or self._row_sq_norms[0] != key:
+            self._row_sq_norms = (key, dora.row_sq_norms(w))
+        return self._row_sq_norms[1]
 
     def _quantized_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """QLoRA: x (cast to the base's compute dtype, as bitsandbytes does) through the op
@@ -438,6 +502,8 @@ class LoraLinear(nn.Module):
             if name not in self.lora_A:
                 raise ValueError(f"no adapter named {name!r}; have {list(self.lora_A)}")
         delta = sum(self.get_delta_weight(name) for name in adapter_names)
+        if any(self.use_dora.get(n, False) for n in adapter_names):
+            return self._dora_merged_weight(adapter_names, delta)[0]
         if self.quantized:
             qw = quantized.quantized_weight(self.base_layer)
             return (quantized.quant.dequantize_weight(qw, torch.float32) + delta).to(qw.dtype)
@@ -458,11 +524,30 @@ class LoraLinear(nn.Module):
         names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
         if not names:
             return
-        new_w = self.merged_weight(names)
+        dora_norm = None
+        if any(self.use_dora.get(n, False) for n in names):
+            new_w, dora_norm = self._dora_merged_weight(names, sum(self.get_delta_weight(n) for n in names))
+        else:
+            new_w = self.merged_weight(names)
         if safe_merge and not torch.isfinite(new_w).all():
             raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
         self._store_weight(new_w)
+        if dora_norm is not None:
+            self._dora_merged_norm[names[0]] = dora_norm
         self.merged_adapters.extend(names)
+
+    def _dora_merged_weight(self, names: list[str], delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m/‖W + ΔW‖ · (W + ΔW) in the base's layout and dtype, ‖W + ΔW‖) for one DoRA adapter."""
+        if len(names) != 1 or self.merged_adapters:
+            raise NotImplementedError("a DoRA adapter merges alone, into an unmerged layer")
+        name = names[0]
+        w = self.base_weight()
+        norm = dora.weight_norm(w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        factor = dora.merge_factor(self.lora_magnitude_vector[name].weight, norm)
+        new_w = factor * (w.to(factor.dtype) + delta.to(factor.dtype))
+        if self.fan_in_fan_out:
+            new_w = new_w.t()
+        return new_w.to(w.dtype), norm
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -470,7 +555,14 @@ class LoraLinear(nn.Module):
         if not self.merged_adapters:
             return
         delta = sum(self.get_delta_weight(name) for name in self.merged_adapters)
-        if self.quantized:
+        dora_names = [n for n in self.merged_adapters if n in self._dora_merged_norm]
+        if dora_names:  # merged alone: W = W' / factor − ΔW
+            name = dora_names[0]
+            factor = dora.merge_factor(self.lora_magnitude_vector[name].weight, self._dora_merged_norm.pop(name))
+            w = self.base_weight()
+            old = w.to(factor.dtype) / factor - delta.to(factor.dtype)
+            self.base_layer.weight.copy_((old.t() if self.fan_in_fan_out else old).to(w.dtype))
+        elif self.quantized:
             qw = quantized.quantized_weight(self.base_layer)
             self._store_weight((quantized.quant.dequantize_weight(qw, torch.float32) - delta).to(qw.dtype))
         else:
@@ -493,6 +585,7 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [
             f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, lora_dropout={self.lora_dropout[name]}"
+            + (", use_dora=True" if self.use_dora.get(name) else "")
             for name in self.lora_A
         ]
         fifo = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -303,12 +304,14 @@ def inject_planned(
         dropout = config.lora_dropout
         if isinstance(t.module, LoraLinear):
             previous = list(t.module.active_adapters)
-            t.module.update_layer(adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights)
+            t.module.update_layer(
+                adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, config.use_dora
+            )
             t.module.active_adapters = previous
         else:
             layer = LoraLinear(
                 t.module, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights,
-                adapter_name, backend, fan_in_fan_out=config.fan_in_fan_out,
+                adapter_name, backend, fan_in_fan_out=config.fan_in_fan_out, use_dora=config.use_dora,
             )
             layer.active_adapters = []
             layer.train(t.module.training)  # injection never changes train/eval mode
@@ -322,6 +325,10 @@ def inject_planned(
     if inference:
         state.inference.add(adapter_name)
     model._lorakern = state
+    if "transformers" in sys.modules:  # a transformers model's save_pretrained writes the adapters (lorakern.hf)
+        from lorakern.hf import install_save_pretrained
+
+        install_save_pretrained(model)
     set_adapter(model, state.active or [adapter_name])
     if not inference and adapter_name in state.active:
         _mark_biases(model, config)

@@ -1,0 +1,173 @@
+"""DoRA (use_dora=True): PEFT's numbers on the fused op, the low-rank norm identity, merge."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakern
+from lorakern import dora
+from tests.conftest import backend_device, requires_triton
+from tests.utils import RTOL, assert_close
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config)
+
+
+def _pair(dropout: float = 0.0):
+    """(PEFT DoRA model, lorakern DoRA model) with the same base and adapter weights."""
+    import peft
+
+    base = _llama()
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False, lora_dropout=dropout))
+    ours = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False, lora_dropout=dropout))
+    ours.load_state_dict({k.replace("base_model.model.", ""): v for k, v in peft_model.state_dict().items()})
+    return peft_model, ours
+
+
+def _grads(model):
+    return {n.replace("base_model.model.", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_matches_peft_logits_and_every_gradient(dropout):
+    """Same logits and gradients (lora_A, lora_B, magnitude) as PEFT's use_dora; with dropout
+    both draw the mask from torch's generator in the same order, so the same seed gives the same mask."""
+    peft_model, ours = _pair(dropout)
+    peft_model.train()
+    ours.train()
+    ids = torch.randint(0, 128, (2, 9))
+    torch.manual_seed(5)
+    want = peft_model(ids, labels=ids)
+    want.loss.backward()
+    torch.manual_seed(5)
+    got = ours(ids, labels=ids)
+    got.loss.backward()
+    assert_close(got.logits, want.logits, 1e-6, "logits")
+    want_g, got_g = _grads(peft_model), _grads(ours)
+    assert sorted(got_g) == sorted(want_g) and any("lora_magnitude_vector" in k for k in got_g)
+    for name, g in want_g.items():
+        assert_close(got_g[name], g, 1e-5, name)
+
+
+def test_dora_magnitude_initialised_to_the_row_norms():
+    """At init (B = 0) the magnitude is ‖W_n‖, so the layer equals its base exactly."""
+    base = nn.Linear(48, 24)
+    layer = lorakern.LoraLinear(copy.deepcopy(base), r=4, lora_alpha=8, use_dora=True)
+    assert_close(layer.lora_magnitude_vector["default"].weight, base.weight.norm(dim=1), 1e-6)
+    x = torch.randn(5, 48)
+    assert torch.equal(layer(x), base(x))
+
+
+@pytest.mark.parametrize("scaling", [0.5, 3.0])
+def test_low_rank_norm_identity(scaling):
+    """‖W + s·B A‖ per row from W Aᵀ and A Aᵀ equals the dense computation (fp64)."""
+    W, A, B = torch.randn(40, 72, dtype=torch.float64), torch.randn(6, 72, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    want = torch.linalg.norm(W + scaling * B @ A, dim=1)
+    assert_close(dora.weight_norm(W, A, B, scaling), want, 1e-12)
+    assert_close(dora.weight_norm(W.t().contiguous().t(), A, B, scaling), want, 1e-12)  # any strides
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dora_layer_against_plain_pytorch(backend, dtype):
+    """The layer's output and gradients against PEFT's formula written in fp64."""
+    dev = backend_device(backend)
+    base = nn.Linear(72, 40, device=dev, dtype=dtype)
+    layer = lorakern.LoraLinear(base, r=5, lora_alpha=10, use_dora=True, init_lora_weights=False, backend=backend)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.rand(40, device=dev) + 0.5)
+    x = torch.randn(3, 7, 72, device=dev, dtype=dtype, requires_grad=True)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m, s = layer.lora_magnitude_vector["default"].weight, layer.scaling["default"]
+    y = layer(x)
+    W = base.weight.double()
+    norm = torch.linalg.norm(W + s * B.double().detach() @ A.double().detach(), dim=1)
+    x64, A64, B64, m64 = (t.double() for t in (x, A, B, m))
+    ref = (m64 / norm) * (x64 @ W.t() + s * (x64 @ A64.t()) @ B64.t()) + base.bias.double()
+    assert y.dtype == dtype
+    assert_close(y, ref, RTOL[dtype], "y")
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, A, B, m), g)
+    want = torch.autograd.grad(ref, (x, A, B, m), g.double())
+    for name, a, b in zip(("dx", "dA", "dB", "dm"), got, want):
+        assert_close(a, b, RTOL[dtype], name)
+
+
+def test_dora_merge_unmerge_round_trip():
+    peft_model, ours = _pair()
+    ours.eval()
+    peft_model.eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        before = ours(ids).logits
+        lorakern.merge(ours)
+        assert_close(ours(ids).logits, before, 1e-5, "merged")
+        peft_merged = peft_model.merge_and_unload()
+        assert_close(peft_merged(ids).logits, before, 1e-5, "PEFT merged")
+        lorakern.unmerge(ours)
+        assert_close(ours(ids).logits, before, 1e-5, "unmerged")
+
+
+def test_dora_several_active_adapters_refused():
+    layer = lorakern.LoraLinear(nn.Linear(16, 8), r=2, use_dora=True)
+    layer.update_layer("other", 2, 2, use_dora=True)
+    layer.set_adapter(["default", "other"])
+    with pytest.raises(NotImplementedError, match="several active adapters"):
+        layer(torch.randn(3, 16))
+
+
+def test_dora_on_quantized_base_refused_clearly():
+    from lorakern.quantized import QuantLinear
+
+    with pytest.raises(NotImplementedError, match="quantized"):
+        lorakern.LoraLinear(QuantLinear.from_linear(nn.Linear(64, 32), "nf4"), r=4, use_dora=True)
+
+
+def test_dora_adapter_files_both_ways(tmp_path):
+    """PEFT's DoRA file loads into lorakern (magnitude included), lorakern's loads into PEFT."""
+    import peft
+
+    peft_model, _ = _pair()
+    peft_model.eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    fresh = copy.deepcopy(peft_model).unload()  # the same base weights, no LoRA layers
+    ours = lorakern.load_adapter(copy.deepcopy(fresh), tmp_path / "peft")
+    with torch.no_grad():
+        assert_close(ours(ids).logits, want, 1e-6, "lorakern loading PEFT's DoRA file")
+    lorakern.save_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert_close(back(ids).logits, want, 1e-6, "PEFT loading lorakern's DoRA file")
+
+
+def test_fp64_base_keeps_fp64_adapters_like_peft(tmp_path):
+    import peft
+
+    model = _llama().double()
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=TARGETS,
+                                                                           init_lora_weights=False))
+    ours = lorakern.inject(copy.deepcopy(model), lorakern.LoraConfig(r=4, target_modules=TARGETS))
+    layer = ours.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float64
+    peft_model.save_pretrained(tmp_path)
+    loaded = lorakern.load_adapter(copy.deepcopy(model), tmp_path)
+    assert loaded.model.layers[0].self_attn.q_proj.lora_B["default"].weight.dtype == torch.float64
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, peft_model(ids).logits)
