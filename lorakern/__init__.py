@@ -23,6 +23,15 @@ from lorakern.quantized import QuantLinear, quantize
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`lorakern.hf` (Hugging Face Trainer integration) is imported on first use."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("lorakern.hf")
+    raise AttributeError(f"module 'lorakern' has no attribute {name!r}")
+
 __all__ = [
     "LoraLinear", "lora_linear", "__version__",
     "LoraConfig", "inject", "set_adapter", "delete_adapter", "disable_adapters", "add_weighted_adapter",

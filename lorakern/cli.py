@@ -1,4 +1,4 @@
-"""`lorakern` console script: `info`, `check`, `bench`."""
+"""`lorakern` console script: `info`, `check`, `bench`, `merge`, `inspect`."""
 
 from __future__ import annotations
 
@@ -123,6 +123,44 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from lorakern.adapters import AdapterLoadError
+    from lorakern.checkpoint_merge import MergeError, format_report, merge_checkpoint, plan_merge
+
+    try:
+        plan = plan_merge(args.base_dir, args.adapter_dir)
+        if args.dry_run:
+            print(f"checkpoint {args.base_dir}: {len(plan.checkpoint.shards)} shard(s), {len(plan.checkpoint.tensors)} tensors; "
+                  f"the adapter fits: {len(plan.deltas)} tensor(s) to merge, {len(plan.replacements)} to replace whole")
+            print(f"would copy: {', '.join(plan.copies) or 'nothing'}")
+            if plan.skipped:
+                print(f"would not copy: {', '.join(plan.skipped)}")
+            return 0
+        report = merge_checkpoint(args.base_dir, args.adapter_dir, args.out_dir, force=args.force,
+                                  progress=not args.quiet, plan=plan)
+    except (MergeError, AdapterLoadError, FileNotFoundError) as exc:
+        print(f"lorakern merge: error: {exc}", file=sys.stderr)
+        print(f"lorakern merge: nothing was written to {args.out_dir}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from lorakern.adapters import AdapterLoadError
+    from lorakern.checkpoint_merge import MergeError, format_inspect, inspect_adapter
+
+    try:
+        info = inspect_adapter(args.adapter_dir)
+    except (MergeError, AdapterLoadError, FileNotFoundError) as exc:
+        print(f"lorakern inspect: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=2) if args.json else format_inspect(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lorakern.bench.cost import MODES
     from lorakern.bench.providers import PROVIDERS
@@ -173,6 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-plots", action="store_true")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+
+    merge = sub.add_parser(
+        "merge", help="merge a PEFT LoRA adapter into a local Hugging Face safetensors checkpoint, shard by shard",
+        description="Writes BASE_DIR's checkpoint with the adapter merged in (W + scaling * B A, summed in fp32 "
+        "and cast once to W's dtype; modules_to_save tensors replaced) to OUT_DIR: the same shard files, tensor "
+        "order and model.safetensors.index.json, and every other top-level file of BASE_DIR (config, tokenizer) "
+        "copied; other weight files (*.bin, *.pth, ...) and sub-folders are not copied. One tensor of the "
+        "checkpoint is in memory at a time, beside the adapter. An adapter that does not fit the checkpoint "
+        "(missing tensor, wrong shape, rank not the config's, DoRA / embedding LoRA / ...) is refused before "
+        "anything is written; OUT_DIR is written as a temporary folder beside it and renamed at the end.",
+    )
+    merge.add_argument("base_dir", metavar="BASE_DIR", help="Hugging Face checkpoint folder (model.safetensors[.index.json])")
+    merge.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    merge.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged checkpoint (must not exist or be empty)")
+    merge.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    merge.add_argument("--dry-run", action="store_true", help="check that the adapter fits, write nothing")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inspect = sub.add_parser(
+        "inspect", help="an adapter's modules: r, alpha, scaling, parameters and delta norm ||s*BA||_F",
+    )
+    inspect.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT adapter folder")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
 
@@ -184,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "inspect":
+        return _inspect(args)
     return 2
 
 
