@@ -197,17 +197,15 @@ class LoraLinear(nn.Module):
         conv1d = conv1d_class()
         # A quantized base (QuantLinear, bnb Linear4bit): its weight is dequantised inside the op.
         self.quantized = quantized.is_quantized_linear(base_layer)
-        if self.quantized:
+        # bitsandbytes Linear8bitLt (LLM.int8 quantizes x too): its own forward computes the
+        # base, the fused op the LoRA term alone (weight=None), as PEFT adds them.
+        self.base_forward = quantized.is_bnb_linear8bit(base_layer)
+        if self.quantized or self.base_forward:
             if fan_in_fan_out:
                 warnings.warn("a quantized base layer stores [out, in]: setting fan_in_fan_out=False", stacklevel=2)
             fan_in_fan_out = False
-            quantized.quantized_weight(base_layer)  # raises now if bnb has not quantized it yet
-        elif quantized.is_bnb_linear8bit(base_layer):
-            raise TypeError(
-                "base_layer is a bitsandbytes Linear8bitLt (LLM.int8: it quantizes x as well); lorakern's QLoRA "
-                "takes bitsandbytes Linear4bit layers, or its own int8 weight-only format: "
-                "lorakern.quantize(model, 'int8') on the full-precision model"
-            )
+            if self.quantized:
+                quantized.quantized_weight(base_layer)  # raises now if bnb has not quantized it yet
         elif conv1d is not None and isinstance(base_layer, conv1d):
             if not fan_in_fan_out:
                 warnings.warn("base_layer is a Conv1D (weight [in, out]): setting fan_in_fan_out=True", stacklevel=2)
@@ -230,6 +228,8 @@ class LoraLinear(nn.Module):
         w = base_layer.weight
         if self.quantized:
             self.out_features, self.in_features = quantized.quantized_weight(base_layer).shape
+        elif self.base_forward:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
             self.in_features, self.out_features = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
         self.lora_A = nn.ModuleDict()
@@ -299,7 +299,7 @@ class LoraLinear(nn.Module):
         _check_adapter_args(r, lora_alpha, lora_dropout)
         if not isinstance(use_dora, bool):
             raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
-        if use_dora and self.quantized:
+        if use_dora and (self.quantized or self.base_forward):
             raise NotImplementedError("DoRA over a quantized base layer is not implemented yet")
         # Checked before anything is registered, so a bad value leaves the layer unchanged.
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
@@ -389,6 +389,8 @@ class LoraLinear(nn.Module):
             return self._dora_forward(x, active)
         if self.quantized:
             return self._quantized_forward(x, active)
+        if self.base_forward:
+            return self._base_forward_plus_lora(x, active)
         w = self.base_layer.weight
         if self.fan_in_fan_out:
             w = w.t()
@@ -446,6 +448,18 @@ class LoraLinear(nn.Module):
         )
         return y.to(out_dtype)
 
+    def _base_forward_plus_lora(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """base_layer(x) + the LoRA term (the op with weight=None), as PEFT's bnb 8-bit layer:
+        the LoRA term in the adapters' dtype (x cast to it outside autocast), added in the
+        base output's dtype."""
+        y = self.base_layer(x)
+        if torch.is_autocast_enabled(x.device.type):
+            lora = lora_linear_multi(x, None, None, self._adapter_args(active, None), self.backend)
+        else:
+            dtype = self.lora_A[active[0]].weight.dtype
+            lora = lora_linear_multi(x.to(dtype), None, None, self._adapter_args(active, dtype), self.backend)
+        return y + lora.to(y.dtype)
+
     def _cached_row_sq_norms(self, w: torch.Tensor) -> torch.Tensor:
         """‖W_n‖², recomputed only when the base weight changes (merge, load, dtype)."""
         key = (w.data_ptr(), w._version, w.dtype, w.shape)
@@ -498,6 +512,8 @@ class LoraLinear(nn.Module):
         """The base weight (its own layout and dtype) plus the deltas of `adapter_names`,
         summed in fp32 and cast once. Does not change the layer. For a quantized base: the
         dense [out, in] weight in the dtype it was quantized from."""
+        if self.base_forward:
+            raise NotImplementedError("merging into a bitsandbytes Linear8bitLt is not implemented")
         for name in adapter_names:
             if name not in self.lora_A:
                 raise ValueError(f"no adapter named {name!r}; have {list(self.lora_A)}")
@@ -574,6 +590,8 @@ class LoraLinear(nn.Module):
 
     def _store_weight(self, new_w: torch.Tensor) -> None:
         """Write a merged base weight: copied in place, or quantized again for a quantized base."""
+        if self.base_forward:
+            raise NotImplementedError("merging into a bitsandbytes Linear8bitLt is not implemented")
         if not self.quantized:
             self.base_layer.weight.copy_(new_w)
             return

@@ -378,11 +378,32 @@ def test_bnb_cpu_repacked_weight_is_read_back(bnb_llama_dir):
     assert torch.equal(dequantize_weight(quantized_weight(lora.base_layer)), dequantize_weight(original))
 
 
-def test_bnb_int8_layer_refused_clearly():
-    bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
-    with pytest.raises(TypeError, match="Linear8bitLt"):
-        lorakern.LoraLinear(layer, r=4)
+def test_bnb_int8_base_matches_peft(bnb_llama_dir, tmp_path):
+    """A bitsandbytes Linear8bitLt base (LLM.int8) runs its own forward and the fused op adds
+    the LoRA term, as PEFT's 8-bit layer does: PEFT's logits and gradients; merging is refused."""
+    import peft
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return LlamaForCausalLM.from_pretrained(bnb_llama_dir, device_map="cpu",
+                                                    quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+
+    peft_model = peft.get_peft_model(load(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                             init_lora_weights=False))
+    peft_model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    want_logits = _step(peft_model, ids)
+    want = _grads(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    ours = lorakern.load_adapter(load(), tmp_path, is_trainable=True).train()
+    assert_close(_step(ours, ids), want_logits, 1e-6, "logits")
+    got = _grads(ours)
+    for name, g in want.items():
+        assert_close(got[name.replace("base_model.model.", "")], g, 1e-5, name)
+    with pytest.raises(NotImplementedError, match="Linear8bitLt"):
+        lorakern.merge(ours)
 
 
 def test_trainable_parameter_counts_match_peft(bnb_llama_dir):
