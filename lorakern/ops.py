@@ -614,6 +614,21 @@ def _scalar_tensors(scaling, dropout_p, seed) -> tuple[torch.Tensor, torch.Tenso
     return scaling, dropout_p, seed
 
 
+def eager_scalars(scaling, dropout_p, seed) -> tuple[float, float, int | None]:
+    """scaling, dropout_p, seed as Python numbers for the eager path, values checked (a
+    scalar tensor is read on the host: it lives on the CPU, so no device synchronisation)."""
+    scaling, dropout_p = float(scaling), float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_scaling_value(scaling)  # a tensor's value is read only here
+    _check_seed(seed)
+    if seed is not None:
+        seed = int(seed)
+        if seed < 0:  # a tensor seed's value, read here
+            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return scaling, dropout_p, seed
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -670,17 +685,8 @@ def lora_linear(
 
             return triton_ops.lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout)
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
-    # Eager: the autograd.Function (same math). A scalar tensor is read on the host: it
-    # lives on the CPU, so no device synchronisation.
-    scaling, dropout_p = float(scaling), float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check_scaling_value(scaling)  # a tensor's value is read only here
-    _check_seed(seed)
-    if seed is not None:
-        seed = int(seed)
-        if seed < 0:  # a tensor seed's value, read here
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    # Eager: the autograd.Function (same math).
+    scaling, dropout_p, seed = eager_scalars(scaling, dropout_p, seed)
     if not torch.is_grad_enabled() or not any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
     ):

@@ -26,12 +26,11 @@ from lorakern.ops import (
     _autocast_off,
     _backward_core,
     _check_devices,
-    _check_scaling_value,
-    _check_seed,
     _eager_seed,
     _forward_core,
     _scalar_tensors,
     check_inputs,
+    eager_scalars,
     lora_linear_bwd,
     lora_linear_fwd,
     resolve_backend,
@@ -248,12 +247,7 @@ def lora_linear_quantized(
     if torch.compiler.is_compiling():
         scaling, dropout_p, seed = _scalar_tensors(scaling, dropout_p, seed)
         return QuantLoraLinearFunction.apply(x, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, meta, *qtensors)
-    scaling, dropout_p = float(scaling), float(dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    _check_scaling_value(scaling)
-    _check_seed(seed)
-    seed = None if seed is None else int(seed)
+    scaling, dropout_p, seed = eager_scalars(scaling, dropout_p, seed)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
         seed = _eager_seed(seed, dropout_p)
         return _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
