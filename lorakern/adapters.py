@@ -55,6 +55,8 @@ from lorakern.model import (
     inject_planned,
     adapter_configs,
     adapter_state,
+    bias_params,
+    is_bias,
     lora_layers,
     merged_layers,
     plan_modules_to_save,
@@ -105,7 +107,7 @@ def adapter_state_dict(
         if adapter_name in layer.lora_magnitude_vector:  # DoRA; PEFT's key has no ".weight"
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     if cfg.bias == "all":
-        for name, p in _bias_params(model):
+        for name, p in bias_params(model):
             out[PREFIX + name] = p
     elif cfg.bias == "lora_only":
         for name, layer in layers:
@@ -271,22 +273,6 @@ def _embedding_state(model: nn.Module, adapter_name: str, config: LoraConfig, sa
             if v.is_floating_point():
                 out[f"{PREFIX}{name}.{k}"] = v
     return out
-
-
-def _is_bias(name: str) -> bool:
-    """PEFT's test for a bias (bias="all"): the parameter is named `bias`. A substring test
-    would also take e.g. T5's `relative_attention_bias.weight`, an embedding table."""
-    return name == "bias" or name.endswith(".bias")
-
-
-def _bias_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, param) of every bias parameter (see `_is_bias`), outside LoRA A/B and
-    saved-module wrappers (those are saved as the modules' own state dicts)."""
-    skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
-    for _, layer in lora_layers(model):
-        skip.update(id(p) for p in layer.lora_A.parameters())
-        skip.update(id(p) for p in layer.lora_B.parameters())
-    return [(n, p) for n, p in model.named_parameters() if _is_bias(n) and id(p) not in skip]
 
 
 def _write_bytes(f, data: bytes) -> None:
@@ -621,7 +607,7 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
         for k, v in src.state_dict(keep_vars=True).items():
             exp[f"{name}.{k}"] = _Slot(v if existing else None, tuple(v.shape), name, "modules_to_save", v.dtype, v.device)
     if config.bias == "all":
-        for pname, p in _bias_params(model):
+        for pname, p in bias_params(model):
             if any(pname.startswith(s + ".") for s in saved_names):
                 continue
             exp[_canonical(pname)] = _Slot(p, tuple(p.shape), pname.rsplit(".", 1)[0], "bias", p.dtype, p.device)
@@ -764,7 +750,7 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
         # PEFT with bias="all" also writes a saved module's biases as
         # `<module>.modules_to_save.<k>` and `<module>.original_module.<k>`; accept and skip them.
         owner = next((s for s in saved_names if ck.startswith(s + ".modules_to_save.") or ck.startswith(s + ".original_module.")), None)
-        if owner is not None and (_is_bias(ck) or (owner in embedding_saved and ck.startswith(owner + ".modules_to_save."))):
+        if owner is not None and (is_bias(ck) or (owner in embedding_saved and ck.startswith(owner + ".modules_to_save."))):
             continue
         unexpected.append(key)
     missing = [k for k in exp if k not in found and not exp[k].optional]
@@ -846,6 +832,27 @@ def _not_finite(key: str, source: torch.Tensor, converted: torch.Tensor) -> str:
     )
 
 
+def _write_values(model: nn.Module, path, adapter_name: str, exp: dict[str, _Slot], values: dict[str, torch.Tensor],
+                  found: dict[str, torch.Tensor]) -> None:
+    """Copy each converted value into its place (the layers exist by now)."""
+    layers = dict(lora_layers(model))
+    wrappers = dict(saved_modules(model))
+    for ck, value in values.items():
+        module_name, what = exp[ck].module, exp[ck].what
+        if what in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            dst = getattr(layers[module_name], what)[adapter_name].weight
+        elif what == "modules_to_save":
+            copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)
+            dst = copy_sd[ck[len(module_name) + 1:]]
+        else:
+            dst = exp[ck].current
+        # Converted already; copy_ would still convert if update_layer's dtype choice
+        # changed, so a dtype that differs is checked again (and the load undone).
+        dst.copy_(value)
+        if dst.dtype != value.dtype and not torch.isfinite(dst).all():
+            raise AdapterLoadError(f"cannot load adapter from {str(path)!r}: " + _not_finite(ck, found[ck], dst))
+
+
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
@@ -919,22 +926,7 @@ def load_adapter(
             if not existing:
                 with torch.random.fork_rng(devices=[]):  # do not consume the caller's RNG
                     inject_planned(model, config, adapter_name, targets, to_save, inference=not is_trainable)
-            layers = dict(lora_layers(model))
-            wrappers = dict(saved_modules(model))
-            for ck, value in values.items():
-                module_name, what = exp[ck].module, exp[ck].what
-                if what in ("lora_A", "lora_B", "lora_magnitude_vector"):
-                    dst = getattr(layers[module_name], what)[adapter_name].weight
-                elif what == "modules_to_save":
-                    copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)
-                    dst = copy_sd[ck[len(module_name) + 1:]]
-                else:
-                    dst = exp[ck].current
-                # Converted above; copy_ would still convert if update_layer's fp32 choice
-                # changed, so a dtype that differs is checked again (and the load undone).
-                dst.copy_(value)
-                if dst.dtype != value.dtype and not torch.isfinite(dst).all():
-                    raise AdapterLoadError(f"cannot load adapter from {str(path)!r}: " + _not_finite(ck, found[ck], dst))
+            _write_values(model, path, adapter_name, exp, values, found)
             if existing:
                 st = adapter_state(model)
                 if is_trainable:

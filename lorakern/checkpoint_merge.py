@@ -65,6 +65,7 @@ import torch
 
 from lorakern.adapters import PREFIX, read_adapter
 from lorakern.config import LoraConfig
+from lorakern.model import is_bias
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -123,10 +124,6 @@ class AdapterTensors:
     skipped: list[str]  # file keys read and ignored (original_module copies, duplicate wrapper biases)
 
 
-def _is_bias(name: str) -> bool:
-    return name == "bias" or name.endswith(".bias")
-
-
 def _natural(key: str) -> list:
     """Sort key that puts layers.2 before layers.10."""
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", key)]
@@ -172,7 +169,7 @@ def split_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], where: s
                 skipped.append(key)
                 continue
             if ".modules_to_save." in f".{name}":
-                if _is_bias(name):
+                if is_bias(name):
                     skipped.append(key)
                     continue
                 raise MergeError(f"{where}: unexpected key {key!r} (a wrapper's tensor that PEFT does not save)")
@@ -281,7 +278,7 @@ def _kind(config: LoraConfig, name: str) -> str:
     """What a whole tensor of an adapter file is (for the table)."""
     if config.module_to_save(name.rsplit(".", 1)[0]):
         return "modules_to_save"
-    if _is_bias(name) and config.bias != "none":
+    if is_bias(name) and config.bias != "none":
         return f"bias ({config.bias})"
     return "base weight"  # e.g. an embedding PEFT's save_embedding_layers wrote
 

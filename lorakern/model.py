@@ -360,17 +360,26 @@ def _check_targets_not_saved(targets: list[Target], to_save: list[tuple[str, nn.
             )
 
 
+def is_bias(name: str) -> bool:
+    """PEFT's test for a bias (bias="all"): the parameter is named `bias`. A substring test
+    would also take e.g. T5's `relative_attention_bias.weight`, an embedding table."""
+    return name == "bias" or name.endswith(".bias")
+
+
+def bias_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, param) of every bias parameter (`is_bias`) outside LoRA A/B and saved-module
+    wrappers (those are saved as the modules' own state dicts): what bias="all" trains and saves."""
+    skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
+    for _, layer in lora_layers(model):
+        skip.update(id(p) for p in layer.lora_A.parameters())
+        skip.update(id(p) for p in layer.lora_B.parameters())
+    return [(n, p) for n, p in model.named_parameters() if is_bias(n) and id(p) not in skip]
+
+
 def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
     if config.bias == "all":
-        skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
-        for _, layer in lora_layers(model):
-            skip.update(id(p) for p in layer.lora_A.parameters())
-            skip.update(id(p) for p in layer.lora_B.parameters())
-        for name, p in model.named_parameters():
-            # PEFT's rule: a parameter called bias, not any name containing "bias"
-            # (T5's relative_attention_bias is an embedding and stays frozen).
-            if (name == "bias" or name.endswith(".bias")) and id(p) not in skip:
-                p.requires_grad_(True)
+        for _, p in bias_params(model):
+            p.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):
             if layer.base_layer.bias is not None:
@@ -495,21 +504,15 @@ def add_weighted_adapter(
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type must be one of {COMBINATION_TYPES}, got {combination_type!r}")
     cfgs = [state.configs[a] for a in adapters]
+    if any(c.use_dora for c in cfgs):
+        raise ValueError("adapters with use_dora=True cannot be combined (their magnitudes do not add)")
     wrappers = list(saved_modules(model))
     for wname, wrapper in wrappers:
         if sum(a in wrapper.modules_to_save for a in adapters) > 1:
             raise ValueError(f"adapters {adapters} share the modules_to_save module {wname!r}; they cannot be combined")
     if len(adapters) == 1:
         combination_type = "linear"
-    ranks = [max([c.r, *c.rank_pattern.values()]) for c in cfgs]
-    if combination_type == "linear":
-        if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(adapters, ranks))}")
-        new_r = ranks[0]
-    elif combination_type == "cat":
-        new_r = sum(ranks)
-    else:
-        new_r = svd_rank or max(ranks)
+    new_r = _combined_rank(combination_type, adapters, [max([c.r, *c.rank_pattern.values()]) for c in cfgs], svd_rank)
     kinds = {type(c.target_modules) for c in cfgs}
     if len(kinds) > 1:
         raise ValueError("cannot combine adapters whose target_modules mix lists and regex strings")
@@ -535,32 +538,11 @@ def add_weighted_adapter(
     for _, wrapper in saved:
         source = next(wrapper.modules_to_save[a] for a in adapters if a in wrapper.modules_to_save)
         wrapper.update(adapter_name, source)
+    combine = _COMBINE[combination_type]
     for t in targets:
         layer: LoraLinear = t.module
-        A_new, B_new = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-        if combination_type == "cat":
-            As = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], 0)
-            Bs = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], 1)
-            A_new.zero_()
-            B_new.zero_()
-            A_new[: As.shape[0]] = As.to(A_new.dtype)
-            B_new[:, : Bs.shape[1]] = Bs.to(B_new.dtype)
-        elif combination_type == "linear":
-            A_sum = torch.zeros_like(A_new, dtype=torch.float32)
-            B_sum = torch.zeros_like(B_new, dtype=torch.float32)
-            for a, w in present:
-                ws = w * layer.scaling[a]
-                root = math.sqrt(abs(ws))
-                A_sum += (root if ws >= 0 else -root) * layer.lora_A[a].weight.float()
-                B_sum += root * layer.lora_B[a].weight.float()
-            A_new.copy_(A_sum)
-            B_new.copy_(B_sum)
-        else:
-            delta = sum(w * layer.get_delta_weight(a) for a, w in present)
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            B_new.copy_(U[:, :new_r] * S[:new_r])
-            A_new.copy_(Vh[:new_r])
+        combine(layer, present, layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
     # Added frozen and inactive, as in PEFT.
     for t in targets:
         t.module.lora_A[adapter_name].weight.requires_grad_(False)
@@ -568,6 +550,55 @@ def add_weighted_adapter(
     for _, wrapper in saved:
         for p in wrapper.modules_to_save[adapter_name].parameters():
             p.requires_grad_(False)
+
+
+def _combined_rank(combination_type: str, adapters: list[str], ranks: list[int], svd_rank: int | None) -> int:
+    """The rank of the combined adapter: r ("linear", equal ranks), Σ r_i ("cat"), svd_rank or max r_i ("svd")."""
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type='linear' needs equal ranks, got {dict(zip(adapters, ranks))}")
+        return ranks[0]
+    if combination_type == "cat":
+        return sum(ranks)
+    return svd_rank or max(ranks)
+
+
+@torch.no_grad()
+def _combine_linear(layer: LoraLinear, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
+    """A = Σ sign(w s)·sqrt|w s|·A_i, B = Σ sqrt|w s|·B_i (PEFT's "linear"), summed in fp32."""
+    A_sum = torch.zeros_like(A_new, dtype=torch.float32)
+    B_sum = torch.zeros_like(B_new, dtype=torch.float32)
+    for a, w in present:
+        ws = w * layer.scaling[a]
+        root = math.sqrt(abs(ws))
+        A_sum += (root if ws >= 0 else -root) * layer.lora_A[a].weight.float()
+        B_sum += root * layer.lora_B[a].weight.float()
+    A_new.copy_(A_sum)
+    B_new.copy_(B_sum)
+
+
+@torch.no_grad()
+def _combine_cat(layer: LoraLinear, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
+    """A = [w_1 s_1 A_1; …], B = [B_1 | …]: exactly Σ w_i ΔW_i (zero rows / columns pad it)."""
+    As = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], 0)
+    Bs = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], 1)
+    A_new.zero_()
+    B_new.zero_()
+    A_new[: As.shape[0]] = As.to(A_new.dtype)
+    B_new[:, : Bs.shape[1]] = Bs.to(B_new.dtype)
+
+
+@torch.no_grad()
+def _combine_svd(layer: LoraLinear, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
+    """Truncated SVD of Σ w_i ΔW_i to A_new's rank: B = U S, A = Vᴴ."""
+    r = A_new.shape[0]
+    delta = sum(w * layer.get_delta_weight(a) for a, w in present)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    B_new.copy_(U[:, :r] * S[:r])
+    A_new.copy_(Vh[:r])
+
+
+_COMBINE = {"linear": _combine_linear, "cat": _combine_cat, "svd": _combine_svd}
 
 
 # ---- merge / unload ---------------------------------------------------------------

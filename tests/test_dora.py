@@ -171,3 +171,9 @@ def test_fp64_base_keeps_fp64_adapters_like_peft(tmp_path):
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, peft_model(ids).logits)
+
+
+def test_dora_adapters_cannot_be_combined():
+    model = lorakern.inject(_llama(), lorakern.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
+    with pytest.raises(ValueError, match="use_dora"):
+        lorakern.add_weighted_adapter(model, ["default"], [1.0], "combined")
