@@ -16,6 +16,7 @@ from lorakern.model import (
     unload,
     unmerge,
 )
+from lorakern.mixed import lora_linear_mixed, mixed_batch
 from lorakern.ops import lora_linear
 from lorakern.peft_compat import patch_peft, unpatch_peft
 from lorakern.qops import lora_linear_quantized
@@ -37,5 +38,5 @@ __all__ = [
     "LoraConfig", "inject", "set_adapter", "delete_adapter", "disable_adapters", "add_weighted_adapter",
     "merge", "unmerge", "unload", "trainable_parameters", "trainable_parameters_summary",
     "print_trainable_parameters", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",
-    "quantize", "QuantLinear", "lora_linear_quantized",
+    "quantize", "QuantLinear", "lora_linear_quantized", "lora_linear_mixed", "mixed_batch",
 ]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lorakern import dora, quantized
+from lorakern.mixed import layer_forward as mixed_batch_forward
 from lorakern.ops import BACKENDS, ScalarDict, lora_linear
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
@@ -376,8 +377,18 @@ class LoraLinear(nn.Module):
             del d[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features]."""
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features].
+
+        adapter_names: a mixed batch (lorakern/mixed.py): one adapter name per row of x
+        (dim 0), "__base__" for none; each must be an adapter of this layer. Inside
+        `lorakern.mixed_batch(model, names)` the names come from the context instead.
+        """
+        if adapter_names is not None:
+            return mixed_batch_forward(self, x, adapter_names, strict=True)
+        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
+        if groups is not None:
+            return mixed_batch_forward(self, x, groups, strict=False)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -1,0 +1,387 @@
+"""Many adapters in one batch: each batch row picks its own adapter (or none).
+
+    with lorakern.mixed_batch(model, ["a", "__base__", "b", "a"]):
+        out = model(input_ids)            # row 0 and 3 through adapter "a", row 2 through "b"
+        out = model.generate(input_ids)   # every generated token of a row keeps its adapter
+
+PEFT's mixed batches (``peft_model(..., adapter_names=[...])``), same semantics and same
+numbers: one name per row of dim 0, ``"__base__"`` for the base model alone; a name the
+model has but a layer lacks runs that layer's base alone; merged adapters refuse.
+Unlike PEFT, training mode works too: dropout as on the single-adapter path, and the
+gradients reach only the adapters some row used.
+
+This is the reference path: rows are grouped per adapter (index_select / index_add, both
+differentiable), the base GEMM runs once for all rows, and each adapter's LoRA term runs
+through the fused op on its rows alone (``lora_linear`` with weight=None). A fused
+SGMV-style kernel (one launch for all adapters) is later work.
+
+Levels:
+- ``lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, row_adapter)``: the
+  functional (row_adapter indexes the lists, -1 = base only);
+- ``LoraLinear.forward(x, adapter_names=[...])``: one layer; names must be "__base__" or
+  adapters of this layer (there is no model to check them against);
+- ``mixed_batch(model, adapter_names)``: a context manager over every LoraLinear (and
+  modules_to_save copy) of an injected model; names are checked against the model's
+  adapters before anything runs.
+
+With gradient checkpointing, call ``backward()`` inside the ``with`` block: the
+recomputed forward reads the adapter names then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakern import quantized
+from lorakern.ops import lora_linear
+from lorakern.qops import quantized_linear
+
+BASE = "__base__"
+MERGED_ERROR = (
+    "cannot run a mixed batch (adapter_names) while adapters are merged into the base weights "
+    "(layers: {layers}); call lorakern.unmerge(model) first"
+)
+
+
+# ---- row groups --------------------------------------------------------------------
+
+
+class RowGroups:
+    """One adapter name per batch row, grouped: {name: [row indices]} in first-seen order,
+    with the index tensors cached per device (every layer of a forward reuses them)."""
+
+    def __init__(self, names: Sequence[str]):
+        names = _check_name_list(names)
+        self.names = names
+        self.groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            self.groups.setdefault(name, []).append(i)
+        self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The rows of `name` as a LongTensor on `device`; None when it is every row."""
+        rows = self.groups[name]
+        if len(rows) == len(self.names):
+            return None
+        key = (name, device)
+        idx = self._index.get(key)
+        if idx is None:
+            idx = self._index[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return idx
+
+    def adapters(self) -> list[str]:
+        """The adapter names used by some row ("__base__" excluded)."""
+        return [n for n in self.groups if n != BASE]
+
+
+def _check_name_list(names) -> list[str]:
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(
+            f"adapter_names must be a list of str (one adapter name per batch row, {BASE!r} for none), "
+            f"got {type(names).__name__}"
+        )
+    names = list(names)
+    if not names:
+        raise ValueError("adapter_names is empty; give one adapter name per batch row")
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"adapter_names must hold str only, got {bad[:3]!r}")
+    return names
+
+
+def _check_rows(n_names: int, x: torch.Tensor, where: str) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"{where}: a mixed batch needs x of shape [B, ..., K] (row = dim 0), got {tuple(x.shape)}")
+    if x.shape[0] != n_names:
+        raise ValueError(
+            f"{where}: got {n_names} adapter names for a batch of {x.shape[0]} rows; give one name per row "
+            "(dim 0). With beam search or num_return_sequences=n, the batch has n rows per input: "
+            "repeat each name n times ([a for a in names for _ in range(n)])"
+        )
+
+
+# ---- the functional ------------------------------------------------------------------
+
+
+def _mixed(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float, float]],
+    out_features: int,
+    backend: str,
+) -> torch.Tensor:
+    """x Wᵀ + bias (all rows) + per group (idx, A, B, s, p): s·(D(x[idx]) Aᵀ) Bᵀ into rows idx.
+    idx None means every row: then the op runs fused with the base GEMM."""
+    if len(groups) == 1 and groups[0][0] is None:
+        _, A, B, s, p = groups[0]
+        return lora_linear(x, weight, bias, A, B, s, dropout_p=p, backend=backend)
+    if weight is not None:
+        y = F.linear(x, weight, bias)
+    else:
+        if bias is not None:
+            raise ValueError("bias must be None when weight is None (the LoRA term alone)")
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        y = x.new_zeros((*x.shape[:-1], out_features), dtype=dtype)
+    for idx, A, B, s, p in groups:
+        if idx is None:
+            y = y + lora_linear(x, None, None, A, B, s, dropout_p=p, backend=backend).to(y.dtype)
+            continue
+        out = lora_linear(x.index_select(0, idx), None, None, A, B, s, dropout_p=p, backend=backend)
+        y = y.index_add(0, idx, out.to(y.dtype))
+    return y
+
+
+def lora_linear_mixed(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    row_adapter: torch.Tensor | Sequence[int],
+    *,
+    dropout_ps: Sequence[float] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A mixed batch: ``y[b] = x[b] Wᵀ + bias + s_i·(D_i(x[b]) A_iᵀ) B_iᵀ`` with i = row_adapter[b].
+
+    Args:
+        x: [B, ..., K] (the row is dim 0; [M, K] is M rows).
+        weight: [N, K] (any strides) or None for the LoRA term alone; bias: [N] | None.
+        lora_As: per adapter [r_i, K]; lora_Bs: per adapter [N, r_i] (ranks may differ),
+            each in x's dtype or float32.
+        scalings: per adapter s_i (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        row_adapter: [B] integer (tensor or list): the adapter index of each row, -1 for
+            the base alone. Rows may come in any order: the op groups them.
+        dropout_ps: per adapter dropout probability on its rows' LoRA input (None: none).
+        backend: "auto", "triton" or "reference" (for the per-adapter op calls).
+    Returns:
+        [B, ..., N] in x's dtype (the autocast dtype under autocast). Differentiable in x,
+        weight, bias and every A_i / B_i (an adapter no row uses gets no gradient).
+
+    Example:
+        >>> import torch, lorakern
+        >>> x, W = torch.randn(3, 8), torch.randn(6, 8)
+        >>> As, Bs = [torch.randn(2, 8), torch.randn(4, 8)], [torch.randn(6, 2), torch.randn(6, 4)]
+        >>> lorakern.lora_linear_mixed(x, W, None, As, Bs, [0.5, 2.0], torch.tensor([1, -1, 0])).shape
+        torch.Size([3, 6])
+    """
+    n = len(lora_As)
+    if len(lora_Bs) != n or len(scalings) != n:
+        raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per adapter, got {n}, {len(lora_Bs)}, {len(scalings)}")
+    if dropout_ps is None:
+        dropout_ps = [0.0] * n
+    elif len(dropout_ps) != n:
+        raise ValueError(f"dropout_ps must have one entry per adapter ({n}), got {len(dropout_ps)}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(row_adapter, torch.Tensor):
+        if row_adapter.dtype.is_floating_point or row_adapter.dtype == torch.bool or row_adapter.dim() != 1:
+            raise TypeError(f"row_adapter must be a 1-D integer tensor, got {row_adapter.dtype} of shape {tuple(row_adapter.shape)}")
+        rows = row_adapter.tolist()
+    else:
+        rows = list(row_adapter)
+        if any(not isinstance(r, int) or isinstance(r, bool) for r in rows):
+            raise TypeError("row_adapter must hold ints")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, ..., K] (row = dim 0), got shape {tuple(x.shape)}")
+    if len(rows) != x.shape[0]:
+        raise ValueError(f"row_adapter has {len(rows)} entries for {x.shape[0]} rows of x (one per row, dim 0)")
+    bad = sorted({r for r in rows if not -1 <= r < n})
+    if bad:
+        raise ValueError(f"row_adapter values must be in [-1, {n}) (-1 = base only), got {bad}")
+    if weight is None and n == 0:
+        raise ValueError("weight=None needs at least one adapter (its lora_B gives the output size)")
+    out_features = weight.shape[0] if weight is not None else lora_Bs[0].shape[0]
+    groups = []
+    for i in sorted(set(rows) - {-1}):
+        sel = [b for b, r in enumerate(rows) if r == i]
+        idx = None if len(sel) == len(rows) else torch.tensor(sel, dtype=torch.long, device=x.device)
+        groups.append((idx, lora_As[i], lora_Bs[i], scalings[i], dropout_ps[i]))
+    if not groups:
+        if weight is None:
+            return _mixed(x, None, None, [], out_features, backend)
+        return F.linear(x, weight, bias)
+    return _mixed(x, weight, bias, groups, out_features, backend)
+
+
+# ---- one layer --------------------------------------------------------------------------
+
+
+def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.Tensor:
+    """LoraLinear.forward for a mixed batch.
+
+    strict (``forward(x, adapter_names=...)``): every name must be "__base__" or an adapter
+    of this layer. Not strict (inside `mixed_batch`, which checked the names against the
+    model): a name this layer lacks runs its base alone, as in PEFT.
+    """
+    groups = adapter_names if isinstance(adapter_names, RowGroups) else RowGroups(adapter_names)
+    _check_rows(len(groups), x, "LoraLinear")
+    if layer.merged_adapters:
+        raise ValueError(
+            f"cannot run a mixed batch (adapter_names) while adapters {layer.merged_adapters} are merged "
+            "into this layer; unmerge() first"
+        )
+    used = groups.adapters()
+    if strict:
+        unknown = [n for n in used if n not in layer.lora_A]
+        if unknown:
+            raise ValueError(
+                f"no adapter named {unknown} in this layer; it has {list(layer.lora_A)} (and {BASE!r} for none)"
+            )
+    used = [n for n in used if n in layer.lora_A]
+    dora = [n for n in used if layer.use_dora.get(n, False)]
+    if dora:
+        raise NotImplementedError(f"DoRA adapters {dora} in a mixed batch are not implemented; run them alone")
+    if layer.disable_adapters or not used:
+        return layer._base_forward(x)
+    autocast = torch.is_autocast_enabled(x.device.type)
+
+    def adapter_groups(dtype: torch.dtype | None):
+        # (idx, A, B, s, p) per used adapter, as LoraLinear._adapter_args gives them.
+        args = layer._adapter_args(used, dtype)
+        return [(groups.index(n, x.device), *a) for n, a in zip(used, args)]
+
+    if layer.quantized:
+        # as LoraLinear._quantized_forward: x in the base's compute dtype (the autocast dtype
+        # under autocast), adapters in it or fp32; the answer in x's dtype (autocast: its dtype)
+        qw = quantized.quantized_weight(layer.base_layer)
+        if autocast:
+            dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = quantized.compute_dtype(layer.base_layer, x) if x.is_floating_point() else x.dtype
+            out_dtype = x.dtype
+        xc = x.to(dtype)
+        y = quantized_linear(xc, qw, layer.base_layer.bias, layer.backend)
+        lora = _mixed(xc, None, None, adapter_groups(None if autocast else dtype), layer.out_features, layer.backend)
+        return (y + lora.to(y.dtype)).to(out_dtype)
+    if layer.base_forward:
+        # bitsandbytes 8-bit: base_layer(x) plus the LoRA terms in the adapters' dtype (PEFT's formula)
+        y = layer.base_layer(x)
+        if autocast:
+            lora = _mixed(x, None, None, adapter_groups(None), layer.out_features, layer.backend)
+        else:
+            dtype = layer.lora_A[used[0]].weight.dtype
+            lora = _mixed(x.to(dtype), None, None, adapter_groups(dtype), layer.out_features, layer.backend)
+        return y + lora.to(y.dtype)
+    w = layer.base_weight()
+    bias = layer.base_layer.bias
+    mixed_dtype = x.is_floating_point() and x.dtype != w.dtype and not autocast
+    adapters = adapter_groups(None if autocast else w.dtype)
+    if mixed_dtype:
+        return _mixed(x.to(w.dtype), w, bias, adapters, layer.out_features, layer.backend).to(x.dtype)
+    return _mixed(x, w, bias, adapters, layer.out_features, layer.backend)
+
+
+# ---- modules_to_save copies ------------------------------------------------------------
+
+
+def _saved_module_forward(wrapper, groups: RowGroups):
+    """A ModulesToSave forward for a mixed batch: each row through its adapter's copy (the
+    original module for "__base__" and for adapters without a copy), as PEFT does."""
+
+    def forward(inp, *args, **kwargs):
+        if wrapper.disable_adapters:
+            return wrapper.original_module(inp, *args, **kwargs)
+        _check_rows(len(groups), inp, "modules_to_save module")
+        by_module: dict[int, tuple[nn.Module, list[int]]] = {}
+        for name, rows in groups.groups.items():
+            module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+            by_module.setdefault(id(module), (module, []))[1].extend(rows)
+        if len(by_module) == 1:
+            (module, _), = by_module.values()
+            return module(inp, *args, **kwargs)
+        out = None
+        for module, rows in by_module.values():
+            idx = torch.tensor(rows, dtype=torch.long, device=inp.device)
+            part = module(inp.index_select(0, idx), *args, **kwargs)
+            if not isinstance(part, torch.Tensor):
+                raise TypeError(f"mixed batches support modules_to_save modules that return a tensor, got {type(part).__name__}")
+            if out is None:
+                out = part.new_zeros((len(groups), *part.shape[1:]))
+            out = out.index_copy(0, idx, part.to(out.dtype))
+        return out
+
+    return forward
+
+
+# ---- the model-level context manager ------------------------------------------------------
+
+
+def check_model_names(model: nn.Module, names: Sequence[str]) -> RowGroups:
+    """Check `names` against the model: known adapters, nothing merged, no DoRA among them.
+    Raises before anything runs; returns the row groups."""
+    from lorakern.model import adapter_state, lora_layers
+
+    state = adapter_state(model)
+    groups = RowGroups(names)
+    unknown = [n for n in groups.adapters() if n not in state.configs]
+    if unknown:
+        raise ValueError(
+            f"no adapter named {unknown}; the model has {list(state.configs)} (and {BASE!r} for the base model alone)"
+        )
+    layers = list(lora_layers(model))
+    merged = [name for name, layer in layers if layer.merged_adapters]
+    if merged:
+        raise ValueError(MERGED_ERROR.format(layers=merged[:4] + (["..."] if len(merged) > 4 else [])))
+    used = set(groups.adapters())
+    dora = sorted({n for _, layer in layers for n in used if layer.use_dora.get(n, False)})
+    if dora:
+        raise NotImplementedError(f"DoRA adapters {dora} in a mixed batch are not implemented; run them alone")
+    return groups
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Context manager: inside it, row b of every batch runs through adapter ``adapter_names[b]``
+    (``"__base__"``: the base model alone), in every LoraLinear and modules_to_save module.
+
+    PEFT's ``peft_model(..., adapter_names=[...])`` for a lorakern model, forward and
+    backward, through ``model.generate(...)`` too (each generated token of a row keeps
+    its adapter; with beam search or num_return_sequences=n give each name n times).
+    Names are checked first: an unknown name, merged adapters or a DoRA adapter raise
+    before anything changes. The active adapters (set_adapter) are ignored inside; on
+    exit (also on an exception) the model is as before.
+
+    Example:
+        >>> import torch, lorakern
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> model = lorakern.inject(model, lorakern.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        >>> with lorakern.mixed_batch(model, ["default", "__base__"]):
+        ...     y = model(torch.randn(2, 8))
+        >>> y.shape
+        torch.Size([2, 8])
+    """
+    from lorakern.model import lora_layers, saved_modules
+
+    groups = check_model_names(model, adapter_names)
+    layers = [layer for _, layer in lora_layers(model)]
+    wrappers = [w for _, w in saved_modules(model)]
+    before_layers = [layer.__dict__.get("_mixed_adapter_names") for layer in layers]
+    before_wrappers = [w.__dict__.get("forward") for w in wrappers]
+    try:
+        for layer in layers:
+            layer.__dict__["_mixed_adapter_names"] = groups
+        for w in wrappers:
+            w.__dict__["forward"] = _saved_module_forward(w, groups)
+        yield model
+    finally:
+        for layer, old in zip(layers, before_layers):
+            if old is None:
+                layer.__dict__.pop("_mixed_adapter_names", None)
+            else:
+                layer.__dict__["_mixed_adapter_names"] = old
+        for w, old in zip(wrappers, before_wrappers):
+            if old is None:
+                w.__dict__.pop("forward", None)
+            else:
+                w.__dict__["forward"] = old
