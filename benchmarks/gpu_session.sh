@@ -33,6 +33,10 @@
 #                                          # Llama-3-8B projections at M = 1, 16, 8192 + memory rows (two
 #                                          # runs of two shapes), then the QLoRA end-to-end step
 #                                          # (1b-2layer Llama) vs PEFT + bitsandbytes
+#   bash benchmarks/gpu_session.sh dora    # one call (<= ~2 min): the DoRA rows (issue 13) in bf16:
+#                                          # base vs PEFT DoRA vs lorakern DoRA vs plain lorakern, r = 16,
+#                                          # same A, B and magnitude, on the four Llama-3-8B projections
+#                                          # at M = 16 and 8192 + memory rows (two runs of two shapes)
 #
 # Everything lands in $OUT (the device tool's output folder; out/gpu when run by hand),
 # at most 8 files and no deeper than $OUT/name, as the device tool brings back: bench
@@ -43,7 +47,7 @@
 # (LORAKERN_AUTOTUNE=0), and so does `lorakern check`; the benchmarks autotune.
 # pytest runs under `timeout -s INT`: a run cut by its limit still prints its failures.
 set -u
-stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora}
+stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora|dora}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -196,6 +200,25 @@ qlora)
         tar xzf "$OUT/qlora-$part.tgz" -O "qlora-$part/qlora-$part.log" | tail -n 2
     done
     grep -A4 "^| provider | model" <(tar xzf "$OUT/qlora-e2e.tgz" -O qlora-e2e/results.md 2>/dev/null)
+    ;;
+dora)
+    # PEFT's DoRA forms W + s·B A (N×K) every forward; lorakern's takes the row norms from W Aᵀ.
+    machine_info
+    "$PY" -c "import peft; print('peft', peft.__version__)" >> "$OUT/machine.txt" 2>&1
+    for part in "a 4096x4096 4096x14336 65" "b 4096x1024 14336x4096 50"; do
+        set -- $part
+        timeout "$4" "$PY" -m lorakern.cli bench --suite dora --shapes custom --kn "$2" "$3" --tokens 16 8192 \
+            --out "$OUT/dora-$1" > "$OUT/dora-$1.log" 2>&1
+        echo "bench rc=$?" >> "$OUT/dora-$1.log"
+        mkdir -p "$OUT/dora-$1" && mv "$OUT/dora-$1.log" "$OUT/dora-$1/"
+        tar czf "$OUT/dora-$1.tgz" -C "$OUT" "dora-$1" && rm -rf "$OUT/dora-$1"
+    done
+    tail -n 2 "$OUT/machine.txt"
+    for part in a b; do
+        tar xzf "$OUT/dora-$part.tgz" -O "dora-$part/dora-$part.log" | sed -n '/^| target/,/^$/p'
+        grep -A12 "^| mode | K×N | M | r | p | base ms" <(tar xzf "$OUT/dora-$part.tgz" -O "dora-$part/results.md" 2>/dev/null)
+        tar xzf "$OUT/dora-$part.tgz" -O "dora-$part/dora-$part.log" | tail -n 1
+    done
     ;;
 fused)
     LORAKERN_FUSED_GEMM=1 timeout 560 "$PY" -m lorakern.cli bench --providers base lorakern --no-e2e --no-memory \

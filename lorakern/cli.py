@@ -95,9 +95,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit("--kn is only used with --shapes custom")
     if args.providers:
         from lorakern.bench.providers import PROVIDERS
+        from lorakern.bench.dora import DORA_PROVIDERS
         from lorakern.bench.qlora import QLORA_PROVIDERS
 
-        allowed = QLORA_PROVIDERS if args.suite == "qlora" else PROVIDERS
+        allowed = {"qlora": QLORA_PROVIDERS, "dora": DORA_PROVIDERS}.get(args.suite, PROVIDERS)
         wrong = [p for p in args.providers if p not in allowed]
         if wrong:
             raise SystemExit(f"--suite {args.suite} providers are {', '.join(allowed)}; got {', '.join(wrong)}")
@@ -163,6 +164,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lorakern.bench.cost import MODES
+    from lorakern.bench.dora import DORA_PROVIDERS
     from lorakern.bench.providers import PROVIDERS
     from lorakern.bench.qlora import QLORA_PROVIDERS
     from lorakern.bench.shapes import PRESETS
@@ -178,15 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="run the fused path against the reference and print the errors")
 
     bench = sub.add_parser(
-        "bench", help="benchmark suite: base vs eager vs addmm vs PEFT vs lorakern (--suite qlora: 4-bit bases)",
+        "bench", help="benchmark suite: base vs eager vs addmm vs PEFT vs lorakern (--suite qlora: 4-bit bases; "
+        "--suite dora: DoRA)",
         description="With no arguments: Llama-3-8B shapes in bf16 on a GPU; small shapes in fp32 on CPU "
         "(a few minutes either way). decode runs at M <= 16, fwd and fwd+bwd at M > 16. "
         "--suite qlora: a 4-bit (NF4, double quant) base instead, bf16 on both devices: "
-        "bf16 base vs bitsandbytes Linear4bit vs PEFT QLoRA vs lorakern QLoRA, and the QLoRA end-to-end step.",
+        "bf16 base vs bitsandbytes Linear4bit vs PEFT QLoRA vs lorakern QLoRA, and the QLoRA end-to-end step. "
+        "--suite dora: base vs PEFT's DoRA vs lorakern's DoRA (vs plain lorakern LoRA), same A, B and magnitude.",
     )
     bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     bench.add_argument("--suite", choices=SUITES, default="lora",
-                       help="lora (default): dense base; qlora: 4-bit base (needs bitsandbytes for its bnb/PEFT rows)")
+                       help="lora (default): dense base; qlora: 4-bit base (needs bitsandbytes for its bnb/PEFT rows); "
+                       "dora: DoRA, PEFT's vs lorakern's")
     bench.add_argument("--shapes", choices=sorted(PRESETS) + ["custom"],
                        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()) + "; custom: --kn")
     bench.add_argument("--kn", nargs="+", metavar="KxN", help="projections for --shapes custom, e.g. 4096x1024")
@@ -195,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                        help="default bfloat16 on GPU, float32 on CPU (--suite qlora: bfloat16 on both)")
     bench.add_argument("--modes", nargs="+", choices=MODES)
-    bench.add_argument("--providers", nargs="+", choices=PROVIDERS + QLORA_PROVIDERS,
-                       help=f"lora suite: {' '.join(PROVIDERS)}; qlora suite: {' '.join(QLORA_PROVIDERS)}")
+    bench.add_argument("--providers", nargs="+", choices=list(dict.fromkeys(PROVIDERS + QLORA_PROVIDERS + DORA_PROVIDERS)),
+                       help=f"lora suite: {' '.join(PROVIDERS)}; qlora suite: {' '.join(QLORA_PROVIDERS)}; "
+                       f"dora suite: {' '.join(DORA_PROVIDERS)}")
     bench.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropout of the timed rows (default 0)")
     bench.add_argument("--bias", action="store_true", help="give the base layer a bias")
     bench.add_argument("--no-memory", action="store_true", help="skip saved-activation / peak memory rows")

@@ -22,6 +22,7 @@ PROVIDER_STYLE = {
     "peft": ("tab:red", "-"), "lorakern": ("tab:blue", "-"),
     "base-bf16": ("black", "--"), "bnb-4bit": ("tab:gray", "--"), "peft-qlora": ("tab:red", "-"),
     "lorakern-qlora": ("tab:blue", "-"),
+    "peft-dora": ("tab:red", "-"), "lorakern-dora": ("tab:blue", "-"),
 }
 
 
@@ -116,6 +117,19 @@ def quant_table(results: dict) -> str:
     return _table(header, body)
 
 
+def dora_table(results: dict) -> str:
+    """Markdown: per DoRA row, base / plain lorakern / PEFT DoRA / lorakern DoRA times and lorakern-dora / peft-dora."""
+    header = ["mode", "K×N", "M", "r", "p", "base ms", "lorakern (LoRA) ms", "peft-dora ms", "lorakern-dora ms",
+              "lorakern-dora / peft-dora"]
+    modes = ("decode", "fwd", "fwd+bwd")
+    ratios = sorted(results["dora"]["ratios"], key=lambda d: (modes.index(d["mode"]), d["K"], d["N"], d["r"], d["M"],
+                                                               d["dropout"]))
+    body = [[d["mode"], f"{d['K']}×{d['N']}", str(d["M"]), str(d["r"]), _fmt(d["dropout"], 2), _fmt(d["base_ms"]),
+             _fmt(d["lorakern_ms"]), _fmt(d["peft_dora_ms"]), _fmt(d["lorakern_dora_ms"]),
+             _fmt(d["lorakern_dora_over_peft_dora"])] for d in ratios]
+    return _table(header, body)
+
+
 def targets_table(results: dict) -> str:
     header = ["target", "measured", "limit", "met", "detail"]
     body = [[t["target"], _fmt(t["value"]), "–" if t["limit"] is None else f"{t['op']} {t['limit']}",
@@ -128,8 +142,9 @@ def to_markdown(results: dict) -> str:
     c = results["ceilings"]
     cfg = results["config"]
     quant = results.get("quant")
+    dora = results.get("dora")
     parts = [
-        f"# lorakern {'QLoRA ' if quant else ''}benchmark — {results['machine']['card']}",
+        f"# lorakern {'QLoRA ' if quant else 'DoRA ' if dora else ''}benchmark — {results['machine']['card']}",
         "",
         machine_line(results) + ".",
         "",
@@ -155,8 +170,17 @@ def to_markdown(results: dict) -> str:
                   "`rel err` against fp64 of the dense weight (base-bf16) or of the dequantised weight (the others). "
                   f"bitsandbytes {v.get('bitsandbytes') or 'absent'}, peft {v.get('peft') or 'absent'}, "
                   f"transformers {v.get('transformers') or 'absent'}."]
+    if dora:
+        parts += ["", "DoRA rows: `base` = the frozen nn.Linear, `peft-dora` = PEFT's LoRA Linear with use_dora=True "
+                  "(W + s·B A formed every forward for the row norms; its eval-only DoRA cache off, PEFT's default), "
+                  "`lorakern-dora` = LoraLinear(use_dora=True) (row norms from W Aᵀ), `lorakern` = plain LoRA on the "
+                  f"same A, B. Both DoRA providers get the same A, B and magnitude ({dora['magnitude']}); `rel err` "
+                  "against fp64 of PEFT's formula g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias, g = m / ‖W + s·B A‖_row "
+                  f"(plain LoRA's for `lorakern`). peft {dora['versions'].get('peft') or 'absent'}."]
     if results["targets"]:
         parts += ["", "## Targets", "", targets_table(results)]
+    if dora and dora.get("ratios"):
+        parts += ["", "## lorakern DoRA vs PEFT DoRA (median ms)", "", dora_table(results)]
     if quant and quant.get("weights"):
         parts += ["", "## Stored base weights", "", quant_table(results)]
     parts += ["", "## Layer timings", "", timing_table(results)]

@@ -11,6 +11,8 @@
   targets   the issue's measured targets, evaluated on these rows (targets.py)
 With suite="qlora" the rows, memory and e2e entries are the QLoRA ones instead (qlora.py:
 bf16 base vs bitsandbytes 4-bit base vs PEFT QLoRA vs lorakern QLoRA), plus `quant`.
+With suite="dora" they are the DoRA ones (dora.py: base vs PEFT's DoRA vs lorakern's DoRA
+vs plain lorakern LoRA, no end-to-end step), plus `dora`.
 Modes: fwd = training forward (autograd records; W frozen, x and adapters need grad);
 fwd+bwd = that forward plus backward; decode = inference forward (torch.inference_mode,
 eval mode) at M <= 16.
@@ -39,7 +41,7 @@ from lorakern.bench.timing import TimerSpec, measure_ceilings, time_many, timer_
 # Max relative error vs fp64 for the providers to count as computing the same thing (DESIGN.md §5).
 AGREE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MEMORY_DROPOUTS = (0.0, 0.1)
-SUITES = ("lora", "qlora")
+SUITES = ("lora", "qlora", "dora")
 # Inputs are rotated through a pool at least this many times the last-level cache.
 ROTATE_FACTOR = 2
 ROTATE_MAX_BYTES = 1 << 30
@@ -71,7 +73,8 @@ class BenchConfig:
     def for_device(cls, device: torch.device, preset: str | None = None, suite: str = "lora", **overrides) -> BenchConfig:
         """Defaults: GPU -> llama8b shapes, bf16, all providers; CPU -> small shapes, fp32,
         base/eager/peft/lorakern, a wall-clock budget of 0.3 s per measurement.
-        suite="qlora": the QLoRA providers (qlora.py), bf16 on both devices (QLoRA's compute dtype)."""
+        suite="qlora": the QLoRA providers (qlora.py), bf16 on both devices (QLoRA's compute dtype).
+        suite="dora": the DoRA providers (dora.py), the dense suite's dtypes, no end-to-end step."""
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
         gpu = device.type == "cuda"
@@ -95,6 +98,10 @@ class BenchConfig:
             from lorakern.bench.qlora import QLORA_PROVIDERS
 
             config = replace(config, suite=suite, dtype=torch.bfloat16, providers=QLORA_PROVIDERS)
+        if suite == "dora":
+            from lorakern.bench.dora import DORA_PROVIDERS
+
+            config = replace(config, suite=suite, providers=DORA_PROVIDERS, e2e=False)
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict:
@@ -273,6 +280,10 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
         from lorakern.bench.qlora import run_qlora_suite
 
         return run_qlora_suite(config, progress)
+    if config.suite == "dora":
+        from lorakern.bench.dora import run_dora_suite
+
+        return run_dora_suite(config, progress)
     providers, skipped = available_providers(list(config.providers))
     if providers and providers[0] != "base" and "base" in providers:
         providers = ["base"] + [p for p in providers if p != "base"]

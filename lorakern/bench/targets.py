@@ -11,6 +11,10 @@ Llama-3-8B shapes): base weights <= 4.13 bits per parameter; lorakern QLoRA fwd+
 M = 8192 <= 1.15x the bf16 frozen base; decode (M = 1-16) <= 0.6x the bf16 base's time;
 end to end >= 1.5x PEFT + bitsandbytes QLoRA tokens/s. On CPU the same quantities are
 reported for information ("CPU run: targets are for the GPU").
+DoRA (`--suite dora`, issue 13; no official limits beyond "faster than PEFT's DoRA"): the
+worst lorakern-dora / peft-dora time ratio per mode (<= 1.0, on either device), and for
+information lorakern DoRA / base and / plain lorakern LoRA at the largest training M, and
+saved activations lorakern DoRA / PEFT DoRA.
 """
 
 from __future__ import annotations
@@ -179,10 +183,62 @@ def _qlora_targets(results: dict) -> list[dict]:
     return out
 
 
+DORA_LK, DORA_PEFT = "lorakern-dora", "peft-dora"
+
+
+def _by_key(rows: list[dict], mode: str) -> dict[tuple, dict[str, float]]:
+    by_key = defaultdict(dict)
+    for r in rows:
+        if r["mode"] == mode:
+            by_key[(r["K"], r["N"], r["M"], r["r"], r["dropout"])][r["provider"]] = r["median_ms"]
+    return by_key
+
+
+def _dora_targets(results: dict) -> list[dict]:
+    """lorakern DoRA against PEFT's DoRA (limit 1.0), and information rows."""
+    rows = results["rows"]
+    out = []
+    for mode in ("fwd", "fwd+bwd", "decode"):
+        ratios = sorted((v[DORA_LK] / v[DORA_PEFT], k) for k, v in _by_key(rows, mode).items()
+                        if DORA_LK in v and DORA_PEFT in v)
+        if not ratios:
+            continue
+        worst, k = ratios[-1]
+        out.append(_target(
+            f"lorakern DoRA {mode} time / PEFT DoRA's (worst row)", worst, 1.0, "<=",
+            f"{sum(x < 1 for x, _ in ratios)}/{len(ratios)} rows faster, median {ratios[len(ratios) // 2][0]:.3f}; "
+            f"worst K={k[0]} N={k[1]} M={k[2]} p={k[4]:g}"))
+    train_M = sorted({r["M"] for r in rows if r["mode"] != "decode"})
+    if train_M:
+        M = HEADLINE_M if HEADLINE_M in train_M else train_M[-1]
+        lk = [r for r in rows if r["provider"] == DORA_LK and r["dropout"] == 0.0 and r["M"] == M]
+        for mode in ("fwd", "fwd+bwd"):
+            value, detail = _worst([r for r in lk if r["mode"] == mode], "ratio_to_base")
+            if value is not None:
+                out.append(_target(f"lorakern DoRA {mode} / base (M={M})", value, None, "<=", detail))
+        plain = [v[DORA_LK] / v["lorakern"] for k, v in _by_key(rows, "fwd+bwd").items()
+                 if k[2] == M and k[4] == 0.0 and DORA_LK in v and "lorakern" in v]
+        if plain:
+            out.append(_target(f"lorakern DoRA fwd+bwd / plain lorakern LoRA (M={M}, worst row)", max(plain), None,
+                               "<=", f"{len(plain)} rows, information: what DoRA costs on top of LoRA"))
+    for dropout in (0.0, 0.1):
+        lk_saved, pf_saved = _saved(results["memory"], DORA_LK, dropout), _saved(results["memory"], DORA_PEFT, dropout)
+        keys = [k for k in lk_saved if pf_saved.get(k)]
+        if keys:
+            worst = max(keys, key=lambda k: lk_saved[k] / pf_saved[k])
+            out.append(_target(f"saved activations: lorakern DoRA / PEFT DoRA (dropout {dropout:g})",
+                               lk_saved[worst] / pf_saved[worst], None, "<=",
+                               f"worst of {len(keys)} shapes: K={worst[0]} N={worst[1]} M={worst[2]}, "
+                               f"{lk_saved[worst]} B vs {pf_saved[worst]} B"))
+    return out
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """One dict per target: target, value, limit, op, met (True / False / None when not measured), detail."""
     if results.get("config", {}).get("suite") == "qlora":
         return _qlora_targets(results)
+    if results.get("config", {}).get("suite") == "dora":
+        return _dora_targets(results)
     if results["machine"]["device"] == "cuda":
         return _gpu_targets(results)
     return _cpu_targets(results)
