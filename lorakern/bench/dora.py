@@ -35,12 +35,11 @@ import torch
 from torch import nn
 
 from lorakern.bench.cost import Cost, linear_cost
-from lorakern.bench.machine import machine_info
 from lorakern.bench.memory import peak_bytes, saved_activation_bytes
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import Weights, _Holder, frozen_linear, make_lorakern, peft_available, trainable
 from lorakern.bench.shapes import modes_for
-from lorakern.bench.timing import measure_ceilings, time_many, timer_description
+from lorakern.bench.timing import measure_ceilings, time_many
 from lorakern.layer import LoraLinear
 
 BASE, PEFT_DORA, LK_DORA = "base", "peft-dora", "lorakern-dora"
@@ -291,8 +290,7 @@ def run_dora_suite(config, progress: bool = True) -> dict:
     """The DoRA rows `config` asks for (config.suite == "dora"); the results dict has the dense
     suite's keys (rows, memory, e2e = [], targets, ...) plus `dora` (versions, the magnitude
     rule, lorakern-dora / peft-dora per row)."""
-    from lorakern.bench.suite import _dispatch_choices
-    from lorakern.bench.targets import evaluate_targets
+    from lorakern.bench.suite import run_record
 
     unknown = [p for p in config.providers if p not in DORA_PROVIDERS]
     if unknown:
@@ -308,26 +306,10 @@ def run_dora_suite(config, progress: bool = True) -> dict:
     rows = _layer_rows(config, providers, ceilings, bar)
     memory = _memory_rows(config, providers, bar) if config.memory else []
     bar.close()
-    results = {
-        "machine": machine_info(config.device, config.dtype),
-        "config": config.as_dict(),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "timer": timer_description(config.device, config.timer),
-        "ceilings": ceilings,
-        "providers": providers,
-        "skipped_providers": skipped,
-        "rows": rows,
-        "memory": memory,
-        "e2e": [],
-        "e2e_size": None,
-        "e2e_skipped": "the DoRA suite has no end-to-end step" if config.e2e else None,
-        "dispatch": _dispatch_choices(),
-        "dora": {
-            "magnitude": f"row norms of W + s·B A times U[{1 - MAGNITUDE_SPREAD:g}, {1 + MAGNITUDE_SPREAD:g}]",
-            "versions": _versions(),
-            "ratios": dora_ratios(rows),
-        },
+    dora = {
+        "magnitude": f"row norms of W + s·B A times U[{1 - MAGNITUDE_SPREAD:g}, {1 + MAGNITUDE_SPREAD:g}]",
+        "versions": _versions(),
+        "ratios": dora_ratios(rows),
     }
-    results["targets"] = evaluate_targets(results)
-    return results
+    e2e_skipped = "the DoRA suite has no end-to-end step" if config.e2e else None
+    return run_record(config, started, ceilings, providers, skipped, rows, memory, [], None, e2e_skipped, dora=dora)

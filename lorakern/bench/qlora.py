@@ -44,12 +44,11 @@ from torch import nn
 
 from lorakern.bench import e2e as e2e_mod
 from lorakern.bench.cost import Cost, linear_cost
-from lorakern.bench.machine import machine_info
 from lorakern.bench.memory import peak_bytes, saved_activation_bytes
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import Weights, _Holder, frozen_linear, peft_available, trainable
 from lorakern.bench.shapes import modes_for
-from lorakern.bench.timing import measure_ceilings, time_many, timer_description
+from lorakern.bench.timing import measure_ceilings, time_many
 from lorakern.layer import LoraLinear
 from lorakern.quant import dequantize_weight, quantize_weight
 from lorakern.quantized import QuantLinear, quantized_weight
@@ -386,8 +385,7 @@ def run_qlora_suite(config, progress: bool = True) -> dict:
     """The QLoRA rows `config` asks for (config.suite == "qlora"); the results dict has the
     dense suite's keys (rows, memory, e2e, targets, ...) plus `quant` (the format and each
     provider's stored bits per parameter)."""
-    from lorakern.bench.suite import _dispatch_choices
-    from lorakern.bench.targets import evaluate_targets
+    from lorakern.bench.suite import run_record
 
     unknown = [p for p in config.providers if p not in QLORA_PROVIDERS]
     if unknown:
@@ -413,25 +411,9 @@ def run_qlora_suite(config, progress: bool = True) -> dict:
         e2e_rows = e2e_mod.run_e2e_qlora(config.device, config.dtype, size, e2e_providers, tick=bar.tick,
                                          seed=config.seed)
     bar.close()
-    results = {
-        "machine": machine_info(config.device, config.dtype),
-        "config": config.as_dict(),
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "timer": timer_description(config.device, config.timer),
-        "ceilings": ceilings,
-        "providers": providers,
-        "skipped_providers": skipped,
-        "rows": rows,
-        "memory": memory,
-        "e2e": e2e_rows,
-        "e2e_size": vars(size) if size is not None else None,
-        "e2e_skipped": e2e_skipped,
-        "dispatch": _dispatch_choices(),
-        "quant": {
-            "quant_type": QUANT_TYPE, "blocksize": BLOCKSIZE, "double_quant": DOUBLE_QUANT,
-            "compute_dtype": str(config.dtype).removeprefix("torch."), "weights": weights, "versions": _versions(),
-        },
+    quant = {
+        "quant_type": QUANT_TYPE, "blocksize": BLOCKSIZE, "double_quant": DOUBLE_QUANT,
+        "compute_dtype": str(config.dtype).removeprefix("torch."), "weights": weights, "versions": _versions(),
     }
-    results["targets"] = evaluate_targets(results)
-    return results
+    return run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows,
+                      vars(size) if size is not None else None, e2e_skipped, quant=quant)

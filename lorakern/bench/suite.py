@@ -305,6 +305,14 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
         e2e_rows = e2e_mod.run_e2e(config.device, config.dtype, size, e2e_providers, tick=bar.tick, seed=config.seed,
                                     compile=config.e2e_compile)
     bar.close()
+    return run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows,
+                      vars(size) if size is not None else None, e2e_skipped)
+
+
+def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows, e2e_size, e2e_skipped,
+               **extra) -> dict:
+    """One run's results.json dict (every suite's: the dense, QLoRA and DoRA ones), targets
+    evaluated; `extra` adds suite-specific sections."""
     results = {
         "machine": machine_info(config.device, config.dtype),
         "config": config.as_dict(),
@@ -317,9 +325,10 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
         "rows": rows,
         "memory": memory,
         "e2e": e2e_rows,
-        "e2e_size": vars(size) if size is not None else None,
+        "e2e_size": e2e_size,
         "e2e_skipped": e2e_skipped,
         "dispatch": _dispatch_choices(),
+        **extra,
     }
     results["targets"] = evaluate_targets(results)
     return results
