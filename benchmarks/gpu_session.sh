@@ -27,7 +27,7 @@
 #   bash benchmarks/gpu_session.sh fused   # lorakern with the fused GEMMs forced
 #                                          # (LORAKERN_FUSED_GEMM=1) vs base: what the measured
 #                                          # dispatch turned down, and by how much
-#   bash benchmarks/gpu_session.sh qlora   # one call (<= ~3.3 min): the QLoRA rows (issue 12) in
+#   bash benchmarks/gpu_session.sh qlora   # one call (<= ~5 min): the QLoRA kernel tests on CUDA, then the QLoRA rows (issue 12) in
 #                                          # bf16: bf16 base vs bitsandbytes Linear4bit vs PEFT QLoRA
 #                                          # vs lorakern QLoRA (NF4 + double quant, r = 16) on the four
 #                                          # Llama-3-8B projections at M = 1, 16, 8192 + memory rows (two
@@ -179,6 +179,12 @@ qlora)
     "$PY" -c "import peft; print('peft', peft.__version__)" >> "$OUT/machine.txt" 2>&1
     "$PY" -c "from lorakern.bench.qlora import bnb_available; import torch; print('bitsandbytes on cuda:', bnb_available(torch.device('cuda')))" \
         >> "$OUT/machine.txt" 2>&1
+    # The QLoRA kernels on real hardware first (only the interpreter has run them): bit-equal
+    # dequantisation (enable_fp_fusion=False), tl.gather under Triton 3.6. QLORA_TESTS=0 skips.
+    [ "${QLORA_TESTS:-1}" = 0 ] || LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 "${QLORA_TESTS_S:-90}" "$PY" -m pytest -q \
+        --tb=short --show-capture=no -p no:cacheprovider -x tests/test_dequant_kernel.py tests/test_qgemm_kernel.py \
+        tests/test_qlora.py -k "not bnb" > "$OUT/qlora-tests.log" 2>&1
+    tail -n 5 "$OUT/qlora-tests.log"
     for part in "a 4096x4096 4096x14336 70" "b 4096x1024 14336x4096 55"; do
         set -- $part
         timeout "$4" "$PY" -m lorakern.cli bench --suite qlora --shapes custom --kn "$2" "$3" --tokens 1 16 8192 \
