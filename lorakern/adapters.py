@@ -2,7 +2,8 @@
 
 A directory holds:
 - ``adapter_model.safetensors``: keys ``base_model.model.<module path>.lora_A.weight``
-  [r, in] and ``….lora_B.weight`` [out, r] (no adapter name), plus, as PEFT writes them,
+  [r, in] and ``….lora_B.weight`` [out, r] (no adapter name; with ``lora_bias`` also
+  ``….lora_B.bias`` [out]), plus, as PEFT writes them,
   the trainable biases (``bias="all"``: every parameter named ``bias``, PEFT's rule;
   ``"lora_only"``: ``<lora layer>.base_layer.bias``) and each modules_to_save module's
   own state dict under its path; metadata ``{"format": "pt"}`` and ``"lorakern_config"``:
@@ -104,6 +105,8 @@ def adapter_state_dict(
     for name, layer in layers:
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if layer.lora_bias.get(adapter_name, False):  # PEFT's lora_bias
+            out[f"{PREFIX}{name}.lora_B.bias"] = layer.lora_B[adapter_name].bias
         if adapter_name in layer.lora_magnitude_vector:  # DoRA; PEFT's key has no ".weight"
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     if cfg.bias == "all":
@@ -569,7 +572,8 @@ class _Slot(NamedTuple):
     current: torch.Tensor | None  # the tensor it overwrites; None when the load creates it
     shape: tuple[int, ...]
     module: str  # the module's name
-    what: str  # "lora_A", "lora_B", "lora_magnitude_vector" (DoRA), "modules_to_save", "bias" or "embedding"
+    what: str  # "lora_A", "lora_B", "lora_B_bias" (lora_bias), "lora_magnitude_vector" (DoRA), "modules_to_save",
+    # "bias" or "embedding"
     dtype: torch.dtype  # the destination's dtype and device, known before anything is created
     device: torch.device
     optional: bool = False  # a key the file may omit (embedding weights: saved only on request)
@@ -580,21 +584,25 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
     already), and the names of the saved modules. Changes nothing."""
     exp: dict[str, _Slot] = {}
     for t in targets:
-        m = None
+        m = bb = None
         if existing:
             a, b = t.module.lora_A[adapter_name].weight, t.module.lora_B[adapter_name].weight
             a_spec, b_spec = (a.dtype, a.device), (b.dtype, b.device)
             if config.use_dora:
                 m = t.module.lora_magnitude_vector[adapter_name].weight
+            if config.lora_bias:
+                bb = t.module.lora_B[adapter_name].bias
         else:
-            # LoraLinear.update_layer creates A, B (and DoRA's magnitude) in adapter_dtype
-            # on the base weight's device.
+            # LoraLinear.update_layer creates A, B (and DoRA's magnitude, lora_B's bias) in
+            # adapter_dtype on the base weight's device.
             a = b = None
             a_spec = b_spec = (adapter_dtype(t.module.weight), t.module.weight.device)
         exp[f"{t.name}.lora_A.weight"] = _Slot(a, (t.r, t.in_features), t.name, "lora_A", *a_spec)
         exp[f"{t.name}.lora_B.weight"] = _Slot(b, (t.out_features, t.r), t.name, "lora_B", *b_spec)
         if config.use_dora:
             exp[f"{t.name}.lora_magnitude_vector"] = _Slot(m, (t.out_features,), t.name, "lora_magnitude_vector", *b_spec)
+        if config.lora_bias:
+            exp[f"{t.name}.lora_B.bias"] = _Slot(bb, (t.out_features,), t.name, "lora_B_bias", *b_spec)
     saved_names = [n for n, _ in to_save]
     for name, module in to_save:
         if existing:
@@ -705,13 +713,16 @@ def _check_agreement(model: nn.Module, config: LoraConfig, adapter_name: str, ta
     for name, layer in have.items():
         t = want[name]
         use_dora = layer.use_dora.get(adapter_name, False)
+        lora_bias = layer.lora_bias.get(adapter_name, False)
         if (layer.r[adapter_name] != t.r or layer.lora_alpha[adapter_name] != t.alpha
-                or layer.use_rslora[adapter_name] != config.use_rslora or use_dora != config.use_dora):
+                or layer.use_rslora[adapter_name] != config.use_rslora or use_dora != config.use_dora
+                or lora_bias != config.lora_bias):
             raise AdapterLoadError(
                 f"module {name!r}: adapter {adapter_name!r} has r={layer.r[adapter_name]}, "
                 f"lora_alpha={layer.lora_alpha[adapter_name]}, use_rslora={layer.use_rslora[adapter_name]}, "
-                f"use_dora={use_dora} in the model but the file's config gives r={t.r}, lora_alpha={t.alpha}, "
-                f"use_rslora={config.use_rslora}, use_dora={config.use_dora}"
+                f"use_dora={use_dora}, lora_bias={lora_bias} in the model but the file's config gives r={t.r}, "
+                f"lora_alpha={t.alpha}, use_rslora={config.use_rslora}, use_dora={config.use_dora}, "
+                f"lora_bias={config.lora_bias}"
             )
 
 
@@ -841,6 +852,8 @@ def _write_values(model: nn.Module, path, adapter_name: str, exp: dict[str, _Slo
         module_name, what = exp[ck].module, exp[ck].what
         if what in ("lora_A", "lora_B", "lora_magnitude_vector"):
             dst = getattr(layers[module_name], what)[adapter_name].weight
+        elif what == "lora_B_bias":
+            dst = layers[module_name].lora_B[adapter_name].bias
         elif what == "modules_to_save":
             copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)
             dst = copy_sd[ck[len(module_name) + 1:]]

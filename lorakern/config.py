@@ -56,7 +56,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # feature lorakern does not implement: loading such a config raises instead of
 # silently computing something else.
 PEFT_FEATURE_OFF: dict[str, Any] = {
-    "lora_bias": False,
     "layer_replication": None,
     "loftq_config": {},
     "megatron_config": None,
@@ -97,6 +96,9 @@ class LoraConfig:
         rank_pattern / alpha_pattern: {regex: r} / {regex: alpha} overrides per module.
         fan_in_fan_out: the targeted base weights are stored [in, out] (GPT-2's Conv1D).
         use_dora: DoRA (weight-decomposed LoRA), PEFT's semantics (lorakern/dora.py).
+        lora_bias: lora_B gets a bias b (PEFT's lora_bias): the adapter adds s·b to the output;
+            zero-initialised (random with init_lora_weights=False), merged into the base bias.
+            As in PEFT, not with use_dora nor init_lora_weights="gaussian".
 
     Example:
         >>> import lorakern
@@ -120,6 +122,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -128,7 +131,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
             # A JSON string "false" is truthy: it would switch the feature on silently.
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LoraConfig: {name} must be a bool, got {getattr(self, name)!r}")
@@ -136,6 +139,13 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if not (self.init_lora_weights is True or self.init_lora_weights is False or self.init_lora_weights == "gaussian"):
             raise ValueError(f"LoraConfig: init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        if self.lora_bias:  # PEFT's LoraConfig refuses the same combinations
+            if self.init_lora_weights not in (True, False):
+                raise ValueError(
+                    f"LoraConfig: lora_bias=True needs init_lora_weights True or False, got {self.init_lora_weights!r}"
+                )
+            if self.use_dora:
+                raise ValueError("LoraConfig: lora_bias=True is not supported with use_dora=True (as in PEFT)")
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -267,7 +277,7 @@ class LoraConfig:
             d["target_modules"] = sorted(d["target_modules"])
         if isinstance(d["exclude_modules"], list):
             d["exclude_modules"] = sorted(d["exclude_modules"])
-        d.update(PEFT_FEATURE_OFF)
+        d.update(PEFT_FEATURE_OFF)  # lora_bias is a field: written above
         d.update(
             peft_type="LORA", task_type=None, inference_mode=True, base_model_name_or_path=None,
             revision=None, auto_mapping=None,
@@ -279,7 +289,7 @@ class LoraConfig:
         """Build a config from an adapter_config.json dict.
 
         Raises ValueError for another peft_type or a LoRA feature lorakern does not
-        implement (e.g. lora_bias=true); unknown keys are ignored with a warning.
+        implement (e.g. layer_replication); unknown keys are ignored with a warning.
         """
         if not isinstance(d, dict):
             raise ValueError(f"adapter config must be a JSON object, got {type(d).__name__}")

@@ -1,7 +1,9 @@
 """LoraLinear: a drop-in replacement for nn.Linear with LoRA adapters, PEFT's layout.
 
 State-dict keys match PEFT's LoRA Linear: ``base_layer.weight``, ``base_layer.bias``,
-``lora_A.<adapter>.weight`` [r, in], ``lora_B.<adapter>.weight`` [out, r].
+``lora_A.<adapter>.weight`` [r, in], ``lora_B.<adapter>.weight`` [out, r] (and, with
+PEFT's ``lora_bias``, ``lora_B.<adapter>.bias`` [out]: the adapter adds s·b, folded into
+the bias the fused op adds).
 
 The base layer may also be a transformers ``Conv1D`` (GPT-2 style, weight stored
 [in, out]): with ``fan_in_fan_out=True`` the op gets ``weight.t()``, a view, never a copy.
@@ -169,6 +171,10 @@ class LoraLinear(nn.Module):
         backend: op backend, "auto" | "triton" | "reference".
         fan_in_fan_out: the base weight is stored [in, out] (transformers Conv1D). As in
             PEFT, it is switched on (with a warning) for a Conv1D and off for an nn.Linear.
+        use_dora: DoRA (lorakern/dora.py).
+        lora_bias: PEFT's lora_bias: lora_B has a bias b [out] and the adapter adds s·b
+            (b zero-initialised, random with init_lora_weights=False). Merging it needs a
+            base bias (RuntimeError otherwise, as PEFT). Not with use_dora (as PEFT).
 
     Shapes: x [..., in_features] -> [..., out_features].
 
@@ -191,6 +197,7 @@ class LoraLinear(nn.Module):
         backend: str = "auto",
         fan_in_fan_out: bool = False,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -241,6 +248,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout: dict[str, float] = ScalarDict()
         self.scaling: dict[str, float] = ScalarDict()
         self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}  # PEFT's lora_bias: lora_B[name] has a bias
         # DoRA (lorakern/dora.py): PEFT's names, a magnitude vector per DoRA adapter.
         self.use_dora: dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()
@@ -252,7 +260,7 @@ class LoraLinear(nn.Module):
         self.backend = backend
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -284,11 +292,15 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Add (or replace) adapter `adapter_name` and make it the active one.
 
         use_dora: DoRA (lorakern/dora.py), its magnitude initialised to the row norms of
         W + s·B A, as PEFT does.
+        lora_bias: lora_B gets a bias (PEFT's lora_bias; fp32 like B, zero unless
+        init_lora_weights=False). Refused with use_dora, as PEFT; warned (as PEFT) when
+        the base layer has no bias: such an adapter cannot be merged.
 
         A merged adapter cannot be replaced (ValueError, layer unchanged): unmerge() would
         then subtract the new weights' delta instead of the merged one, and the base drift.
@@ -300,20 +312,33 @@ class LoraLinear(nn.Module):
         _check_adapter_args(r, lora_alpha, lora_dropout)
         if not isinstance(use_dora, bool):
             raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        if not isinstance(lora_bias, bool):
+            raise TypeError(f"lora_bias must be a bool, got {lora_bias!r}")
+        if lora_bias and use_dora:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
         if use_dora and (self.quantized or self.base_forward):
             raise NotImplementedError("DoRA over a quantized base layer is not implemented yet")
         # Checked before anything is registered, so a bad value leaves the layer unchanged.
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
         if not (isinstance(init_lora_weights, bool) or gaussian):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if lora_bias and gaussian:
+            raise ValueError("lora_bias=True needs init_lora_weights True or False (as in PEFT), got 'gaussian'")
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(
+                f"lora_bias=True but the base layer ({type(self.base_layer).__name__}) has no bias: "
+                "this adapter cannot be merged",
+                UserWarning, stacklevel=2,
+            )
         w = self.base_layer.weight
         dtype = adapter_dtype(w)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, device=w.device, dtype=dtype)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = float(lora_dropout)
         self.use_rslora[adapter_name] = use_rslora
+        self.lora_bias[adapter_name] = lora_bias
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self.use_dora[adapter_name] = use_dora
@@ -330,7 +355,7 @@ class LoraLinear(nn.Module):
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str = True) -> None:
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
-        if init_lora_weights is False:
+        if init_lora_weights is False:  # lora_B's bias (lora_bias) keeps nn.Linear's random init, as PEFT
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
             return
@@ -341,6 +366,8 @@ class LoraLinear(nn.Module):
         else:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         nn.init.zeros_(B)
+        if self.lora_B[adapter_name].bias is not None:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
@@ -356,7 +383,8 @@ class LoraLinear(nn.Module):
         for name in self.lora_A:
             requires_grad = name in names
             self.lora_A[name].weight.requires_grad_(requires_grad)
-            self.lora_B[name].weight.requires_grad_(requires_grad)
+            for p in self.lora_B[name].parameters():  # weight, and bias with lora_bias
+                p.requires_grad_(requires_grad)
             if name in self.lora_magnitude_vector:
                 self.lora_magnitude_vector[name].weight.requires_grad_(requires_grad)
         self.active_adapters = names
@@ -375,6 +403,7 @@ class LoraLinear(nn.Module):
             del self.lora_magnitude_vector[adapter_name]
         for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora):
             del d[adapter_name]
+        self.lora_bias.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
@@ -385,9 +414,11 @@ class LoraLinear(nn.Module):
         `lorakern.mixed_batch(model, names)` the names come from the context instead.
         """
         if adapter_names is not None:
+            self._check_no_lora_bias_mixed()
             return mixed_batch_forward(self, x, adapter_names, strict=True)
         groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
         if groups is not None:
+            self._check_no_lora_bias_mixed()
             return mixed_batch_forward(self, x, groups, strict=False)
         if self.disable_adapters:
             if self.merged:
@@ -411,9 +442,40 @@ class LoraLinear(nn.Module):
         autocast = torch.is_autocast_enabled(x.device.type)
         mixed = x.is_floating_point() and x.dtype != w.dtype and not autocast
         adapters = self._adapter_args(active, None if autocast else w.dtype)
+        bias = self._bias_arg(active, w.dtype)
         if mixed:
-            return lora_linear_multi(x.to(w.dtype), w, self.base_layer.bias, adapters, self.backend).to(x.dtype)
-        return lora_linear_multi(x, w, self.base_layer.bias, adapters, self.backend)
+            return lora_linear_multi(x.to(w.dtype), w, bias, adapters, self.backend).to(x.dtype)
+        return lora_linear_multi(x, w, bias, adapters, self.backend)
+
+    def _check_no_lora_bias_mixed(self) -> None:
+        if any(self.lora_bias.values()):
+            raise NotImplementedError("a mixed batch (adapter_names) with lora_bias adapters is not implemented yet")
+
+    def _lora_bias_sum(self, active: list[str]) -> torch.Tensor | None:
+        """Σ s_i·b_i over the active adapters with lora_bias, in fp32 (fp64 adapters: fp64),
+        as torch ops: autograd gives each b_i its gradient s_i·Σ_rows dY. None if there is none."""
+        as_tensor = torch.compiler.is_compiling()
+        total = None
+        for name in active:
+            if not self.lora_bias.get(name, False):
+                continue
+            b = self.lora_B[name].bias
+            b = b.to(torch.promote_types(b.dtype, torch.float32))
+            term = _scaled(b, self.scaling.tensor(name) if as_tensor else self.scaling[name])
+            total = term if total is None else total + term
+        return total
+
+    def _bias_arg(self, active: list[str], dtype: torch.dtype) -> torch.Tensor | None:
+        """The bias for the fused op: the base bias plus Σ s_i·b_i of the active lora_bias
+        adapters, summed in fp32 and cast once to the base bias's dtype (`dtype`, the compute
+        dtype, when the base has none). The base bias itself when no adapter has lora_bias."""
+        bias = self.base_layer.bias
+        extra = self._lora_bias_sum(active)
+        if extra is None:
+            return bias
+        if bias is None:
+            return extra.to(dtype)
+        return (bias.to(extra.dtype) + extra).to(bias.dtype)
 
     def _adapter_args(self, active: list[str], dtype: torch.dtype | None) -> list:
         """(A, B, s, p) per active adapter as lora_linear_multi takes them; A and B in
@@ -469,6 +531,9 @@ class LoraLinear(nn.Module):
         else:
             dtype = self.lora_A[active[0]].weight.dtype
             lora = lora_linear_multi(x.to(dtype), None, None, self._adapter_args(active, dtype), self.backend)
+        extra = self._lora_bias_sum(active)
+        if extra is not None:
+            lora = lora + extra.to(lora.dtype)
         return y + lora.to(y.dtype)
 
     def _cached_row_sq_norms(self, w: torch.Tensor) -> torch.Tensor:
@@ -483,10 +548,12 @@ class LoraLinear(nn.Module):
         with the quantized weight; the answer in x's dtype."""
         qw = quantized.quantized_weight(self.base_layer)
         if torch.is_autocast_enabled(x.device.type):  # the op casts, and answers in the autocast dtype
-            return lora_linear_multi(x, qw, self.base_layer.bias, self._adapter_args(active, None), self.backend)
+            bias = self._bias_arg(active, torch.get_autocast_dtype(x.device.type))
+            return lora_linear_multi(x, qw, bias, self._adapter_args(active, None), self.backend)
         dtype = quantized.compute_dtype(self.base_layer, x) if x.is_floating_point() else x.dtype
         adapters = self._adapter_args(active, dtype)
-        return lora_linear_multi(x.to(dtype), qw, self.base_layer.bias, adapters, self.backend).to(x.dtype)
+        bias = self._bias_arg(active, dtype)
+        return lora_linear_multi(x.to(dtype), qw, bias, adapters, self.backend).to(x.dtype)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer alone. A quantized one runs through lorakern's dequantisation, not
@@ -546,11 +613,23 @@ class LoraLinear(nn.Module):
         safe_merge: check the merged weight is finite first; raise ValueError (layer
         unchanged) if it is not. A quantized base is dequantised, added to and quantized
         again in its own format (lossy: warned, as PEFT does).
+
+        lora_bias adapters also add s·b to the base bias (summed in fp32, cast once); with
+        no base bias that is impossible: RuntimeError (PEFT's), layer unchanged.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
         if not names:
             return
+        new_bias = None
+        extra = self._lora_bias_sum(names)
+        if extra is not None:
+            bias = self.base_layer.bias
+            if bias is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+            new_bias = (bias.to(extra.dtype) + extra).to(bias.dtype)
+            if safe_merge and not torch.isfinite(new_bias).all():
+                raise ValueError(f"merging adapter(s) {names} gives a non-finite bias; nothing was merged")
         dora_norm = None
         if any(self.use_dora.get(n, False) for n in names):
             new_w, dora_norm = self._dora_merged_weight(names, sum(self.get_delta_weight(n) for n in names))
@@ -559,6 +638,8 @@ class LoraLinear(nn.Module):
         if safe_merge and not torch.isfinite(new_w).all():
             raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
         self._store_weight(new_w)
+        if new_bias is not None:
+            self.base_layer.bias.copy_(new_bias)
         if dora_norm is not None:
             self._dora_merged_norm[names[0]] = dora_norm
         self.merged_adapters.extend(names)
@@ -578,9 +659,14 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo merge(): W -= Σ s·B A over every merged adapter, in fp32, cast once."""
+        """Undo merge(): W -= Σ s·B A over every merged adapter, in fp32, cast once (and
+        bias -= Σ s·b over the merged lora_bias adapters)."""
         if not self.merged_adapters:
             return
+        extra = self._lora_bias_sum(self.merged_adapters)
+        if extra is not None:
+            bias = self.base_layer.bias
+            bias.copy_((bias.to(extra.dtype) - extra).to(bias.dtype))
         delta = sum(self.get_delta_weight(name) for name in self.merged_adapters)
         dora_names = [n for n in self.merged_adapters if n in self._dora_merged_norm]
         if dora_names:  # merged alone: W = W' / factor − ΔW

@@ -305,13 +305,15 @@ def inject_planned(
         if isinstance(t.module, LoraLinear):
             previous = list(t.module.active_adapters)
             t.module.update_layer(
-                adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, config.use_dora
+                adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, config.use_dora,
+                config.lora_bias,
             )
             t.module.active_adapters = previous
         else:
             layer = LoraLinear(
                 t.module, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights,
                 adapter_name, backend, fan_in_fan_out=config.fan_in_fan_out, use_dora=config.use_dora,
+                lora_bias=config.lora_bias,
             )
             layer.active_adapters = []
             layer.train(t.module.training)  # injection never changes train/eval mode
@@ -419,7 +421,8 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
         layer.set_adapter(names)
         for n in state.inference & set(layer.lora_A):
             layer.lora_A[n].weight.requires_grad_(False)
-            layer.lora_B[n].weight.requires_grad_(False)
+            for p in layer.lora_B[n].parameters():  # weight, and bias with lora_bias
+                p.requires_grad_(False)
     for _, wrapper in saved_modules(model):
         owners = [n for n in names if n in wrapper.modules_to_save]
         wrapper.active_adapter = owners[0] if owners else None
@@ -506,6 +509,8 @@ def add_weighted_adapter(
     cfgs = [state.configs[a] for a in adapters]
     if any(c.use_dora for c in cfgs):
         raise ValueError("adapters with use_dora=True cannot be combined (their magnitudes do not add)")
+    if any(c.lora_bias for c in cfgs):
+        raise ValueError("adapters with lora_bias=True cannot be combined (not implemented)")
     wrappers = list(saved_modules(model))
     for wname, wrapper in wrappers:
         if sum(a in wrapper.modules_to_save for a in adapters) > 1:
@@ -622,6 +627,13 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
     names = list(state.active) if adapter_names is None else list(adapter_names)
     _check_names(state, names)
     layers = list(lora_layers(model))
+    no_bias = [lname for lname, layer in layers if layer.base_layer.bias is None
+               and any(layer.lora_bias.get(n, False) and n not in layer.merged_adapters for n in names)]
+    if no_bias:  # checked first: nothing is merged
+        raise RuntimeError(
+            "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: "
+            f"{no_bias[:8]}; nothing was merged"
+        )
     if safe_merge:
         bad = []
         for lname, layer in layers:

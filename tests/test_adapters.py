@@ -325,9 +325,9 @@ def test_other_peft_type_and_unsupported_features(target_model, saved, tmp_path)
     d = copy_dir(saved[0], tmp_path / "ia3")
     _edit_config(d, lambda c: c.__setitem__("peft_type", "IA3"))
     _assert_load_fails(target_model, d, AdapterLoadError, "peft_type 'IA3'")
-    d = copy_dir(saved[0], tmp_path / "lora_bias")
-    _edit_config(d, lambda c: c.__setitem__("lora_bias", True))
-    _assert_load_fails(target_model, d, AdapterLoadError, "lora_bias=True")
+    d = copy_dir(saved[0], tmp_path / "layer_replication")
+    _edit_config(d, lambda c: c.__setitem__("layer_replication", [[0, 1], [0, 1]]))
+    _assert_load_fails(target_model, d, AdapterLoadError, "layer_replication=")
 
 
 def test_config_that_matches_nothing(target_model, saved, tmp_path):
