@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from lorakern.bench.cost import Cost, linear_cost
-from lorakern.bench.memory import peak_bytes, saved_activation_bytes
+from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
-from lorakern.bench.providers import Weights, _Holder, frozen_linear, make_lorakern, peft_available, trainable
+from lorakern.bench.providers import Weights, _Holder, frozen_linear, make_lorakern, peft_available
 from lorakern.bench.shapes import modes_for
-from lorakern.bench.timing import measure_ceilings, time_many
+from lorakern.bench.timing import measure_ceilings
 from lorakern.layer import LoraLinear
 
 BASE, PEFT_DORA, LK_DORA = "base", "peft-dora", "lorakern-dora"
@@ -168,7 +168,7 @@ def _weights(config, r: int, K: int, N: int) -> tuple[Weights, torch.Tensor]:
 
 
 def _layer_rows(config, providers: list[str], ceilings: dict, progress: Progress) -> list[dict]:
-    from lorakern.bench.suite import AGREE_RTOL, _dtype_name, _Inputs, _rel_error, _step_fn
+    from lorakern.bench.suite import AGREE_RTOL, _dtype_name, _Inputs, _rel_error, time_modules
 
     rows = []
     dev, dtype = config.device, config.dtype
@@ -206,12 +206,7 @@ def _layer_rows(config, providers: list[str], ceilings: dict, progress: Progress
                 for mode in modes:
                     if (mode == "decode" and dropout > 0) or (mode != "decode" and dropout not in config.dropouts):
                         continue
-                    fns, grads = {}, {}
-                    for name, module in modules.items():
-                        module.train(mode != "decode")
-                        fns[name] = _step_fn(module, mode, inputs)
-                        grads[name] = inputs.xs + trainable(module) if mode == "fwd+bwd" else []
-                    timings = time_many(fns, dev, config.timer, grads)
+                    timings = time_modules(modules, mode, inputs, config)
                     if BASE in timings:
                         base_ms[mode] = timings[BASE].median_ms
                     for name, t in timings.items():
@@ -249,10 +244,7 @@ def _memory_rows(config, providers: list[str], progress: Progress) -> list[dict]
             if name == BASE and dropout != MEMORY_DROPOUTS[0]:
                 continue
             module = build_dora(name, w, dropout, magnitude)
-            params = list(module.parameters()) + list(module.buffers())
-            saved = saved_activation_bytes(lambda: module(x), params)
-            peak = peak_bytes(lambda: module(x).backward(dy), dev)
-            x.grad = None
+            saved, peak = module_memory(module, x, dy, dev)
             progress.tick(f"dora memory K={K} N={N} M={M} p={dropout} {name}")
             rows.append({
                 "provider": name, "K": K, "N": N, "M": M, "r": r, "dtype": _dtype_name(dtype),

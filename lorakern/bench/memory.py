@@ -49,6 +49,16 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], params: Iterable
     return counter.bytes
 
 
+def module_memory(module: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, device: torch.device) -> tuple[int, int | None]:
+    """(saved-activation bytes of module(x), CUDA peak of a forward + backward with dy, None on
+    CPU); the module's parameters and buffers (quantized weights) do not count; x.grad reset."""
+    params = list(module.parameters()) + list(module.buffers())
+    saved = saved_activation_bytes(lambda: module(x), params)
+    peak = peak_bytes(lambda: module(x).backward(dy), device)
+    x.grad = None
+    return saved, peak
+
+
 def peak_bytes(step: Callable[[], object], device: torch.device) -> int | None:
     """CUDA allocator peak during step() above the memory allocated before it; None on CPU."""
     if device.type != "cuda":

@@ -44,11 +44,11 @@ from torch import nn
 
 from lorakern.bench import e2e as e2e_mod
 from lorakern.bench.cost import Cost, linear_cost
-from lorakern.bench.memory import peak_bytes, saved_activation_bytes
+from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
-from lorakern.bench.providers import Weights, _Holder, frozen_linear, peft_available, trainable
+from lorakern.bench.providers import Weights, _Holder, frozen_linear, peft_available
 from lorakern.bench.shapes import modes_for
-from lorakern.bench.timing import measure_ceilings, time_many
+from lorakern.bench.timing import measure_ceilings
 from lorakern.layer import LoraLinear
 from lorakern.quant import dequantize_weight, quantize_weight
 from lorakern.quantized import QuantLinear, quantized_weight
@@ -228,24 +228,6 @@ def _reference(x: torch.Tensor, weight64: torch.Tensor, w: Weights, lora: bool) 
     return y if w.bias is None else y + w.bias.double()
 
 
-def _step_fn(module: nn.Module, mode: str, inputs, xs_decode: list[torch.Tensor]) -> Callable[[], object]:
-    if mode == "fwd":
-        return lambda: module(inputs.xs[inputs.next()])
-    if mode == "fwd+bwd":
-
-        def fwd_bwd():
-            i = inputs.next()
-            module(inputs.xs[i]).backward(inputs.dys[i])
-
-        return fwd_bwd
-
-    def decode():
-        with torch.inference_mode():
-            return module(xs_decode[inputs.next()])
-
-    return decode
-
-
 def _count_work(config, providers: list[str]) -> int:
     from lorakern.bench.suite import MEMORY_DROPOUTS, _memory_M
 
@@ -264,7 +246,7 @@ def _count_work(config, providers: list[str]) -> int:
 
 def _layer_rows(config, providers: list[str], ceilings: dict, progress: Progress) -> tuple[list[dict], list[dict]]:
     """(timing rows, one weight-storage row per (K, N, provider))."""
-    from lorakern.bench.suite import AGREE_RTOL, _dtype_name, _Inputs, _rel_error
+    from lorakern.bench.suite import AGREE_RTOL, _dtype_name, _Inputs, _rel_error, time_modules
 
     rows, weights = [], []
     dev, dtype = config.device, config.dtype
@@ -308,12 +290,7 @@ def _layer_rows(config, providers: list[str], ceilings: dict, progress: Progress
                 for mode in modes:
                     if (mode == "decode" and dropout > 0) or (mode != "decode" and dropout not in config.dropouts):
                         continue
-                    fns, grads = {}, {}
-                    for name, module in modules.items():
-                        module.train(mode != "decode")
-                        fns[name] = _step_fn(module, mode, inputs, xs_decode)
-                        grads[name] = inputs.xs + trainable(module) if mode == "fwd+bwd" else []
-                    timings = time_many(fns, dev, config.timer, grads)
+                    timings = time_modules(modules, mode, inputs, config, xs_decode)
                     if BASE in timings:
                         base_ms[mode] = timings[BASE].median_ms
                     for name, t in timings.items():
@@ -358,10 +335,7 @@ def _memory_rows(config, providers: list[str], progress: Progress) -> list[dict]
             if name in FROZEN and dropout != MEMORY_DROPOUTS[0]:
                 continue
             module = build_qlora(name, w, dropout, dtype)
-            params = list(module.parameters()) + list(module.buffers())
-            saved = saved_activation_bytes(lambda: module(x), params)
-            peak = peak_bytes(lambda: module(x).backward(dy), dev)
-            x.grad = None
+            saved, peak = module_memory(module, x, dy, dev)
             bits = bits_per_param(module)
             progress.tick(f"qlora memory K={K} N={N} M={M} p={dropout} {name}")
             rows.append({

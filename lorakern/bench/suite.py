@@ -31,7 +31,7 @@ import torch
 from lorakern.bench import e2e as e2e_mod
 from lorakern.bench.cost import MODES, linear_cost
 from lorakern.bench.machine import machine_info
-from lorakern.bench.memory import peak_bytes, saved_activation_bytes
+from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import PROVIDERS, Weights, available_providers, build, trainable
 from lorakern.bench.shapes import DECODE_MAX_M, PRESETS, modes_for
@@ -156,7 +156,9 @@ class _Inputs:
         return next(self._next)
 
 
-def _step_fn(module: torch.nn.Module, mode: str, inputs: _Inputs) -> Callable[[], object]:
+def _step_fn(module: torch.nn.Module, mode: str, inputs: _Inputs, xs_decode=None) -> Callable[[], object]:
+    """One timed call of `module` in `mode`; decode reads `xs_decode` (default: inputs.xs)."""
+    xs_decode = inputs.xs if xs_decode is None else xs_decode
     if mode == "fwd":
         return lambda: module(inputs.xs[inputs.next()])
     if mode == "fwd+bwd":
@@ -169,9 +171,20 @@ def _step_fn(module: torch.nn.Module, mode: str, inputs: _Inputs) -> Callable[[]
 
     def decode():
         with torch.inference_mode():
-            return module(inputs.xs[inputs.next()])
+            return module(xs_decode[inputs.next()])
 
     return decode
+
+
+def time_modules(modules: dict, mode: str, inputs: _Inputs, config, xs_decode=None) -> dict:
+    """{name: timing} of every module in `mode` (train mode except decode), interleaved by
+    time_many; fwd+bwd hands the inputs and trainable parameters over for grad resets."""
+    fns, grads = {}, {}
+    for name, module in modules.items():
+        module.train(mode != "decode")
+        fns[name] = _step_fn(module, mode, inputs, xs_decode)
+        grads[name] = inputs.xs + trainable(module) if mode == "fwd+bwd" else []
+    return time_many(fns, config.device, config.timer, grads)
 
 
 def _count_work(config: BenchConfig, providers: list[str]) -> int:
@@ -221,12 +234,7 @@ def _layer_rows(config: BenchConfig, providers: list[str], ceilings: dict, progr
                     if (mode == "decode" and dropout > 0) or (mode != "decode" and dropout not in config.dropouts):
                         continue
                     timed = {n: m for n, m in modules.items() if not (n == "base" and mode in base_ms)}
-                    fns, grads = {}, {}
-                    for name, module in timed.items():
-                        module.train(mode != "decode")
-                        fns[name] = _step_fn(module, mode, inputs)
-                        grads[name] = inputs.xs + trainable(module) if mode == "fwd+bwd" else []
-                    timings = time_many(fns, dev, config.timer, grads)
+                    timings = time_modules(timed, mode, inputs, config)
                     if "base" in timings:
                         base_ms[mode] = timings["base"].median_ms
                     for name, t in timings.items():
@@ -261,10 +269,7 @@ def _memory_rows(config: BenchConfig, providers: list[str], progress: Progress) 
         dy = torch.randn(M, N, device=dev, dtype=dtype)
         for dropout, name in itertools.product(MEMORY_DROPOUTS, providers):
             module = build(name, w, dropout)
-            params = list(module.parameters())
-            saved = saved_activation_bytes(lambda: module(x), params)
-            peak = peak_bytes(lambda: module(x).backward(dy), dev)
-            x.grad = None
+            saved, peak = module_memory(module, x, dy, dev)
             progress.tick(f"memory K={K} N={N} M={M} p={dropout} {name}")
             rows.append({
                 "provider": name, "K": K, "N": N, "M": M, "r": r, "dtype": _dtype_name(dtype),
