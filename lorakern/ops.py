@@ -244,18 +244,22 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
+def unrows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's 2-D result t [M, C] back to `like`'s leading dims: [..., C]. With
+    _unsafe_view, as aten::linear does for >2-D inputs: the result is not marked a view of
+    the kernel's 2-D buffer (FSDP2 warns when a module returns a view)."""
+    if like.dim() == 2:
+        return t
+    return torch.ops.aten._unsafe_view(t, (*like.shape[:-1], t.shape[-1]))
+
+
 def _forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
     """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x))."""
-    lead = x.shape[:-1]
     with _autocast_off(x.device.type):
         y, S = _implementation(backend).lora_linear_forward(
             rows(x), weight, bias, lora_A, lora_B, s, p, seed
         )
-    if x.dim() == 2:
-        return y, S
-    # _unsafe_view, as aten::linear does for >2-D inputs: y is not marked a view of the
-    # kernel's 2-D buffer (FSDP2 warns when a module returns a view).
-    return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S
+    return unrows(y, x), S
 
 
 def _backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: int, backend: str, needs):
@@ -265,9 +269,7 @@ def _backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: i
             rows(dy), rows(x), weight, lora_A, lora_B, S,
             s, p, seed, needs,
         )
-    if dx is not None and x.dim() != 2:
-        dx = torch.ops.aten._unsafe_view(dx, x.shape)  # as in _forward_core
-    return dx, dA, dB
+    return (None if dx is None else unrows(dx, x)), dA, dB
 
 
 def _base_grads(dy, x, weight, bias_dtype, need_w: bool, need_bias: bool):

@@ -35,6 +35,7 @@ from lorakern.ops import (
     lora_linear_fwd,
     resolve_backend,
     rows,
+    unrows,
 )
 from lorakern.quant import QuantizedWeight
 
@@ -87,9 +88,7 @@ def _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, s: float, p: float, 
 
     with _autocast_off(x.device.type):
         y, S = kernels.qlora_linear_forward(rows(x), qtensors, meta, bias, lora_A, lora_B, s, p, seed)
-    if x.dim() != 2:
-        y = torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))  # as ops._forward_core
-    return y, S
+    return unrows(y, x), S
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:

@@ -134,7 +134,7 @@ def test_quantize_model_and_lora_layer(quant_type):
 
 
 def test_quantize_skips_output_head_and_refuses_lora_models():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(_llama_config())
     quantize(model, "nf4")
