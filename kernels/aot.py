@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, dequant, forward, qgemm, shrink
+from . import backward, dequant, forward, qgemm, sgmv, shrink
 from .common import dot_precision
 
 # Hopper: 227 KiB of shared memory per block at most.
@@ -166,6 +166,40 @@ def _qgemm_cases(all_tiles: bool):
                    {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
 
 
+def _sgmv_cases():
+    """(label, kernel, signature, constexprs, options) of the mixed-batch kernels
+    (kernels/sgmv.py) at their launch settings: bf16 activations with fp32 adapters at
+    rank pad 16 and 64, with and without dropout, both row blocks; the other dtype pairs
+    once (rank pad 16, dropout, 16-row blocks)."""
+    seg = {"order_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i64", "scale_ptr": "*fp32", "p_ptr": "*fp32", "seed": "i64"}
+    runs = [((torch.bfloat16, torch.float32), r_pad, dropout, (16, 64)) for r_pad in (16, 64) for dropout in (False, True)]
+    runs += [(pair, 16, True, (16,)) for pair in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                  (torch.float32, torch.float32))]
+    for (dtype, adt), r_pad, dropout, block_ms in runs:
+        meta = {"UPCAST": False, "PRECISION": dot_precision(dtype), "HAS_DROPOUT": dropout}
+        label = f"x={str(dtype)[6:]} A={str(adt)[6:]} r_pad={r_pad}{' p' if dropout else ''}"
+        for block_m in block_ms:  # sgmv._block_m
+            consts = {**meta, "BLOCK_M": block_m, "BLOCK_K": 128, "R_PAD": r_pad}
+            sig = {"x_ptr": _PTR[dtype], "w_ptr": _PTR[adt], "out_ptr": "*fp32", **seg}
+            sig.update(dict.fromkeys(("K", "R", "stride_xm", "stride_xk", "stride_wa", "stride_wr", "stride_wk",
+                                      "stride_om", "stride_or"), "i32"))
+            yield (f"sgmv shrink m{block_m} {label}", sgmv._sgmv_shrink_kernel,
+                   {**sig, **dict.fromkeys(consts, "constexpr")}, consts, {"num_warps": 4})
+            consts = {**meta, "BLOCK_M": block_m, "BLOCK_N": 128, "R_PAD": r_pad}
+            sig = {"out_ptr": _PTR[dtype], "s_ptr": "*fp32", "w_ptr": _PTR[adt], **seg}
+            sig.update(dict.fromkeys(("N", "R", "stride_om", "stride_on", "stride_sm", "stride_sr", "stride_wa",
+                                      "stride_wn", "stride_wr"), "i32"))
+            yield (f"sgmv expand m{block_m} {label}", sgmv._sgmv_expand_kernel,
+                   {**sig, **dict.fromkeys(consts, "constexpr")}, consts, {"num_warps": 4})
+        for grad, (left, right, bp, bq) in {"dB": (_PTR[dtype], "*fp32", 64, r_pad), "dA": ("*fp32", _PTR[dtype], r_pad, 64)}.items():
+            consts = {**meta, "BLOCK_M": 32, "BLOCK_P": bp, "BLOCK_Q": bq}
+            sig = {"l_ptr": left, "r_ptr": right, "out_ptr": "*fp32", **seg}
+            sig.update(dict.fromkeys(("P", "Q", "stride_lm", "stride_lp", "stride_rm", "stride_rq", "stride_oa",
+                                      "stride_op", "stride_oq"), "i32"))
+            yield (f"sgmv grad {grad} {label}", sgmv._sgmv_grad_kernel,
+                   {**sig, **dict.fromkeys(consts, "constexpr")}, consts, {"num_warps": 4})
+
+
 def _compile_one(name, fn, signature, constexprs, options, target, arch, print_fn) -> dict:
     t0 = time.perf_counter()
     try:
@@ -199,6 +233,8 @@ def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list
     for name, kernel, signature, constexprs, options in _dequant_cases():
         results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
     for name, kernel, signature, constexprs, options in _qgemm_cases(all_tiles):
+        results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
+    for name, kernel, signature, constexprs, options in _sgmv_cases():
         results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
     return results
 

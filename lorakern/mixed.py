@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern import quantized
-from lorakern.ops import lora_linear
+from lorakern.mixed_ops import lora_linear_segmented, scalar_vectors, stack_adapters
+from lorakern.ops import _check_devices, check_inputs, lora_linear, resolve_backend
 from lorakern.qops import quantized_linear
 
 BASE = "__base__"
@@ -62,6 +63,7 @@ class RowGroups:
         for i, name in enumerate(names):
             self.groups.setdefault(name, []).append(i)
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -76,6 +78,17 @@ class RowGroups:
         if idx is None:
             idx = self._index[key] = torch.tensor(rows, dtype=torch.long, device=device)
         return idx
+
+    def slots(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Each row's index in `names` (-1 for "__base__" and names not there) as an
+        int64 tensor on `device`, cached: every layer with the same adapters reuses it."""
+        key = (names, device)
+        t = self._slots.get(key)
+        if t is None:
+            where = {n: i for i, n in enumerate(names)}
+            rows = [where.get(n, -1) for n in self.names]
+            t = self._slots[key] = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        return t
 
     def adapters(self) -> list[str]:
         """The adapter names used by some row ("__base__" excluded)."""
@@ -140,7 +153,7 @@ def _mixed(
     return y
 
 
-def lora_linear_mixed(
+def lora_linear_looped(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -152,29 +165,29 @@ def lora_linear_mixed(
     dropout_ps: Sequence[float] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """A mixed batch: ``y[b] = x[b] Wᵀ + bias + s_i·(D_i(x[b]) A_iᵀ) B_iᵀ`` with i = row_adapter[b].
+    """`lora_linear_mixed` with one fused single-adapter op call per adapter on its rows
+    (index_select / index_add): what "auto" runs on CPU, and the comparison point for
+    the fused kernels. Same arguments and numbers; dropout masks differ (each adapter's
+    call draws its own seed)."""
+    rows, dropout_ps, out_features = _check_mixed(x, weight, lora_As, lora_Bs, scalings, row_adapter, dropout_ps)
+    return _looped(x, weight, bias, lora_As, lora_Bs, scalings, rows, dropout_ps, out_features, backend)
 
-    Args:
-        x: [B, ..., K] (the row is dim 0; [M, K] is M rows).
-        weight: [N, K] (any strides) or None for the LoRA term alone; bias: [N] | None.
-        lora_As: per adapter [r_i, K]; lora_Bs: per adapter [N, r_i] (ranks may differ),
-            each in x's dtype or float32.
-        scalings: per adapter s_i (alpha / r, or alpha / sqrt(r) with rsLoRA).
-        row_adapter: [B] integer (tensor or list): the adapter index of each row, -1 for
-            the base alone. Rows may come in any order: the op groups them.
-        dropout_ps: per adapter dropout probability on its rows' LoRA input (None: none).
-        backend: "auto", "triton" or "reference" (for the per-adapter op calls).
-    Returns:
-        [B, ..., N] in x's dtype (the autocast dtype under autocast). Differentiable in x,
-        weight, bias and every A_i / B_i (an adapter no row uses gets no gradient).
 
-    Example:
-        >>> import torch, lorakern
-        >>> x, W = torch.randn(3, 8), torch.randn(6, 8)
-        >>> As, Bs = [torch.randn(2, 8), torch.randn(4, 8)], [torch.randn(6, 2), torch.randn(6, 4)]
-        >>> lorakern.lora_linear_mixed(x, W, None, As, Bs, [0.5, 2.0], torch.tensor([1, -1, 0])).shape
-        torch.Size([3, 6])
-    """
+def _looped(x, weight, bias, lora_As, lora_Bs, scalings, rows, dropout_ps, out_features, backend):
+    groups = []
+    for i in sorted(set(rows) - {-1}):
+        sel = [b for b, r in enumerate(rows) if r == i]
+        idx = None if len(sel) == len(rows) else torch.tensor(sel, dtype=torch.long, device=x.device)
+        groups.append((idx, lora_As[i], lora_Bs[i], scalings[i], dropout_ps[i]))
+    if not groups:
+        if weight is None:
+            return _mixed(x, None, None, [], out_features, backend)
+        return F.linear(x, weight, bias)
+    return _mixed(x, weight, bias, groups, out_features, backend)
+
+
+def _check_mixed(x, weight, lora_As, lora_Bs, scalings, row_adapter, dropout_ps) -> tuple[list[int], list[float], int]:
+    """Validate a mixed call's arguments; returns (row adapter list, dropout ps, N)."""
     n = len(lora_As)
     if len(lora_Bs) != n or len(scalings) != n:
         raise ValueError(f"lora_As, lora_Bs and scalings must have one entry per adapter, got {n}, {len(lora_Bs)}, {len(scalings)}")
@@ -202,16 +215,73 @@ def lora_linear_mixed(
     if weight is None and n == 0:
         raise ValueError("weight=None needs at least one adapter (its lora_B gives the output size)")
     out_features = weight.shape[0] if weight is not None else lora_Bs[0].shape[0]
-    groups = []
-    for i in sorted(set(rows) - {-1}):
-        sel = [b for b, r in enumerate(rows) if r == i]
-        idx = None if len(sel) == len(rows) else torch.tensor(sel, dtype=torch.long, device=x.device)
-        groups.append((idx, lora_As[i], lora_Bs[i], scalings[i], dropout_ps[i]))
-    if not groups:
-        if weight is None:
-            return _mixed(x, None, None, [], out_features, backend)
-        return F.linear(x, weight, bias)
-    return _mixed(x, weight, bias, groups, out_features, backend)
+    return rows, list(dropout_ps), out_features
+
+
+def _fused(x: torch.Tensor, backend: str) -> bool:
+    """Whether a mixed batch on x runs the SGMV kernels: the Triton backend, eager (under
+    torch.compile the per-adapter registered ops keep the graph free of opaque kernels)."""
+    if torch.compiler.is_compiling() or not x.is_floating_point():
+        return False
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return resolve_backend(backend, x.device, dtype) == "triton"
+
+
+def lora_linear_mixed(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    row_adapter: torch.Tensor | Sequence[int],
+    *,
+    dropout_ps: Sequence[float] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A mixed batch: ``y[b] = x[b] Wᵀ + bias + s_i·(D_i(x[b]) A_iᵀ) B_iᵀ`` with i = row_adapter[b].
+
+    Args:
+        x: [B, ..., K] (the row is dim 0; [M, K] is M rows).
+        weight: [N, K] (any strides) or None for the LoRA term alone; bias: [N] | None.
+        lora_As: per adapter [r_i, K]; lora_Bs: per adapter [N, r_i] (ranks may differ),
+            each in x's dtype or float32.
+        scalings: per adapter s_i (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        row_adapter: [B] integer (tensor or list): the adapter index of each row, -1 for
+            the base alone. Rows may come in any order: the op groups them.
+        dropout_ps: per adapter dropout probability on its rows' LoRA input (None: none).
+        backend: "auto", "triton" or "reference". With Triton (eager), the SGMV kernels
+            run every adapter at once (`lorakern.mixed_ops`); otherwise one op call per
+            adapter (`lora_linear_looped`).
+    Returns:
+        [B, ..., N] in x's dtype (the autocast dtype under autocast). Differentiable in x,
+        weight, bias and every A_i / B_i (an adapter no row uses gets no gradient).
+
+    The adapters used are stacked (copied) on every call; `LoraLinear.forward(x,
+    adapter_names=...)` and `mixed_batch` keep the stacks between calls.
+
+    Example:
+        >>> import torch, lorakern
+        >>> x, W = torch.randn(3, 8), torch.randn(6, 8)
+        >>> As, Bs = [torch.randn(2, 8), torch.randn(4, 8)], [torch.randn(6, 2), torch.randn(6, 4)]
+        >>> lorakern.lora_linear_mixed(x, W, None, As, Bs, [0.5, 2.0], torch.tensor([1, -1, 0])).shape
+        torch.Size([3, 6])
+    """
+    rows, dropout_ps, out_features = _check_mixed(x, weight, lora_As, lora_Bs, scalings, row_adapter, dropout_ps)
+    used = sorted(set(rows) - {-1})
+    if not used or not _fused(x, backend):
+        return _looped(x, weight, bias, lora_As, lora_Bs, scalings, rows, dropout_ps, out_features, backend)
+    for i in used:  # the single-adapter op's checks: shapes, dtypes, devices, values
+        _check_devices(x, weight, bias, lora_As[i], lora_Bs[i])
+        check_inputs(x, weight, bias, lora_As[i], lora_Bs[i], scalings[i], dropout_ps[i])
+    if weight is None and bias is not None:
+        raise ValueError("bias must be None when weight is None (the LoRA term alone)")
+    # only the adapters some row uses are stacked: the others get no gradient
+    slot = {a: j for j, a in enumerate(used)}
+    A, B = stack_adapters([lora_As[i] for i in used], [lora_Bs[i] for i in used])
+    vectors = scalar_vectors([scalings[i] for i in used], [dropout_ps[i] for i in used], x.device)
+    row_slots = torch.tensor([slot.get(r, -1) for r in rows], dtype=torch.int64).to(x.device, non_blocking=True)
+    return lora_linear_segmented(x, weight, bias, A, B, vectors, row_slots, backend="triton")
 
 
 # ---- one layer --------------------------------------------------------------------------
@@ -276,10 +346,54 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
     w = layer.base_weight()
     bias = layer.base_layer.bias
     mixed_dtype = x.is_floating_point() and x.dtype != w.dtype and not autocast
+    if _fused(x, layer.backend):
+        xc = x.to(w.dtype) if mixed_dtype else x
+        y = _fused_layer_forward(layer, xc, w, bias, groups, used, None if autocast else w.dtype)
+        return y.to(x.dtype) if mixed_dtype else y
     adapters = adapter_groups(None if autocast else w.dtype)
     if mixed_dtype:
         return _mixed(x.to(w.dtype), w, bias, adapters, layer.out_features, layer.backend).to(x.dtype)
     return _mixed(x, w, bias, adapters, layer.out_features, layer.backend)
+
+
+def _fused_layer_forward(layer, x, w, bias, groups: RowGroups, used: list[str], dtype) -> torch.Tensor:
+    """The SGMV path of `layer_forward`: the layer's adapters stacked once and kept while
+    no adapter weight, scaling or dropout changes (`_layer_stacks`); one fused op."""
+    A, B, vectors, names = _layer_stacks(layer, used, dtype, x.device)
+    row_slots = groups.slots(names, x.device)
+    return lora_linear_segmented(x, w, bias, A, B, vectors, row_slots, backend="triton")
+
+
+def _layer_stacks(layer, used: list[str], dtype, device):
+    """(A [n, R, K], B [n, N, R], scalar vectors, adapter names in stack order).
+
+    Training (autograd recording and an adapter requiring grad): the adapters `used`,
+    stacked on this call (differentiable; the others get no gradient). Otherwise every
+    adapter of the layer, stacked once and cached on the layer until an adapter's weight
+    is replaced or written in place (tensor version counters), or a scaling, dropout
+    probability, dtype or device changes: serving many adapters reads the stacks, it
+    does not copy them every step.
+    """
+    a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
+    grad = torch.is_grad_enabled() and any(
+        a_mods[n]._parameters["weight"].requires_grad or b_mods[n]._parameters["weight"].requires_grad for n in used
+    )
+    names = list(used) if grad else list(a_mods)
+    params = [(a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"]) for n in names]
+    scalars = ([layer.scaling[n] for n in names], [layer._dropout_arg(n, False, False) for n in names])
+    key = (tuple(names), dtype, device, tuple(scalars[0]), tuple(scalars[1]))
+    entry = None if grad else layer.__dict__.get("_sgmv_stacks")
+    if entry is not None and entry[0] == key and all(
+        a is a0 and b is b0 and a._version == va and b._version == vb for (a, b), (a0, va, b0, vb) in zip(params, entry[1])
+    ):
+        return entry[2]
+    cast = (lambda t: t) if dtype is None else (lambda t: t if t.dtype in (dtype, torch.float32) else t.to(dtype))
+    with torch.no_grad() if not grad else contextlib.nullcontext():
+        A, B = stack_adapters([cast(a) for a, _ in params], [cast(b) for _, b in params])
+    value = (A, B, scalar_vectors(*scalars, device), tuple(names))
+    if not grad:
+        layer.__dict__["_sgmv_stacks"] = (key, [(a, a._version, b, b._version) for a, b in params], value)
+    return value
 
 
 # ---- modules_to_save copies ------------------------------------------------------------

@@ -312,3 +312,85 @@ def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, nee
     dx = lora_backward_dx(dy, weight, dS, lora_A, p, seed, keep) if need_x else None
     dA = lora_backward_da(dS, x, lora_A, p, seed, keep) if need_a else None
     return dx, dA, (dB if need_b else None)
+
+
+# ---- mixed batches: one adapter per row (the SGMV kernels of kernels/sgmv.py) ----------
+# Adapters stacked and zero-padded to the largest rank R: A [n, R, K], B [n, N, R].
+# seg = (order, starts, counts) from `segments`: adapter a owns the rows
+# order[starts[a] : starts[a] + counts[a]]. Dropout keeps element (m, k) by the
+# single-adapter mask of the whole [M, k] tensor (global row m) with adapter a's p;
+# p[a] <= 0 keeps everything.
+
+
+def segments(row_adapter: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows grouped by adapter, on row_adapter's device and without reading it on the host.
+
+    row_adapter: [M] int64, the adapter of each row in [0, n), or -1 for none.
+    Returns (order [M], starts [n], counts [n]) int64: order lists the rows sorted by
+    adapter (stable; the rows without one first), adapter a owns
+    order[starts[a] : starts[a] + counts[a]].
+    """
+    order = torch.argsort(row_adapter, stable=True)
+    # a scatter, not torch.bincount: bincount reads the maximum on the host (a sync on CUDA)
+    full = torch.zeros(n + 1, dtype=torch.int64, device=row_adapter.device)
+    full.scatter_add_(0, row_adapter + 1, torch.ones_like(row_adapter))
+    counts = full[1:]
+    starts = torch.cumsum(full, 0)[1:] - counts
+    return order, starts, counts
+
+
+def _segment_rows(seg, a: int) -> torch.Tensor:
+    order, starts, counts = seg
+    start, count = int(starts[a]), int(counts[a])
+    return order[start : start + count]
+
+
+def _segment_keep(p: torch.Tensor | None, a: int, seed: int, like: torch.Tensor, rows: torch.Tensor):
+    """Adapter a's keep mask (0/1 in like's dtype) on `rows` of a [M, C] tensor like `like`, or None."""
+    if p is None or float(p[a]) <= 0.0:
+        return None
+    keep = _keep(like, float(p[a]), seed)
+    return keep.index_select(0, rows.to(keep.device))
+
+
+def sgmv_shrink(x, weights, seg, scale, p=None, seed=0) -> torch.Tensor:
+    """out[m] = scale[a]·D_a(x[m]) W_aᵀ for each row m of adapter a; other rows 0.
+    x [M, K], weights [n, R, K] -> [M, R] float32 (fp64 for fp64 x)."""
+    out = x.new_zeros((x.shape[0], weights.shape[1]), dtype=_acc(x[:0]).dtype)
+    for a in range(weights.shape[0]):
+        rows = _segment_rows(seg, a)
+        if rows.numel() == 0:
+            continue
+        part = _masked(x.index_select(0, rows), _segment_keep(p, a, seed, x, rows))
+        res = _acc(part @ _as(weights[a], x.dtype).t()) * scale[a].to(out.dtype)
+        out.index_copy_(0, rows, res)
+    return out
+
+
+def sgmv_expand(out, S, weights, seg, scale, p=None, seed=0) -> torch.Tensor:
+    """out[m] += scale[a]·D_a(S[m] W_aᵀ) in place for each row m of adapter a.
+    out [M, N], S [M, R] fp32, weights [n, N, R]; the product in out's dtype."""
+    for a in range(weights.shape[0]):
+        rows = _segment_rows(seg, a)
+        if rows.numel() == 0:
+            continue
+        prod = _as(S.index_select(0, rows), out.dtype) @ _as(weights[a], out.dtype).t()
+        prod = _masked(prod, _segment_keep(p, a, seed, out, rows))
+        out.index_copy_(0, rows, out.index_select(0, rows).add_(prod, alpha=float(scale[a])))
+    return out
+
+
+def sgmv_grad(left, right, seg, scale, p=None, seed=0, *, rank_side: str) -> torch.Tensor:
+    """out[a] = scale[a]·Σ_m left[m]ᵀ D_a(right[m]) over adapter a's rows: [n, P, Q] float32
+    (fp64 for fp64 inputs). The fp32 operand is cast to the other's dtype for the product;
+    rank_side is the kernels' tiling hint (unused here)."""
+    act = right if left.dtype == torch.float32 else left
+    n = seg[2].shape[0]
+    out = left.new_zeros((n, left.shape[1], right.shape[1]), dtype=_acc(act[:0]).dtype)
+    for a in range(n):
+        rows = _segment_rows(seg, a)
+        if rows.numel() == 0:
+            continue
+        r = _masked(right.index_select(0, rows), _segment_keep(p, a, seed, right, rows))
+        out[a] = _acc(_as(left.index_select(0, rows), act.dtype).t() @ _as(r, act.dtype)) * scale[a].to(out.dtype)
+    return out
