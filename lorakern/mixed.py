@@ -10,10 +10,14 @@ model has but a layer lacks runs that layer's base alone; merged adapters refuse
 Unlike PEFT, training mode works too: dropout as on the single-adapter path, and the
 gradients reach only the adapters some row used.
 
-This is the reference path: rows are grouped per adapter (index_select / index_add, both
-differentiable), the base GEMM runs once for all rows, and each adapter's LoRA term runs
-through the fused op on its rows alone (``lora_linear`` with weight=None). A fused
-SGMV-style kernel (one launch for all adapters) is later work.
+Two paths, same numbers. With the Triton backend (eager), the SGMV kernels run every
+adapter at once (`lorakern.mixed_ops`: cuBLAS's base GEMM, then one segmented shrink
+and one segmented expand over all adapters, rows grouped on the device; a layer keeps
+its adapters stacked between calls). Otherwise (CPU, and under torch.compile) rows are
+grouped per adapter on the host (index_select / index_add, both differentiable), the
+base GEMM runs once for all rows, and each adapter's LoRA term runs through the fused
+single-adapter op on its rows alone (``lora_linear_looped``). Dropout masks differ
+between the two (one seed per call vs one per adapter), each seeded by torch's generator.
 
 Levels:
 - ``lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, row_adapter)``: the
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern import quantized
-from lorakern.mixed_ops import lora_linear_segmented, scalar_vectors, stack_adapters
+from lorakern.mixed_ops import lora_linear_segmented, scalar_vectors, stack_adapters, token_segments
 from lorakern.ops import _check_devices, check_inputs, lora_linear, resolve_backend
 from lorakern.qops import quantized_linear
 
@@ -56,17 +60,32 @@ class RowGroups:
     """One adapter name per batch row, grouped: {name: [row indices]} in first-seen order,
     with the index tensors cached per device (every layer of a forward reuses them)."""
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], num_beams: int = 1):
         names = _check_name_list(names)
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {num_beams!r}")
         self.names = names
+        self.num_beams = num_beams
         self.groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             self.groups.setdefault(name, []).append(i)
         self._index: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._segments: dict[tuple, tuple] = {}
+        self._expanded: RowGroups | None = None
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def for_rows(self, n_rows: int) -> RowGroups:
+        """The groups for a batch of n_rows: these, or with num_beams > 1 and
+        n_rows = len · num_beams, each name repeated num_beams times in place (the rows
+        generate() expands for beam search: each input's copies are adjacent). An
+        encoder-decoder's encoder still sees the original rows."""
+        if self.num_beams > 1 and n_rows == len(self.names) * self.num_beams and n_rows != len(self.names):
+            if self._expanded is None:
+                self._expanded = RowGroups([n for n in self.names for _ in range(self.num_beams)])
+            return self._expanded
+        return self
 
     def index(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The rows of `name` as a LongTensor on `device`; None when it is every row."""
@@ -79,16 +98,17 @@ class RowGroups:
             idx = self._index[key] = torch.tensor(rows, dtype=torch.long, device=device)
         return idx
 
-    def slots(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Each row's index in `names` (-1 for "__base__" and names not there) as an
-        int64 tensor on `device`, cached: every layer with the same adapters reuses it."""
-        key = (names, device)
-        t = self._slots.get(key)
-        if t is None:
+    def segments(self, names: tuple[str, ...], x_shape: torch.Size, device: torch.device) -> tuple:
+        """The rows of x's 2-D view grouped by their index in `names` ("__base__" and names
+        not there in no group): `mixed_ops.token_segments`, cached, so every layer with the
+        same adapters and input shape reuses one (a decode step computes it once)."""
+        key = (names, tuple(x_shape[:-1]), device)
+        seg = self._segments.get(key)
+        if seg is None:
             where = {n: i for i, n in enumerate(names)}
-            rows = [where.get(n, -1) for n in self.names]
-            t = self._slots[key] = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-        return t
+            slots = torch.tensor([where.get(n, -1) for n in self.names], dtype=torch.int64).to(device, non_blocking=True)
+            seg = self._segments[key] = token_segments(slots, x_shape, len(names))
+        return seg
 
     def adapters(self) -> list[str]:
         """The adapter names used by some row ("__base__" excluded)."""
@@ -116,8 +136,9 @@ def _check_rows(n_names: int, x: torch.Tensor, where: str) -> None:
     if x.shape[0] != n_names:
         raise ValueError(
             f"{where}: got {n_names} adapter names for a batch of {x.shape[0]} rows; give one name per row "
-            "(dim 0). With beam search or num_return_sequences=n, the batch has n rows per input: "
-            "repeat each name n times ([a for a in names for _ in range(n)])"
+            "(dim 0). With beam search, pass generate's num_beams to mixed_batch(..., num_beams=n); with "
+            "num_return_sequences=n the batch has n rows per input: repeat each name n times "
+            "([a for a in names for _ in range(n)])"
         )
 
 
@@ -281,7 +302,8 @@ def lora_linear_mixed(
     A, B = stack_adapters([lora_As[i] for i in used], [lora_Bs[i] for i in used])
     vectors = scalar_vectors([scalings[i] for i in used], [dropout_ps[i] for i in used], x.device)
     row_slots = torch.tensor([slot.get(r, -1) for r in rows], dtype=torch.int64).to(x.device, non_blocking=True)
-    return lora_linear_segmented(x, weight, bias, A, B, vectors, row_slots, backend="triton")
+    seg = token_segments(row_slots, x.shape, len(used))
+    return lora_linear_segmented(x, weight, bias, A, B, vectors, seg, backend="triton")
 
 
 # ---- one layer --------------------------------------------------------------------------
@@ -295,6 +317,8 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
     model): a name this layer lacks runs its base alone, as in PEFT.
     """
     groups = adapter_names if isinstance(adapter_names, RowGroups) else RowGroups(adapter_names)
+    if x.dim() >= 2:
+        groups = groups.for_rows(x.shape[0])
     _check_rows(len(groups), x, "LoraLinear")
     if layer.merged_adapters:
         raise ValueError(
@@ -360,8 +384,8 @@ def _fused_layer_forward(layer, x, w, bias, groups: RowGroups, used: list[str], 
     """The SGMV path of `layer_forward`: the layer's adapters stacked once and kept while
     no adapter weight, scaling or dropout changes (`_layer_stacks`); one fused op."""
     A, B, vectors, names = _layer_stacks(layer, used, dtype, x.device)
-    row_slots = groups.slots(names, x.device)
-    return lora_linear_segmented(x, w, bias, A, B, vectors, row_slots, backend="triton")
+    seg = groups.segments(names, x.shape, x.device)
+    return lora_linear_segmented(x, w, bias, A, B, vectors, seg, backend="triton")
 
 
 def _layer_stacks(layer, used: list[str], dtype, device):
@@ -406,9 +430,10 @@ def _saved_module_forward(wrapper, groups: RowGroups):
     def forward(inp, *args, **kwargs):
         if wrapper.disable_adapters:
             return wrapper.original_module(inp, *args, **kwargs)
-        _check_rows(len(groups), inp, "modules_to_save module")
+        groups_here = groups.for_rows(inp.shape[0]) if inp.dim() >= 2 else groups
+        _check_rows(len(groups_here), inp, "modules_to_save module")
         by_module: dict[int, tuple[nn.Module, list[int]]] = {}
-        for name, rows in groups.groups.items():
+        for name, rows in groups_here.groups.items():
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
             by_module.setdefault(id(module), (module, []))[1].extend(rows)
         if len(by_module) == 1:
@@ -421,7 +446,7 @@ def _saved_module_forward(wrapper, groups: RowGroups):
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"mixed batches support modules_to_save modules that return a tensor, got {type(part).__name__}")
             if out is None:
-                out = part.new_zeros((len(groups), *part.shape[1:]))
+                out = part.new_zeros((len(groups_here), *part.shape[1:]))
             out = out.index_copy(0, idx, part.to(out.dtype))
         return out
 
@@ -431,13 +456,13 @@ def _saved_module_forward(wrapper, groups: RowGroups):
 # ---- the model-level context manager ------------------------------------------------------
 
 
-def check_model_names(model: nn.Module, names: Sequence[str]) -> RowGroups:
+def check_model_names(model: nn.Module, names: Sequence[str], num_beams: int = 1) -> RowGroups:
     """Check `names` against the model: known adapters, nothing merged, no DoRA among them.
     Raises before anything runs; returns the row groups."""
     from lorakern.model import adapter_state, lora_layers
 
     state = adapter_state(model)
-    groups = RowGroups(names)
+    groups = RowGroups(names, num_beams)
     unknown = [n for n in groups.adapters() if n not in state.configs]
     if unknown:
         raise ValueError(
@@ -455,13 +480,16 @@ def check_model_names(model: nn.Module, names: Sequence[str]) -> RowGroups:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: int = 1) -> Iterator[nn.Module]:
     """Context manager: inside it, row b of every batch runs through adapter ``adapter_names[b]``
     (``"__base__"``: the base model alone), in every LoraLinear and modules_to_save module.
 
     PEFT's ``peft_model(..., adapter_names=[...])`` for a lorakern model, forward and
     backward, through ``model.generate(...)`` too (each generated token of a row keeps
-    its adapter; with beam search or num_return_sequences=n give each name n times).
+    its adapter). Beam search: pass generate's ``num_beams`` here too, and give one name
+    per input: as PEFT, each is repeated for its beams where the batch was expanded (an
+    encoder-decoder's encoder keeps the original rows). For num_return_sequences=n
+    without beams, give each name n times (or pass num_beams=n).
     Names are checked first: an unknown name, merged adapters or a DoRA adapter raise
     before anything changes. The active adapters (set_adapter) are ignored inside; on
     exit (also on an exception) the model is as before.
@@ -477,7 +505,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     """
     from lorakern.model import lora_layers, saved_modules
 
-    groups = check_model_names(model, adapter_names)
+    groups = check_model_names(model, adapter_names, num_beams)
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [w for _, w in saved_modules(model)]
     before_layers = [layer.__dict__.get("_mixed_adapter_names") for layer in layers]

@@ -39,18 +39,17 @@ def _implementation(backend: str):
 
 
 class MixedLoraFunction(torch.autograd.Function):
-    """``apply(x, weight, bias, A, B, scale, inv_keep, p, row_adapter, seed, backend)``.
+    """``apply(x, weight, bias, A, B, scale, inv_keep, p, seg, seed, backend)``.
 
     x [M, K] (2-D), weight [N, K] | None, bias [N] | None, A [n, R, K], B [n, N, R],
     scale [n] fp32 (s_a), inv_keep [n] fp32 (1/(1-p_a)), p [n] fp32 (-1 for no dropout)
-    or None, row_adapter [M] int64 on x's device, seed int, backend "triton" | "reference".
-    Returns y [M, N] in x's dtype.
+    or None, seg = `reference.segments` of the rows' adapters (on x's device), seed int,
+    backend "triton" | "reference". Returns y [M, N] in x's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, inv_keep, p, row_adapter, seed, backend):
+    def forward(ctx, x, weight, bias, A, B, scale, inv_keep, p, seg, seed, backend):
         impl = _implementation(backend)
-        seg = reference.segments(row_adapter, A.shape[0])
         S = impl.sgmv_shrink(x, A, seg, inv_keep, p, seed)
         if weight is None:
             y = x.new_zeros((x.shape[0], B.shape[1]))
@@ -108,6 +107,14 @@ def scalar_vectors(scalings: Sequence[float], dropout_ps: Sequence[float], devic
     return move(scale), move(inv_keep), move(p)
 
 
+def token_segments(row_adapter: torch.Tensor, x_shape: torch.Size, n: int) -> tuple:
+    """`reference.segments` of the rows of x's 2-D view [Bt·T, K] (T = the product of x's
+    middle dims), each taking its batch row's adapter: row_adapter [Bt] int64 in [-1, n)."""
+    tokens = math.prod(x_shape[1:-1])
+    per_row = row_adapter if tokens == 1 else row_adapter.repeat_interleave(tokens)
+    return reference.segments(per_row, n)
+
+
 def lora_linear_segmented(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -115,27 +122,25 @@ def lora_linear_segmented(
     A: torch.Tensor,
     B: torch.Tensor,
     vectors: tuple,
-    row_adapter: torch.Tensor,
+    seg: tuple,
     *,
     backend: str,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """The fused mixed batch on x [Bt, ..., K] (row = dim 0): row b through adapter
-    row_adapter[b] of the stacks A [n, R, K], B [n, N, R] (-1: base alone).
+    """The fused mixed batch on x [Bt, ..., K] (row = dim 0): each row of x's 2-D view
+    through its adapter of the stacks A [n, R, K], B [n, N, R] (none: base alone).
 
-    vectors: `scalar_vectors(...)` on x's device; row_adapter: [Bt] int64 on x's device
-    (values in [-1, n), checked by the caller). Under autocast x, weight and bias are cast
-    as F.linear casts them, the stacks keep fp32 or are cast. Returns [Bt, ..., N].
+    vectors: `scalar_vectors(...)` on x's device; seg: `token_segments(...)` (adapter
+    indices checked by the caller). Under autocast x, weight and bias are cast as F.linear
+    casts them, the stacks keep fp32 or are cast. Returns [Bt, ..., N].
     """
     scale, inv_keep, p = vectors
     if seed is None:
         seed = draw_seed() if p is not None else 0
     x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
-    tokens = math.prod(x.shape[1:-1])  # rows of the 2-D view per batch row
-    row_tokens = row_adapter if tokens == 1 else row_adapter.repeat_interleave(tokens)
     with _autocast_off(x.device.type):
-        y = MixedLoraFunction.apply(rows(x), weight, bias, A, B, scale, inv_keep, p, row_tokens, seed, backend)
+        y = MixedLoraFunction.apply(rows(x), weight, bias, A, B, scale, inv_keep, p, seg, seed, backend)
     return unrows(y, x)
 
 
-__all__ = ["MixedLoraFunction", "lora_linear_segmented", "scalar_vectors", "stack_adapters"]
+__all__ = ["MixedLoraFunction", "lora_linear_segmented", "scalar_vectors", "stack_adapters", "token_segments"]

@@ -19,6 +19,7 @@ from torch import nn
 
 import lorakern
 from lorakern.model import lora_layers
+from tests.conftest import requires_triton
 from tests.test_model_helpers import input_ids
 from tests.utils import RTOL, assert_close
 
@@ -250,9 +251,14 @@ def _out(out):
     return out.logits
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
 @pytest.mark.parametrize("case", ["llama", "gpt2", "bert"])
-def test_mixed_batch_matches_peft(case, request):
+def test_mixed_batch_matches_peft(case, backend, request):
+    """Both paths: the per-adapter loop (reference) and the SGMV kernels (Triton; in the
+    interpreter on CPU)."""
     pm, model = _both(_base(case, request), CASES[case])
+    for _, layer in lora_layers(model):
+        layer.backend = backend
     ids = input_ids(batch=7, seq=6, seed=3)
     names = ["two", "one", BASE, "tri", "one", "two", BASE]  # odd count, interleaved, "tri" only in some layers
     with torch.no_grad():
@@ -317,6 +323,33 @@ def test_generate_keeps_each_rows_adapter(case, request):
                 ref = model.generate(one, attention_mask=torch.ones_like(one), **kw)
             assert torch.equal(ours[row:row + 1], ref), f"row {row} ({name})"
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2"])
+def test_beam_search_repeats_each_name_for_its_beams_as_peft(case, request):
+    pm, model = _both(request.getfixturevalue(case), CASES[case])
+    ids = input_ids(batch=3, seq=5, seed=11)
+    names = ["two", BASE, "one"]
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    with torch.no_grad():
+        with lorakern.mixed_batch(model, names, num_beams=2):
+            ours = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        theirs = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+        lorakern.set_adapter(model, "one")
+        alone = model.generate(ids[2:], attention_mask=torch.ones_like(ids[2:]), **kw)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[2:], alone)
+    # without num_beams the expanded batch is refused, naming the fix
+    with lorakern.mixed_batch(model, names), pytest.raises(ValueError, match="num_beams"):
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+
+
+def test_num_beams_is_validated(llama):
+    _, model = _both(llama, CASES["llama"])
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_beams"):
+            with lorakern.mixed_batch(model, ["one"], num_beams=bad):
+                pass
 
 
 # ---------------------------------------------------------------------------- errors

@@ -234,13 +234,13 @@ def test_fused_op_dropout_grads_match_the_reference_implementation_bit_for_bit()
     for backend in ("triton", "reference"):
         for t in (x, W, A, B):
             t.grad = None
-        y = MixedLoraFunction.apply(x, W, None, A, B, *vec, ra, SEED, backend)
+        y = MixedLoraFunction.apply(x, W, None, A, B, *vec, reference.segments(ra, n), SEED, backend)
         y.backward(dy)
         outs.append([y.detach(), x.grad.clone(), W.grad.clone(), A.grad.clone(), B.grad.clone()])
     for name, a, b in zip(["y", "dx", "dW", "dA", "dB"], *outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     # and the mask really drops: the same call without dropout differs
-    y0 = MixedLoraFunction.apply(x, W, None, A, B, vec[0], torch.ones_like(vec[1]), None, ra, SEED, "triton")
+    y0 = MixedLoraFunction.apply(x, W, None, A, B, vec[0], torch.ones_like(vec[1]), None, reference.segments(ra, n), SEED, "triton")
     assert not torch.allclose(y0, outs[0][0])
 
 
