@@ -414,11 +414,9 @@ class LoraLinear(nn.Module):
         `lorakern.mixed_batch(model, names)` the names come from the context instead.
         """
         if adapter_names is not None:
-            self._check_no_lora_bias_mixed()
             return mixed_batch_forward(self, x, adapter_names, strict=True)
         groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
         if groups is not None:
-            self._check_no_lora_bias_mixed()
             return mixed_batch_forward(self, x, groups, strict=False)
         if self.disable_adapters:
             if self.merged:
@@ -446,10 +444,6 @@ class LoraLinear(nn.Module):
         if mixed:
             return lora_linear_multi(x.to(w.dtype), w, bias, adapters, self.backend).to(x.dtype)
         return lora_linear_multi(x, w, bias, adapters, self.backend)
-
-    def _check_no_lora_bias_mixed(self) -> None:
-        if any(self.lora_bias.values()):
-            raise NotImplementedError("a mixed batch (adapter_names) with lora_bias adapters is not implemented yet")
 
     def _lora_bias_sum(self, active: list[str]) -> torch.Tensor | None:
         """Σ s_i·b_i over the active adapters with lora_bias, in fp32 (fp64 adapters: fp64),

@@ -290,7 +290,8 @@ def lora_linear_mixed(
     """
     rows, dropout_ps, out_features = _check_mixed(x, weight, lora_As, lora_Bs, scalings, row_adapter, dropout_ps)
     used = sorted(set(rows) - {-1})
-    if not used or not _fused(x, backend):
+    # one adapter on every row is the single-adapter op (its decode variants, its mask)
+    if not used or (len(used) == 1 and -1 not in rows) or not _fused(x, backend):
         return _looped(x, weight, bias, lora_As, lora_Bs, scalings, rows, dropout_ps, out_features, backend)
     for i in used:  # the single-adapter op's checks: shapes, dtypes, devices, values
         _check_devices(x, weight, bias, lora_As[i], lora_Bs[i])
@@ -338,6 +339,27 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
         raise NotImplementedError(f"DoRA adapters {dora} in a mixed batch are not implemented; run them alone")
     if layer.disable_adapters or not used:
         return layer._base_forward(x)
+    y = _layer_lora_forward(layer, x, groups, used)
+    return _add_lora_bias(layer, y, groups, used)
+
+
+def _add_lora_bias(layer, y: torch.Tensor, groups: RowGroups, used: list[str]) -> torch.Tensor:
+    """PEFT's lora_bias in a mixed batch: s·b of each adapter added to its rows alone
+    (PEFT's lora_B(lora_A(x))·s carries the bias into those rows only). Differentiable in b."""
+    for name in used:
+        if not layer.lora_bias.get(name, False):
+            continue
+        sb = (layer.lora_B[name].bias * layer.scaling[name]).to(y.dtype)
+        idx = groups.index(name, y.device)
+        if idx is None:
+            y = y + sb
+        else:
+            y = y.index_add(0, idx, sb.expand(len(idx), *y.shape[1:]))
+    return y
+
+
+def _layer_lora_forward(layer, x: torch.Tensor, groups: RowGroups, used: list[str]) -> torch.Tensor:
+    """`layer_forward` past the checks: base plus each row's adapter term (no lora_bias)."""
     autocast = torch.is_autocast_enabled(x.device.type)
 
     def adapter_groups(dtype: torch.dtype | None):
@@ -370,7 +392,7 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
     w = layer.base_weight()
     bias = layer.base_layer.bias
     mixed_dtype = x.is_floating_point() and x.dtype != w.dtype and not autocast
-    if _fused(x, layer.backend):
+    if _fused(x, layer.backend) and len(groups.groups) > 1:  # one adapter on every row: the single op
         xc = x.to(w.dtype) if mixed_dtype else x
         y = _fused_layer_forward(layer, xc, w, bias, groups, used, None if autocast else w.dtype)
         return y.to(x.dtype) if mixed_dtype else y

@@ -255,10 +255,48 @@ def test_default_init_zero_bias_and_refusals():
         lorakern.LoraConfig(lora_bias=True, init_lora_weights="gaussian")
     with pytest.raises(TypeError, match="lora_bias"):
         lorakern.LoraConfig(lora_bias="true")
-    with pytest.raises(NotImplementedError, match="lora_bias"):
-        layer(x, adapter_names=["default"] * 4)
     cfg = lorakern.LoraConfig(r=2, lora_bias=True, target_modules=["q"])
     d = cfg.to_peft_dict()
     assert d["lora_bias"] is True
     assert lorakern.LoraConfig.from_peft_dict(d).lora_bias is True
     assert lorakern.LoraConfig().to_peft_dict()["lora_bias"] is False
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mixed_batch_adds_each_rows_lora_bias_as_peft(case, backend):
+    """Two lora_bias adapters and base rows in one batch: PEFT's mixed-batch logits (its
+    lora_B(lora_A(x))·s carries s·b into the adapter's rows only), on both mixed paths."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    name, base, kwargs, pm = case
+    pm = copy.deepcopy(pm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.add_adapter("other", peft.LoraConfig(**dict(kwargs, r=2, lora_alpha=3)))
+    torch.manual_seed(12)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".other." in n:
+                p.normal_(0, 0.5)
+    pm.eval()
+    model = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(**kwargs), backend=backend)
+    lorakern.inject(model, lorakern.LoraConfig(**dict(kwargs, r=2, lora_alpha=3)), adapter_name="other", backend=backend)
+    theirs = pm.state_dict()
+    model.load_state_dict({k: theirs[PREFIX + k] for k in model.state_dict()})
+    model.eval()
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        ref = pm(input_ids=ids, adapter_names=names).logits
+        with lorakern.mixed_batch(model, names):
+            out = _logits(model, ids)
+    assert_close(out, ref, LOGITS_TOL, f"{name} mixed logits")
+    # and the biases do reach their rows: without them the adapter rows differ
+    with torch.no_grad():
+        for layer in (m for _, m in lora_layers(model)):
+            for b in ("default", "other"):
+                layer.lora_B[b].bias.zero_()
+        with lorakern.mixed_batch(model, names):
+            zeroed = _logits(model, ids)
+    assert not torch.allclose(zeroed[0], out[0]) and not torch.allclose(zeroed[2], out[2])
+    assert_close(zeroed[1], out[1], LOGITS_TOL, "base row")
