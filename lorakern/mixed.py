@@ -424,22 +424,40 @@ def _layer_stacks(layer, used: list[str], dtype, device):
     grad = torch.is_grad_enabled() and any(
         a_mods[n]._parameters["weight"].requires_grad or b_mods[n]._parameters["weight"].requires_grad for n in used
     )
+    if not grad:
+        entry = layer.__dict__.get("_sgmv_stacks")
+        if entry is not None and _stacks_current(layer, entry[0], dtype, device):
+            return entry[1]
     names = list(used) if grad else list(a_mods)
     params = [(a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"]) for n in names]
-    scalars = ([layer.scaling[n] for n in names], [layer._dropout_arg(n, False, False) for n in names])
-    key = (tuple(names), dtype, device, tuple(scalars[0]), tuple(scalars[1]))
-    entry = None if grad else layer.__dict__.get("_sgmv_stacks")
-    if entry is not None and entry[0] == key and all(
-        a is a0 and b is b0 and a._version == va and b._version == vb for (a, b), (a0, va, b0, vb) in zip(params, entry[1])
-    ):
-        return entry[2]
+    ps = [layer._dropout_arg(n, False, False) for n in names]
     cast = (lambda t: t) if dtype is None else (lambda t: t if t.dtype in (dtype, torch.float32) else t.to(dtype))
     with torch.no_grad() if not grad else contextlib.nullcontext():
         A, B = stack_adapters([cast(a) for a, _ in params], [cast(b) for _, b in params])
-    value = (A, B, scalar_vectors(*scalars, device), tuple(names))
+    value = (A, B, scalar_vectors([layer.scaling[n] for n in names], ps, device), tuple(names))
     if not grad:
-        layer.__dict__["_sgmv_stacks"] = (key, [(a, a._version, b, b._version) for a, b in params], value)
+        state = (
+            dtype, device, layer.training, dict(layer.scaling), dict(layer.lora_dropout) if layer.training else None,
+            list(a_mods.values()), list(b_mods.values()), [(t, t._version) for pair in params for t in pair],
+        )
+        layer.__dict__["_sgmv_stacks"] = (state, value)
     return value
+
+
+def _stacks_current(layer, state, dtype, device) -> bool:
+    """Whether the cached stacks still hold the layer's adapters: same dtype, device and
+    mode, scalings and dropout, the same adapter modules (Module == is identity) holding
+    the same parameters at the same versions. Cheap: a decode step calls it per layer."""
+    s_dtype, s_device, training, scaling, dropout, a_list, b_list, tensors = state
+    if s_dtype != dtype or s_device != device or training != layer.training or scaling != layer.scaling:
+        return False
+    if training and dropout != layer.lora_dropout:
+        return False
+    a_mods, b_mods = layer.lora_A._modules, layer.lora_B._modules
+    if list(a_mods.values()) != a_list or list(b_mods.values()) != b_list:
+        return False
+    current = (m._parameters["weight"] for pair in zip(a_list, b_list) for m in pair)
+    return all(t is c and t._version == v for c, (t, v) in zip(current, tensors))
 
 
 # ---- modules_to_save copies ------------------------------------------------------------

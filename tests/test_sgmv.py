@@ -295,17 +295,17 @@ def test_layer_path_serves_from_cached_stacks_and_rebuilds_them_on_change():
     with torch.no_grad():
         with lorakern.mixed_batch(m, NAMES):
             y = m(x)
-        stacks = layer.__dict__["_sgmv_stacks"][2]
+        stacks = layer.__dict__["_sgmv_stacks"][1]
         with lorakern.mixed_batch(m, NAMES):
             y2 = m(x)
-        assert layer.__dict__["_sgmv_stacks"][2] is stacks  # reused, not rebuilt
+        assert layer.__dict__["_sgmv_stacks"][1] is stacks  # reused, not rebuilt
         assert torch.equal(y, y2)
         torch.testing.assert_close(y, _ref_forward(m, x, NAMES), rtol=1e-5, atol=1e-5)
         # an in-place update of one adapter (an optimiser step, a hot-swap by copy_)
         layer.lora_B["b"].weight.mul_(2)
         with lorakern.mixed_batch(m, NAMES):
             y3 = m(x)
-        assert layer.__dict__["_sgmv_stacks"][2] is not stacks
+        assert layer.__dict__["_sgmv_stacks"][1] is not stacks
         torch.testing.assert_close(y3, _ref_forward(m, x, NAMES), rtol=1e-5, atol=1e-5)
         # a replaced parameter, a new scaling, a deleted adapter
         layer.lora_A["default"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_A["default"].weight))
@@ -357,3 +357,20 @@ def test_cuda_many_adapters_at_llama_shapes(M):
     y_loop = lora_linear_looped(x, W, None, As, Bs, [2.0] * n, ra, backend="triton")
     check_against_oracle(y, y_loop, y64, dt, "y")
 
+
+
+def test_layer_stacks_follow_train_eval_and_dropout_changes():
+    torch.manual_seed(3)
+    layer = lorakern.LoraLinear(torch.nn.Linear(K, N), r=4, adapter_name="a", init_lora_weights=False,
+                                lora_dropout=0.0, backend="triton").to(KERNEL_DEVICE)
+    layer.update_layer("b", 2, 4, init_lora_weights=False)
+    x = torch.randn(4, K, device=KERNEL_DEVICE)
+    names = ["a", "b", "__base__", "a"]
+    with torch.no_grad():
+        y_eval = layer.eval()(x, adapter_names=names)
+        layer.lora_dropout["a"] = 0.5
+        assert torch.equal(layer(x, adapter_names=names), y_eval)  # eval: no dropout at all
+        y_train = layer.train()(x, adapter_names=names)  # dropout on "a" rows now
+        assert not torch.allclose(y_train[0], y_eval[0]) and torch.allclose(y_train[1], y_eval[1])
+        layer.lora_dropout["a"] = 0.0
+        torch.testing.assert_close(layer(x, adapter_names=names), y_eval)
