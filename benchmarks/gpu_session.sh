@@ -37,6 +37,13 @@
 #                                          # base vs PEFT DoRA vs lorakern DoRA vs plain lorakern, r = 16,
 #                                          # same A, B and magnitude, on the four Llama-3-8B projections
 #                                          # at M = 16 and 8192 + memory rows (two runs of two shapes)
+#   bash benchmarks/gpu_session.sh mixed   # one call (<= ~3 min): the CUDA tests of the SGMV kernels
+#                                          # (tests/test_sgmv.py, if present), then the mixed-batch rows
+#                                          # (issue 14) in bf16: base vs PEFT's mixed batch vs lorakern's
+#                                          # per-adapter loop vs lorakern.lora_linear_mixed vs a LoraLinear
+#                                          # with adapter_names=, 1 / 8 / 64 adapters of r = 16 across the
+#                                          # batch, M = 16, 64, 256 (decode) and 2048 (prefill), on 4096x4096
+#                                          # and 4096x14336 (two runs, one shape each)
 #
 # Everything lands in $OUT (the device tool's output folder; out/gpu when run by hand),
 # at most 8 files and no deeper than $OUT/name, as the device tool brings back: bench
@@ -47,7 +54,7 @@
 # (LORAKERN_AUTOTUNE=0), and so does `lorakern check`; the benchmarks autotune.
 # pytest runs under `timeout -s INT`: a run cut by its limit still prints its failures.
 set -u
-stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora|dora}
+stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora|dora|mixed}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -224,6 +231,37 @@ dora)
         tar xzf "$OUT/dora-$part.tgz" -O "dora-$part/dora-$part.log" | sed -n '/^| target/,/^$/p'
         grep -A12 "^| mode | K×N | M | r | p | base ms" <(tar xzf "$OUT/dora-$part.tgz" -O "dora-$part/results.md" 2>/dev/null)
         tar xzf "$OUT/dora-$part.tgz" -O "dora-$part/dora-$part.log" | tail -n 1
+    done
+    ;;
+mixed)
+    # Many adapters in one batch. The SGMV kernels' CUDA tests first (only the interpreter has
+    # run them; MIXED_TESTS=0 skips), then the suite: the targets are lorakern with 64 distinct
+    # adapters <= 1.3x one shared adapter and >= 10x PEFT (decode), prefill M = 2048 with 8
+    # adapters <= 1.15x base.
+    machine_info
+    "$PY" -c "import peft; print('peft', peft.__version__)" >> "$OUT/machine.txt" 2>&1
+    if [ "${MIXED_TESTS:-1}" = 0 ]; then
+        echo "skipped (MIXED_TESTS=0)" > "$OUT/mixed-tests.log"
+    elif [ -f tests/test_sgmv.py ]; then
+        LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 "${MIXED_TESTS_S:-60}" "$PY" -m pytest -q --tb=short \
+            --show-capture=no -p no:cacheprovider -m cuda tests/test_sgmv.py > "$OUT/mixed-tests.log" 2>&1
+        echo "rc=$?" >> "$OUT/mixed-tests.log"
+    else
+        echo "tests/test_sgmv.py is not in this tree: no SGMV kernel tests ran" > "$OUT/mixed-tests.log"
+    fi
+    tail -n 5 "$OUT/mixed-tests.log"
+    for part in "a 4096x4096 75" "b 4096x14336 95"; do
+        set -- $part
+        timeout "$3" "$PY" -m lorakern.cli bench --suite mixed --shapes custom --kn "$2" --tokens 16 64 256 2048 \
+            --adapters 1 8 64 --out "$OUT/mixed-$1" > "$OUT/mixed-$1.log" 2>&1
+        echo "bench rc=$?" >> "$OUT/mixed-$1.log"
+        mkdir -p "$OUT/mixed-$1" && mv "$OUT/mixed-$1.log" "$OUT/mixed-$1/"
+        tar czf "$OUT/mixed-$1.tgz" -C "$OUT" "mixed-$1" && rm -rf "$OUT/mixed-$1"
+    done
+    tail -n 2 "$OUT/machine.txt"
+    for part in a b; do
+        tar xzf "$OUT/mixed-$part.tgz" -O "mixed-$part/mixed-$part.log" | sed -n '/^| target/,/^$/p'
+        tar xzf "$OUT/mixed-$part.tgz" -O "mixed-$part/mixed-$part.log" | tail -n 1
     done
     ;;
 fused)

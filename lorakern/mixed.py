@@ -170,7 +170,7 @@ def _mixed(
             y = y + lora_linear(x, None, None, A, B, s, dropout_p=p, backend=backend).to(y.dtype)
             continue
         out = lora_linear(x.index_select(0, idx), None, None, A, B, s, dropout_p=p, backend=backend)
-        y = y.index_add(0, idx, out.to(y.dtype))
+        y.index_add_(0, idx, out.to(y.dtype))  # in place: an out-of-place add copies y per adapter
     return y
 
 

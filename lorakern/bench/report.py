@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,8 @@ ROW_COLUMNS = (
     "provider", "mode", "K", "N", "M", "r", "dtype", "dropout", "median_ms", "p20_ms", "p80_ms", "reps",
     "tflops", "gbps", "ratio_to_base", "roofline_frac", "rel_err", "agrees", "bits_per_param",
 )
+MIXED_ROW_COLUMNS = ROW_COLUMNS[:2] + ("phase",) + ROW_COLUMNS[2:6] + ("adapters", "distinct") + ROW_COLUMNS[6:12] + (
+    "tokens_per_s", "base_ms") + ROW_COLUMNS[12:18]
 MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes", "weight_bytes")
 E2E_COLUMNS = (
     "provider", "size", "params", "trainable_params", "tokens_per_step", "step_ms_median", "step_ms_p20",
@@ -23,6 +26,7 @@ PROVIDER_STYLE = {
     "base-bf16": ("black", "--"), "bnb-4bit": ("tab:gray", "--"), "peft-qlora": ("tab:red", "-"),
     "lorakern-qlora": ("tab:blue", "-"),
     "peft-dora": ("tab:red", "-"), "lorakern-dora": ("tab:blue", "-"),
+    "lorakern-loop": ("tab:purple", ":"),
 }
 
 
@@ -69,6 +73,8 @@ def _err_cell(row: dict) -> str:
 
 def timing_table(results: dict) -> str:
     """Markdown: one row per measurement, grouped by shape and mode."""
+    if results.get("config", {}).get("suite") == "mixed":
+        return mixed_timing_table(results)
     header = ["mode", "K×N", "M", "r", "p", "provider", "median ms", "p20–p80 ms", "TFLOP/s", "GB/s",
               "× base", "roofline", "rel err"]
     order = {name: i for i, name in enumerate(results.get("providers", []))}
@@ -130,6 +136,35 @@ def dora_table(results: dict) -> str:
     return _table(header, body)
 
 
+def mixed_timing_table(results: dict) -> str:
+    """Markdown (mixed-batch runs): one row per measurement, with the adapter counts and tokens/s."""
+    header = ["mode", "phase", "K×N", "M", "r", "adapters", "distinct", "provider", "median ms", "p20–p80 ms",
+              "tokens/s", "× base", "GB/s", "roofline", "rel err"]
+    order = {name: i for i, name in enumerate(results.get("providers", []))}
+    rows = sorted(results["rows"], key=lambda r: (("decode", "fwd", "fwd+bwd").index(r["mode"]), r["K"], r["N"],
+                                                   r["r"], r["M"], r["adapters"], order.get(r["provider"], 99)))
+    body = [[
+        r["mode"], r["phase"], f"{r['K']}×{r['N']}", str(r["M"]), str(r["r"]), str(r["adapters"] or "–"),
+        str(r["distinct"] or "–"), r["provider"], _fmt(r["median_ms"]), f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}",
+        _fmt(r["tokens_per_s"], 4), _fmt(r["ratio_to_base"]), _fmt(r["gbps"], 2), _fmt(r["roofline_frac"], 2),
+        _err_cell(r),
+    ] for r in rows]
+    return _table(header, body)
+
+
+def mixed_table(results: dict) -> str:
+    """Markdown: per (mode, shape, M, adapters) and lorakern provider, the times and the issue's ratios."""
+    header = ["mode", "phase", "K×N", "M", "adapters", "distinct", "provider", "ms", "tokens/s", "× base",
+              "peft ms", "peft / provider", "lorakern-loop / provider", "provider / 1 shared"]
+    modes = ("decode", "fwd", "fwd+bwd")
+    ratios = sorted(results["mixed"]["ratios"], key=lambda d: (modes.index(d["mode"]), d["K"], d["N"], d["r"], d["M"],
+                                                                d["adapters"], d["provider"]))
+    body = [[d["mode"], d["phase"], f"{d['K']}×{d['N']}", str(d["M"]), str(d["adapters"]), str(d["distinct"]),
+             d["provider"], _fmt(d["ms"]), _fmt(d["tokens_per_s"], 4), _fmt(d["over_base"]), _fmt(d["peft_ms"]),
+             _fmt(d["peft_over"]), _fmt(d["loop_over"]), _fmt(d["over_shared"])] for d in ratios]
+    return _table(header, body)
+
+
 def targets_table(results: dict) -> str:
     header = ["target", "measured", "limit", "met", "detail"]
     body = [[t["target"], _fmt(t["value"]), "–" if t["limit"] is None else f"{t['op']} {t['limit']}",
@@ -143,8 +178,10 @@ def to_markdown(results: dict) -> str:
     cfg = results["config"]
     quant = results.get("quant")
     dora = results.get("dora")
+    mixed = results.get("mixed")
+    kind = "QLoRA " if quant else "DoRA " if dora else "mixed-batch " if mixed else ""
     parts = [
-        f"# lorakern {'QLoRA ' if quant else 'DoRA ' if dora else ''}benchmark — {results['machine']['card']}",
+        f"# lorakern {kind}benchmark — {results['machine']['card']}",
         "",
         machine_line(results) + ".",
         "",
@@ -159,7 +196,8 @@ def to_markdown(results: dict) -> str:
         "time; `× base` = median / the frozen nn.Linear's median (same shape, mode); `rel err` = ‖y − y_fp64‖/‖y_fp64‖.",
         "",
         "Modes: `fwd` = training forward (autograd recording, W frozen); `fwd+bwd` = forward + backward; "
-        "`decode` = inference forward (torch.inference_mode) at M ≤ 16.",
+        "`decode` = inference forward (torch.inference_mode) at M ≤ 16"
+        + (" (mixed-batch rows: at every M)." if mixed else "."),
     ]
     if quant:
         v = quant.get("versions", {})
@@ -177,8 +215,21 @@ def to_markdown(results: dict) -> str:
                   f"same A, B. Both DoRA providers get the same A, B and magnitude ({dora['magnitude']}); `rel err` "
                   "against fp64 of PEFT's formula g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + bias, g = m / ‖W + s·B A‖_row "
                   f"(plain LoRA's for `lorakern`). peft {dora['versions'].get('peft') or 'absent'}."]
+    if mixed:
+        parts += ["", "Mixed-batch rows: one LoRA adapter per batch row, chosen among `adapters` (n) adapters of rank r "
+                  f"({mixed['assignment']}; `distinct` = adapters in the batch, min(n, M)); {mixed['scaling']}. "
+                  "`base` = F.linear alone; `peft` = one PEFT LoRA Linear holding all n adapters, called "
+                  "`layer(x, adapter_names=[...])` (PEFT's mixed batch); `lorakern-loop` = "
+                  "lorakern.mixed.lora_linear_looped (the fused single-adapter op per adapter group); `lorakern` = "
+                  "lorakern.lora_linear_mixed (backend auto; on CPU the same loop); `lorakern-layer` = one LoraLinear holding "
+                  "all n adapters, called `layer(x, adapter_names=[...])`. Mode `decode` = inference "
+                  f"forward (torch.inference_mode) at every M; phase `decode` for M ≤ {mixed['decode_batch_max_M']}, "
+                  "`prefill` above. `rel err` against fp64 of x Wᵀ + s_i·(x A_iᵀ) B_iᵀ per row. "
+                  f"peft {mixed['versions'].get('peft') or 'absent'}."]
     if results["targets"]:
         parts += ["", "## Targets", "", targets_table(results)]
+    if mixed and mixed.get("ratios"):
+        parts += ["", "## Mixed batches: providers and ratios (median ms)", "", mixed_table(results)]
     if dora and dora.get("ratios"):
         parts += ["", "## lorakern DoRA vs PEFT DoRA (median ms)", "", dora_table(results)]
     if quant and quant.get("weights"):
@@ -298,6 +349,44 @@ def plot_memory(results: dict, path: Path) -> bool:
     return True
 
 
+def plot_mixed(results: dict, mode: str, path: Path) -> bool:
+    """Mixed-batch runs: time / base vs tokens M, one panel per (K, N, adapters), one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["mode"] == mode and r["ratio_to_base"] is not None and r["provider"] != "base"]
+    shapes = sorted({(r["K"], r["N"]) for r in rows})
+    counts = sorted({r["adapters"] for r in rows})
+    if not rows:
+        return False
+    fig, axes = plt.subplots(len(shapes), len(counts), figsize=(4.2 * len(counts), 3.4 * len(shapes)), squeeze=False)
+    for (i, (K, N)), (j, n) in itertools.product(enumerate(shapes), enumerate(counts)):
+        ax = axes[i][j]
+        for provider in results["providers"]:
+            pts = sorted((r["M"], r["ratio_to_base"]) for r in rows
+                         if (r["K"], r["N"], r["adapters"], r["provider"]) == (K, N, n, provider))
+            if pts:
+                color, style = PROVIDER_STYLE.get(provider, ("gray", "-"))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=4, color=color, label=provider)
+        ax.axhline(1.0, color="black", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"K={K} N={N}, {n} adapter{'s' if n > 1 else ''}", fontsize=10)
+        ax.set_xlabel("tokens M (one adapter per row)")
+        ax.set_ylabel("time / base")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"mixed batches, {mode}: time relative to the frozen base (lower is better) — {m['card']} "
+                 f"({m['device']}), {results['config']['dtype']}", fontsize=11, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _matplotlib_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -314,7 +403,8 @@ def write_results(results: dict, out: str | Path, plots: bool = True) -> list[Pa
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     written.append(path)
-    for name, columns, rows in (("results.csv", ROW_COLUMNS, results["rows"]),
+    row_columns = MIXED_ROW_COLUMNS if results.get("mixed") else ROW_COLUMNS
+    for name, columns, rows in (("results.csv", row_columns, results["rows"]),
                                 ("memory.csv", MEMORY_COLUMNS, results["memory"]),
                                 ("e2e.csv", E2E_COLUMNS, results["e2e"])):
         if rows or name == "results.csv":
@@ -325,6 +415,12 @@ def write_results(results: dict, out: str | Path, plots: bool = True) -> list[Pa
     written.append(path)
     if plots and not _matplotlib_available():
         print("plots skipped: matplotlib is not installed (pip install 'lorakern[bench]')")
+        plots = False
+    if plots and results.get("mixed"):
+        for mode in ("fwd", "fwd+bwd", "decode"):
+            path = out / f"mixed_{mode.replace('+', '_')}.png"
+            if plot_mixed(results, mode, path):
+                written.append(path)
         plots = False
     if plots:
         for mode in ("fwd", "fwd+bwd", "decode"):

@@ -38,6 +38,16 @@ PRESETS: dict[str, Preset] = {
         "llama8b", LLAMA8B_KN, (1, 16, 512, 2048, 8192, 16384), (16,),
         "Llama-3-8B projections at decode and training token counts, the GPU default",
     ),
+    "mixed": Preset(
+        "mixed", ((4096, 4096), (4096, 14336)), (16, 64, 256, 2048), (16,),
+        "mixed batches (--suite mixed): Llama-3-8B q_proj and gate/up_proj, decode batches M = 16-256 and "
+        "a prefill M = 2048, the GPU default",
+    ),
+    "mixed-small": Preset(
+        "mixed-small", ((512, 512), (512, 1792)), (16, 64, 256, 1024), (16,),
+        "mixed batches (--suite mixed): the mixed preset's projections scaled down 8x, prefill M = 1024, "
+        "the CPU default",
+    ),
     "all": Preset(
         "all", LLAMA8B_KN + LLAMA70B_KN, (1, 16, 512, 2048, 8192, 16384), (8, 16, 64),
         "Llama-3-8B and -70B projections, ranks 8/16/64",

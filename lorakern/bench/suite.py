@@ -13,6 +13,9 @@ With suite="qlora" the rows, memory and e2e entries are the QLoRA ones instead (
 bf16 base vs bitsandbytes 4-bit base vs PEFT QLoRA vs lorakern QLoRA), plus `quant`.
 With suite="dora" they are the DoRA ones (dora.py: base vs PEFT's DoRA vs lorakern's DoRA
 vs plain lorakern LoRA, no end-to-end step), plus `dora`.
+With suite="mixed" they are the mixed-batch ones (mixed.py: base vs PEFT's mixed batch vs
+lorakern's per-adapter loop vs lorakern.lora_linear_mixed, 1/8/64 adapters across the batch;
+inference forward at every M, no memory rows or end-to-end step), plus `mixed`.
 Modes: fwd = training forward (autograd records; W frozen, x and adapters need grad);
 fwd+bwd = that forward plus backward; decode = inference forward (torch.inference_mode,
 eval mode) at M <= 16.
@@ -41,7 +44,7 @@ from lorakern.bench.timing import TimerSpec, measure_ceilings, time_many, timer_
 # Max relative error vs fp64 for the providers to count as computing the same thing (DESIGN.md §5).
 AGREE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MEMORY_DROPOUTS = (0.0, 0.1)
-SUITES = ("lora", "qlora", "dora")
+SUITES = ("lora", "qlora", "dora", "mixed")
 # Inputs are rotated through a pool at least this many times the last-level cache.
 ROTATE_FACTOR = 2
 ROTATE_MAX_BYTES = 1 << 30
@@ -68,16 +71,21 @@ class BenchConfig:
     timer: TimerSpec = field(default_factory=TimerSpec)
     seed: int = 0
     suite: str = "lora"
+    adapters: tuple[int, ...] = (1, 8, 64)  # --suite mixed: adapters across the batch
 
     @classmethod
     def for_device(cls, device: torch.device, preset: str | None = None, suite: str = "lora", **overrides) -> BenchConfig:
         """Defaults: GPU -> llama8b shapes, bf16, all providers; CPU -> small shapes, fp32,
         base/eager/peft/lorakern, a wall-clock budget of 0.3 s per measurement.
         suite="qlora": the QLoRA providers (qlora.py), bf16 on both devices (QLoRA's compute dtype).
-        suite="dora": the DoRA providers (dora.py), the dense suite's dtypes, no end-to-end step."""
+        suite="dora": the DoRA providers (dora.py), the dense suite's dtypes, no end-to-end step.
+        suite="mixed": the mixed-batch providers (mixed.py), presets "mixed" (GPU) / "mixed-small"
+        (CPU), inference forward only (mode "decode" at every M), no memory rows, no end-to-end step."""
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
         gpu = device.type == "cuda"
+        if suite == "mixed":
+            preset = preset or ("mixed" if gpu else "mixed-small")
         preset = preset or ("llama8b" if gpu else "small")
         if preset not in PRESETS:
             raise ValueError(f"unknown shape preset {preset!r}; choose from {sorted(PRESETS)} or custom")
@@ -102,6 +110,10 @@ class BenchConfig:
             from lorakern.bench.dora import DORA_PROVIDERS
 
             config = replace(config, suite=suite, providers=DORA_PROVIDERS, e2e=False)
+        if suite == "mixed":
+            from lorakern.bench.mixed import MIXED_PROVIDERS
+
+            config = replace(config, suite=suite, providers=MIXED_PROVIDERS, modes=("decode",), memory=False, e2e=False)
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict:
@@ -123,6 +135,7 @@ class BenchConfig:
             "timer": vars(self.timer),
             "seed": self.seed,
             "suite": self.suite,
+            "adapters": list(self.adapters),
         }
 
 
@@ -289,6 +302,10 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
         from lorakern.bench.dora import run_dora_suite
 
         return run_dora_suite(config, progress)
+    if config.suite == "mixed":
+        from lorakern.bench.mixed import run_mixed_suite
+
+        return run_mixed_suite(config, progress)
     providers, skipped = available_providers(list(config.providers))
     if providers and providers[0] != "base" and "base" in providers:
         providers = ["base"] + [p for p in providers if p != "base"]
@@ -316,7 +333,7 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
 
 def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows, e2e_size, e2e_skipped,
                **extra) -> dict:
-    """One run's results.json dict (every suite's: the dense, QLoRA and DoRA ones), targets
+    """One run's results.json dict (every suite's: the dense, QLoRA, DoRA and mixed ones), targets
     evaluated; `extra` adds suite-specific sections."""
     results = {
         "machine": machine_info(config.device, config.dtype),

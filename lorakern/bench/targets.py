@@ -15,6 +15,11 @@ DoRA (`--suite dora`, issue 13; no official limits beyond "faster than PEFT's Do
 worst lorakern-dora / peft-dora time ratio per mode (<= 1.0, on either device), and for
 information lorakern DoRA / base and / plain lorakern LoRA at the largest training M, and
 saved activations lorakern DoRA / PEFT DoRA.
+Mixed batches (`--suite mixed`, issue 14; GPU, bf16, r = 16, Llama-3-8B shapes): lorakern's
+decode batch with 64 distinct adapters <= 1.3x the time of one shared adapter and >= 10x
+faster than PEFT's mixed-batch forward; prefill M = 2048 with 8 adapters <= 1.15x the frozen
+base. CPU: lorakern (the reference path) no slower than PEFT's mixed-batch forward on every
+row; the GPU quantities are reported for information ("CPU run: targets are for the GPU").
 """
 
 from __future__ import annotations
@@ -233,12 +238,60 @@ def _dora_targets(results: dict) -> list[dict]:
     return out
 
 
+def _mixed_targets(results: dict) -> list[dict]:
+    """The mixed-batch targets (issue 14): limits on a GPU (bf16, r = 16, Llama-3-8B shapes);
+    on CPU the same quantities with no limit and CPU_NOTE, plus the CPU target (lorakern's
+    reference path no slower than PEFT's mixed-batch forward)."""
+    gpu = results["machine"]["device"] == "cuda"
+    ratios = [d for d in results.get("mixed", {}).get("ratios", []) if d["mode"] == "decode"]
+    if gpu:
+        ratios = [d for d in ratios if d["r"] == 16 and (d["K"], d["N"]) in LLAMA8B_KN
+                  and results["config"]["dtype"] == "bfloat16"]
+    out = []
+
+    def add(name: str, value, limit, op: str, detail: str) -> None:
+        if gpu or limit is None:
+            out.append(_target(name, value, limit, op, detail))
+        else:
+            out.append(_target(name, value, None, op, f"{CPU_NOTE} (GPU limit {op} {limit}); {detail}"))
+
+    def worst(rows: list[dict], key: str, highest: bool = True) -> tuple[float | None, str]:
+        rows = [d for d in rows if d.get(key) is not None]
+        if not rows:
+            return None, "no rows"
+        d = (max if highest else min)(rows, key=lambda d: d[key])
+        return d[key], f"worst of {len(rows)} rows: K={d['K']} N={d['N']} M={d['M']} n={d['adapters']}"
+
+    for provider in ("lorakern", "lorakern-layer"):
+        mine = [d for d in ratios if d["provider"] == provider]
+        if not mine:
+            continue
+        many = [d for d in mine if d["phase"] == "decode" and d["distinct"] >= 64]
+        value, detail = worst(many, "over_shared")
+        add(f"{provider} decode, 64 distinct adapters / 1 shared adapter", value, 1.3, "<=", detail)
+        value, detail = worst(many, "peft_over", highest=False)
+        add(f"PEFT mixed-batch decode / {provider}, 64 distinct adapters (speed-up)", value, 10.0, ">=", detail)
+        prefill = [d for d in mine if d["phase"] == "prefill" and d["adapters"] == 8 and (not gpu or d["M"] == 2048)]
+        value, detail = worst(prefill, "over_base")
+        add(f"{provider} prefill" + (" M=2048" if gpu else "") + ", 8 adapters / base", value, 1.15, "<=", detail)
+        value, detail = worst(many, "loop_over", highest=False)
+        if value is not None:
+            out.append(_target(f"lorakern-loop / {provider}, 64 distinct adapters (information: the fused path's gain)",
+                               value, None, ">=", detail))
+        if not gpu:
+            value, detail = worst(mine, "over_peft")
+            out.append(_target(f"CPU: {provider} / PEFT mixed-batch forward time (worst row)", value, 1.0, "<=", detail))
+    return out
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """One dict per target: target, value, limit, op, met (True / False / None when not measured), detail."""
     if results.get("config", {}).get("suite") == "qlora":
         return _qlora_targets(results)
     if results.get("config", {}).get("suite") == "dora":
         return _dora_targets(results)
+    if results.get("config", {}).get("suite") == "mixed":
+        return _mixed_targets(results)
     if results["machine"]["device"] == "cuda":
         return _gpu_targets(results)
     return _cpu_targets(results)
