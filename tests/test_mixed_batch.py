@@ -126,6 +126,25 @@ def test_layer_forward_adapter_names_matches_single_adapter_rows():
         assert_close(y[row:row + 1], ref, TOL64, f"row {row} ({name})")
 
 
+def test_inference_skips_the_op_with_the_same_numbers(monkeypatch):
+    """Without autograd the reference path calls the reference functions directly (no op
+    dispatch per adapter): bit-identical to the op, and the op's input checks still run."""
+    layer = _layer(torch.float32)
+    names = ["b", BASE, "a", "b", "c", "a"]
+    x = torch.randn(6, 3, 16)
+    y_grad = layer(x, adapter_names=names)
+    calls = []
+    monkeypatch.setattr(lorakern.mixed, "lora_linear", lambda *a, **k: calls.append(1) or lorakern.lora_linear(*a, **k))
+    with torch.no_grad():
+        y_fast = layer(x, adapter_names=names)
+    assert calls == [] and torch.equal(y_fast, y_grad)
+    layer(x, adapter_names=names).sum().backward()  # with autograd: through the op
+    assert len(calls) == 3
+    with torch.no_grad(), pytest.raises(ValueError, match="lora_A"):
+        lorakern.lora_linear_mixed(x, layer.base_layer.weight, None, [torch.randn(2, 15)], [torch.randn(12, 2)], [1.0],
+                                   [0, -1, 0, 0, 0, 0])
+
+
 def test_layer_strict_names_and_lengths():
     layer = _layer()
     x = torch.randn(3, 16, dtype=torch.float64)
