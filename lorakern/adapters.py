@@ -3,7 +3,10 @@
 A directory holds:
 - ``adapter_model.safetensors``: keys ``base_model.model.<module path>.lora_A.weight``
   [r, in] and ``….lora_B.weight`` [out, r] (no adapter name; with ``lora_bias`` also
-  ``….lora_B.bias`` [out]), plus, as PEFT writes them,
+  ``….lora_B.bias`` [out]); for an nn.Embedding target ``….lora_embedding_A``
+  [r, num_embeddings] and ``….lora_embedding_B`` [embedding_dim, r] (no ``.weight``);
+  for an nn.Conv2d target ``….lora_A.weight`` [r, in, kh, kw], ``….lora_B.weight``
+  [out, r, 1, 1]; plus, as PEFT writes them,
   the trainable biases (``bias="all"``: every parameter named ``bias``, PEFT's rule;
   ``"lora_only"``: ``<lora layer>.base_layer.bias``) and each modules_to_save module's
   own state dict under its path; metadata ``{"format": "pt"}`` and ``"lorakern_config"``:
@@ -49,8 +52,11 @@ from torch import nn
 
 from lorakern.config import ALL_LINEAR, LoraConfig
 from lorakern.distributed import gather_full_tensors
-from lorakern.layer import LoraLinear, adapter_dtype
+from lorakern.conv import LoraConv2d
+from lorakern.embedding import LoraEmbedding
+from lorakern.layer import adapter_dtype
 from lorakern.model import (
+    LORA_LAYERS,
     AdapterState,
     ModulesToSave,
     inject_planned,
@@ -101,8 +107,12 @@ def adapter_state_dict(
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(state.configs)}")
     cfg = state.configs[adapter_name]
     out: dict[str, torch.Tensor] = {}
-    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.held_adapters()]
     for name, layer in layers:
+        if isinstance(layer, LoraEmbedding):  # PEFT's keys for an embedding: no ".weight"
+            out[f"{PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
+            out[f"{PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            continue
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if layer.lora_bias.get(adapter_name, False):  # PEFT's lora_bias
@@ -114,7 +124,7 @@ def adapter_state_dict(
             out[PREFIX + name] = p
     elif cfg.bias == "lora_only":
         for name, layer in layers:
-            if layer.base_layer.bias is not None:
+            if getattr(layer.base_layer, "bias", None) is not None:  # an nn.Embedding has none
                 out[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
     for name, wrapper in saved_modules(model):
         if adapter_name in wrapper.modules_to_save:
@@ -158,7 +168,7 @@ def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 
 def _base_of(module: nn.Module) -> nn.Module:
     """The base-model module behind a lorakern wrapper (the module itself when unwrapped)."""
-    if isinstance(module, LoraLinear):
+    if isinstance(module, LORA_LAYERS):
         return module.base_layer
     if isinstance(module, ModulesToSave):
         return module.original_module
@@ -260,10 +270,10 @@ def _embedding_state(model: nn.Module, adapter_name: str, config: LoraConfig, sa
     for name, layer in layers:
         entries: list[tuple[str, torch.Tensor]]
         if targeted:
-            if not isinstance(layer, LoraLinear) or not isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            if not isinstance(layer, LORA_LAYERS) or not isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
                 continue
             entries = [(f"base_layer.{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
-        elif isinstance(layer, LoraLinear):
+        elif isinstance(layer, LORA_LAYERS):
             entries = [(f"base_layer.{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
         elif isinstance(layer, ModulesToSave):
             entries = [(f"original_module.{k}", v) for k, v in layer.original_module.state_dict(keep_vars=True).items()]
@@ -572,8 +582,8 @@ class _Slot(NamedTuple):
     current: torch.Tensor | None  # the tensor it overwrites; None when the load creates it
     shape: tuple[int, ...]
     module: str  # the module's name
-    what: str  # "lora_A", "lora_B", "lora_B_bias" (lora_bias), "lora_magnitude_vector" (DoRA), "modules_to_save",
-    # "bias" or "embedding"
+    what: str  # "lora_A", "lora_B", "lora_B_bias" (lora_bias), "lora_magnitude_vector" (DoRA),
+    # "lora_embedding_A", "lora_embedding_B" (LoRA on an nn.Embedding), "modules_to_save", "bias" or "embedding"
     dtype: torch.dtype  # the destination's dtype and device, known before anything is created
     device: torch.device
     optional: bool = False  # a key the file may omit (embedding weights: saved only on request)
@@ -584,6 +594,9 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
     already), and the names of the saved modules. Changes nothing."""
     exp: dict[str, _Slot] = {}
     for t in targets:
+        if isinstance(t.module, (nn.Embedding, LoraEmbedding)):
+            _expect_lora_embedding(exp, t, adapter_name, existing)
+            continue
         m = bb = None
         if existing:
             a, b = t.module.lora_A[adapter_name].weight, t.module.lora_B[adapter_name].weight
@@ -593,12 +606,15 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
             if config.lora_bias:
                 bb = t.module.lora_B[adapter_name].bias
         else:
-            # LoraLinear.update_layer creates A, B (and DoRA's magnitude, lora_B's bias) in
-            # adapter_dtype on the base weight's device.
+            # LoraLinear / LoraConv2d.update_layer create A, B (and DoRA's magnitude, lora_B's
+            # bias) in adapter_dtype on the base weight's device.
             a = b = None
             a_spec = b_spec = (adapter_dtype(t.module.weight), t.module.weight.device)
-        exp[f"{t.name}.lora_A.weight"] = _Slot(a, (t.r, t.in_features), t.name, "lora_A", *a_spec)
-        exp[f"{t.name}.lora_B.weight"] = _Slot(b, (t.out_features, t.r), t.name, "lora_B", *b_spec)
+        a_shape, b_shape = (t.r, t.in_features), (t.out_features, t.r)
+        if isinstance(t.module, (nn.Conv2d, LoraConv2d)):  # A: the base's kernel; B: 1×1
+            a_shape, b_shape = (*a_shape, *t.module.kernel_size), (*b_shape, 1, 1)
+        exp[f"{t.name}.lora_A.weight"] = _Slot(a, a_shape, t.name, "lora_A", *a_spec)
+        exp[f"{t.name}.lora_B.weight"] = _Slot(b, b_shape, t.name, "lora_B", *b_spec)
         if config.use_dora:
             exp[f"{t.name}.lora_magnitude_vector"] = _Slot(m, (t.out_features,), t.name, "lora_magnitude_vector", *b_spec)
         if config.lora_bias:
@@ -621,11 +637,24 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
             exp[_canonical(pname)] = _Slot(p, tuple(p.shape), pname.rsplit(".", 1)[0], "bias", p.dtype, p.device)
     elif config.bias == "lora_only":
         for t in targets:
-            bias = t.module.base_layer.bias if hasattr(t.module, "base_layer") else t.module.bias
+            base = t.module.base_layer if hasattr(t.module, "base_layer") else t.module
+            bias = getattr(base, "bias", None)  # an nn.Embedding has none
             if bias is not None:
                 exp[f"{t.name}.bias"] = _Slot(bias, tuple(bias.shape), t.name, "bias", bias.dtype, bias.device)
     _expect_embeddings(model, exp, {t.name for t in targets}, set(saved_names))
     return exp, saved_names
+
+
+def _expect_lora_embedding(exp: dict[str, _Slot], t, adapter_name: str, existing: bool) -> None:
+    """The slots of a LoRA embedding's A [r, num_embeddings] and B [embedding_dim, r], under
+    PEFT's keys (``<layer>.lora_embedding_A``, no ``.weight``)."""
+    for what, shape in (("lora_embedding_A", (t.r, t.in_features)), ("lora_embedding_B", (t.out_features, t.r))):
+        if existing:
+            current = getattr(t.module, what)[adapter_name]
+            spec = (current.dtype, current.device)
+        else:  # LoraEmbedding.update_layer creates them in adapter_dtype on the table's device
+            current, spec = None, (adapter_dtype(t.module.weight), t.module.weight.device)
+        exp[f"{t.name}.{what}"] = _Slot(current, shape, t.name, what, *spec)
 
 
 def _expect_embeddings(model: nn.Module, exp: dict[str, _Slot], target_names: set[str], saved_names: set[str]) -> None:
@@ -661,7 +690,7 @@ class _Undo:
         self.values = [(t, t.detach().clone()) for t in overwritten]
         self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         self.places = places  # (name, module there now), in the order injection replaces them
-        self.layers = [(m, adapter_name in m.lora_A, list(m.active_adapters)) for _, m in lora_layers(model)]
+        self.layers = [(m, adapter_name in m.held_adapters(), list(m.active_adapters)) for _, m in lora_layers(model)]
         self.wrappers = [(m, adapter_name in m.modules_to_save, m.active_adapter) for _, m in saved_modules(model)]
         self.state = getattr(model, "_lorakern", None)
         if isinstance(self.state, AdapterState):
@@ -671,7 +700,7 @@ class _Undo:
         model, name = self.model, self.adapter_name
         # Layers and wrappers that were there before lose the adapter only if they lacked it.
         for layer, had, active in self.layers:
-            if not had and name in layer.lora_A:
+            if not had and name in layer.held_adapters():
                 layer.delete_adapter(name)
             layer.active_adapters = active
         for wrapper, had, active in self.wrappers:
@@ -701,7 +730,7 @@ class _Undo:
 
 def _check_agreement(model: nn.Module, config: LoraConfig, adapter_name: str, targets) -> None:
     """The file's config must describe the adapter already in the model (same modules, r, alpha)."""
-    have = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    have = {n: layer for n, layer in lora_layers(model) if adapter_name in layer.held_adapters()}
     want = {t.name: t for t in targets}
     if set(have) != set(want):
         only_model = sorted(set(have) - set(want))[:5]
@@ -783,9 +812,9 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
             )
         elif tuple(value.shape) != shape:
             hint = ""
-            if what == "lora_A" and value.dim() == 2 and value.shape[1] == shape[1]:
+            if what in ("lora_A", "lora_embedding_A") and value.dim() == 2 and value.shape[1] == shape[1]:
                 hint = f" (rank {value.shape[0]} in the file, r={shape[0]} in the config)"
-            elif what == "lora_B" and value.dim() == 2 and value.shape[0] == shape[0]:
+            elif what in ("lora_B", "lora_embedding_B") and value.dim() == 2 and value.shape[0] == shape[0]:
                 hint = f" (rank {value.shape[1]} in the file, r={shape[1]} in the config)"
             problems.append(
                 f"module {module_name!r} {what}: expected shape {list(shape)}, found {list(value.shape)}{hint}"
@@ -852,6 +881,8 @@ def _write_values(model: nn.Module, path, adapter_name: str, exp: dict[str, _Slo
         module_name, what = exp[ck].module, exp[ck].what
         if what in ("lora_A", "lora_B", "lora_magnitude_vector"):
             dst = getattr(layers[module_name], what)[adapter_name].weight
+        elif what in ("lora_embedding_A", "lora_embedding_B"):  # ParameterDict entries
+            dst = getattr(layers[module_name], what)[adapter_name]
         elif what == "lora_B_bias":
             dst = layers[module_name].lora_B[adapter_name].bias
         elif what == "modules_to_save":

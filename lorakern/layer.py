@@ -406,6 +406,25 @@ class LoraLinear(nn.Module):
         self.lora_bias.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
+    # The protocol every LoRA layer speaks (LoraEmbedding and LoraConv2d too), for code that
+    # walks them all (lorakern.model, lorakern.adapters).
+
+    def held_adapters(self) -> list[str]:
+        """Names of the adapters this layer holds."""
+        return list(self.lora_A)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every parameter of adapter `adapter_name`: A, B (and B's bias with lora_bias, the
+        magnitude with DoRA)."""
+        params = [self.lora_A[adapter_name].weight, *self.lora_B[adapter_name].parameters()]
+        if adapter_name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[adapter_name].weight)
+        return params
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of adapter `adapter_name`."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features].
 

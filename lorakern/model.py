@@ -1,7 +1,8 @@
 """Model-level LoRA: inject adapters into any nn.Module, switch, combine, merge, unload.
 
 PEFT's semantics, on the model itself (no wrapper class): `inject` swaps the targeted
-nn.Linear / transformers Conv1D layers for `LoraLinear` in place (one generic walk over
+nn.Linear / transformers Conv1D layers for `LoraLinear`, nn.Embedding layers for
+`LoraEmbedding` and nn.Conv2d layers for `LoraConv2d` in place (one generic walk over
 `named_modules()`, parent `setattr`), freezes the base, and wraps `modules_to_save` in
 `ModulesToSave` (a trainable copy per adapter, the original kept). Adapter bookkeeping
 (configs, active adapters) lives in `model._lorakern`, an `AdapterState`.
@@ -27,11 +28,17 @@ import torch
 from torch import nn
 
 from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
+from lorakern.conv import LoraConv2d, conv_unsupported
+from lorakern.embedding import LoraEmbedding, embedding_unsupported
 from lorakern.layer import UNMERGE_TO_SET_ADAPTER, LoraLinear, is_linear_like
 from lorakern.quantized import QuantLinear
 from lorakern.ops import BACKENDS
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
+# Every LoRA layer class; all speak one protocol (held_adapters, adapter_parameters,
+# lora_weights, set_adapter, delete_adapter, merge, unmerge, merged_weight, ...).
+LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
+LoraLayer = LoraLinear | LoraEmbedding | LoraConv2d
 
 
 @dataclass
@@ -110,10 +117,10 @@ def active_adapters(model: nn.Module) -> list[str]:
     return list(adapter_state(model).active)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    """(dotted name, layer) for every LoraLinear in the model."""
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(dotted name, layer) for every LoRA layer (LoraLinear, LoraEmbedding, LoraConv2d) in the model."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LORA_LAYERS):
             yield name, module
 
 
@@ -130,12 +137,12 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 
 
 def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules() minus everything inside a LoraLinear or a ModulesToSave wrapper."""
+    """named_modules() minus everything inside a LoRA layer or a ModulesToSave wrapper."""
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, (LoraLinear, ModulesToSave)):
+        if isinstance(module, (*LORA_LAYERS, ModulesToSave)):
             inside.append(name)
         yield name, module
 
@@ -147,9 +154,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of an nn.Linear, quantized linear, Conv1D or LoraLinear."""
-    if isinstance(module, (LoraLinear, nn.Linear, QuantLinear)):
+    """(in, out) of an nn.Linear, quantized linear, Conv1D or LoRA layer; (num_embeddings,
+    embedding_dim) of an nn.Embedding; (in_channels, out_channels) of an nn.Conv2d."""
+    if isinstance(module, (*LORA_LAYERS, nn.Linear, QuantLinear)):
         return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
     w = module.weight  # Conv1D: [in, out]
     return w.shape[0], w.shape[1]
 
@@ -198,8 +210,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
 def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     """The modules `config` puts an adapter into, with r/alpha per module. Changes nothing.
 
-    Raises ValueError (listing some module names the model has) when nothing matches,
-    TypeError when a matched module is not nn.Linear / Conv1D / LoraLinear.
+    Raises ValueError (listing some module names the model has) when nothing matches or
+    the config asks for what an embedding / Conv2d target cannot have (use_dora; lora_bias
+    on an embedding), TypeError when a matched module is not nn.Linear / Conv1D /
+    nn.Embedding / nn.Conv2d / a LoRA layer (or is a kind of those lorakern refuses: a
+    quantized embedding, a grouped or dilated convolution, ...).
     """
     targets = resolve_targets(model, config)
     found: list[Target] = []
@@ -208,10 +223,14 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             continue
         if isinstance(module, ModulesToSave):
             raise ValueError(f"module {name!r} is in another adapter's modules_to_save; it cannot also get LoRA")
-        if not (is_linear_like(module) or isinstance(module, LoraLinear)):
+        if isinstance(module, (nn.Embedding, LoraEmbedding)):
+            _check_embedding_target(name, module, config)
+        elif isinstance(module, (nn.Conv2d, LoraConv2d)):
+            _check_conv_target(name, module, config)
+        elif not (is_linear_like(module) or isinstance(module, LoraLinear)):
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}; lorakern's LoRA supports "
-                "nn.Linear and transformers Conv1D"
+                "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d"
             )
         found.append(Target(name, module, config.rank_for(name), config.alpha_for(name), *_features(module)))
     if not found:
@@ -224,6 +243,28 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     return found
 
 
+def _check_embedding_target(name: str, module: nn.Module, config: LoraConfig) -> None:
+    """Refuse (before anything changes) what LoRA on an embedding does not support."""
+    if config.use_dora:
+        raise ValueError(f"target module {name!r} is an embedding: use_dora=True (DoRA) is not implemented for embeddings")
+    if config.lora_bias:
+        raise ValueError(f"target module {name!r} is an embedding: lora_bias=True is not supported for embeddings (as in PEFT)")
+    if isinstance(module, nn.Embedding):
+        why = embedding_unsupported(module)
+        if why is not None:
+            raise TypeError(f"target module {name!r} ({type(module).__name__}): {why}")
+
+
+def _check_conv_target(name: str, module: nn.Module, config: LoraConfig) -> None:
+    """Refuse (before anything changes) what LoRA on a Conv2d does not support."""
+    if config.use_dora:
+        raise ValueError(f"target module {name!r} is a Conv2d: use_dora=True (DoRA) is not implemented for Conv2d")
+    if isinstance(module, nn.Conv2d):
+        why = conv_unsupported(module)
+        if why is not None:
+            raise TypeError(f"target module {name!r} ({type(module).__name__}): {why}")
+
+
 def plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) for each module `config.modules_to_save` wraps (existing wrappers included)."""
     if not config.modules_to_save:
@@ -232,9 +273,9 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str
     for name, module in outer_modules(model):
         if not name or not config.module_to_save(name):
             continue
-        if isinstance(module, LoraLinear):
+        if isinstance(module, LORA_LAYERS):
             raise ValueError(f"module {name!r} has LoRA adapters; it cannot also be in modules_to_save")
-        if not isinstance(module, ModulesToSave) and any(isinstance(m, (LoraLinear, ModulesToSave)) for m in module.modules()):
+        if not isinstance(module, ModulesToSave) and any(isinstance(m, (*LORA_LAYERS, ModulesToSave)) for m in module.modules()):
             raise ValueError(f"module {name!r} contains LoRA layers or saved modules; it cannot be in modules_to_save")
         out.append((name, module))
     return out
@@ -249,7 +290,8 @@ def inject(
     """Add adapter `adapter_name` to `model` in place and return the model.
 
     Targeted nn.Linear / Conv1D layers become LoraLinear (a Conv1D keeps its [in, out]
-    weight, used through a transposed view); every base parameter is frozen; modules in
+    weight, used through a transposed view), nn.Embedding layers LoraEmbedding, nn.Conv2d
+    layers LoraConv2d; every base parameter is frozen; modules in
     `config.modules_to_save` get a trainable copy (original kept, restorable by `unload`);
     biases become trainable per `config.bias`. As in PEFT, the first adapter becomes
     active; a further adapter (another `inject` call) is added inactive and frozen
@@ -269,7 +311,7 @@ def inject(
     if isinstance(state, AdapterState) and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
     targets = plan_targets(model, config)
-    taken = [t.name for t in targets if isinstance(t.module, LoraLinear) and adapter_name in t.module.lora_A]
+    taken = [t.name for t in targets if isinstance(t.module, LORA_LAYERS) and adapter_name in t.module.held_adapters()]
     if taken:
         raise ValueError(f"layers {taken[:4]} already have an adapter named {adapter_name!r}")
     to_save = plan_modules_to_save(model, config)
@@ -302,13 +344,22 @@ def inject_planned(
         stored.target_modules = resolve_targets(model, config)
     for t in targets:
         dropout = config.lora_dropout
-        if isinstance(t.module, LoraLinear):
+        if isinstance(t.module, LORA_LAYERS):
             previous = list(t.module.active_adapters)
             t.module.update_layer(
                 adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, config.use_dora,
                 config.lora_bias,
             )
             t.module.active_adapters = previous
+        elif isinstance(t.module, (nn.Embedding, nn.Conv2d)):
+            kind = LoraEmbedding if isinstance(t.module, nn.Embedding) else LoraConv2d
+            layer = kind(
+                t.module, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, adapter_name,
+                lora_bias=config.lora_bias,
+            )
+            layer.active_adapters = []
+            layer.train(t.module.training)
+            _set_submodule(model, t.name, layer)
         else:
             layer = LoraLinear(
                 t.module, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights,
@@ -373,8 +424,7 @@ def bias_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     wrappers (those are saved as the modules' own state dicts): what bias="all" trains and saves."""
     skip = {id(p) for _, w in saved_modules(model) for p in w.parameters()}
     for _, layer in lora_layers(model):
-        skip.update(id(p) for p in layer.lora_A.parameters())
-        skip.update(id(p) for p in layer.lora_B.parameters())
+        skip.update(id(p) for n in layer.held_adapters() for p in layer.adapter_parameters(n))
     return [(n, p) for n, p in model.named_parameters() if is_bias(n) and id(p) not in skip]
 
 
@@ -384,7 +434,7 @@ def _mark_biases(model: nn.Module, config: LoraConfig) -> None:
             p.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in lora_layers(model):
-            if layer.base_layer.bias is not None:
+            if getattr(layer.base_layer, "bias", None) is not None:  # an nn.Embedding has none
                 layer.base_layer.bias.requires_grad_(True)
 
 
@@ -419,9 +469,8 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
             layer.unmerge()
     for layer in layers:
         layer.set_adapter(names)
-        for n in state.inference & set(layer.lora_A):
-            layer.lora_A[n].weight.requires_grad_(False)
-            for p in layer.lora_B[n].parameters():  # weight, and bias with lora_bias
+        for n in state.inference & set(layer.held_adapters()):
+            for p in layer.adapter_parameters(n):  # A, B (B's bias, DoRA's magnitude)
                 p.requires_grad_(False)
     for _, wrapper in saved_modules(model):
         owners = [n for n in names if n in wrapper.modules_to_save]
@@ -439,9 +488,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state = adapter_state(model)
     _check_names(state, [adapter_name])
     for name, layer in list(lora_layers(model)):
-        if adapter_name in layer.lora_A:
+        if adapter_name in layer.held_adapters():
             layer.delete_adapter(adapter_name)
-            if not layer.lora_A:
+            if not layer.held_adapters():
                 _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
         if adapter_name in wrapper.modules_to_save:
@@ -526,7 +575,7 @@ def add_weighted_adapter(
     else:
         new_targets = sorted({t for c in cfgs for t in c.target_modules})
     # The new adapter goes exactly where any of the combined adapters is.
-    where = [name for name, layer in lora_layers(model) if any(a in layer.lora_A for a in adapters)]
+    where = [name for name, layer in lora_layers(model) if any(a in layer.held_adapters() for a in adapters)]
     saved = [(n, w) for n, w in wrappers if any(a in w.modules_to_save for a in adapters)]
     new_cfg = replace(
         cfgs[0], r=new_r, lora_alpha=new_r, target_modules=new_targets, rank_pattern={}, alpha_pattern={},
@@ -536,8 +585,10 @@ def add_weighted_adapter(
     targets = [Target(n, model.get_submodule(n), new_r, new_r, *_features(model.get_submodule(n))) for n in where]
     for n, t in zip(where, targets):
         layer = t.module
-        if combination_type == "svd" and new_r > min(layer.in_features, layer.out_features):
-            raise ValueError(f"svd_rank {new_r} > min(in, out) = {min(layer.in_features, layer.out_features)} of {n!r}")
+        some = next(a for a in adapters if a in layer.held_adapters())
+        width = layer.lora_weights(some)[0][0].numel()  # in (in·kh·kw for a Conv2d: ΔW as a matrix)
+        if combination_type == "svd" and new_r > min(width, layer.out_features):
+            raise ValueError(f"svd_rank {new_r} > min(in, out) = {min(width, layer.out_features)} of {n!r}")
     with torch.random.fork_rng(devices=[]):
         inject_planned(model, new_cfg, adapter_name, targets, [], inference=False)
     for _, wrapper in saved:
@@ -545,13 +596,13 @@ def add_weighted_adapter(
         wrapper.update(adapter_name, source)
     combine = _COMBINE[combination_type]
     for t in targets:
-        layer: LoraLinear = t.module
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-        combine(layer, present, layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+        layer: LoraLayer = t.module
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.held_adapters()]
+        combine(layer, present, *layer.lora_weights(adapter_name))
     # Added frozen and inactive, as in PEFT.
     for t in targets:
-        t.module.lora_A[adapter_name].weight.requires_grad_(False)
-        t.module.lora_B[adapter_name].weight.requires_grad_(False)
+        for p in t.module.adapter_parameters(adapter_name):
+            p.requires_grad_(False)
     for _, wrapper in saved:
         for p in wrapper.modules_to_save[adapter_name].parameters():
             p.requires_grad_(False)
@@ -569,24 +620,25 @@ def _combined_rank(combination_type: str, adapters: list[str], ranks: list[int],
 
 
 @torch.no_grad()
-def _combine_linear(layer: LoraLinear, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
+def _combine_linear(layer: LoraLayer, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
     """A = Σ sign(w s)·sqrt|w s|·A_i, B = Σ sqrt|w s|·B_i (PEFT's "linear"), summed in fp32."""
     A_sum = torch.zeros_like(A_new, dtype=torch.float32)
     B_sum = torch.zeros_like(B_new, dtype=torch.float32)
     for a, w in present:
         ws = w * layer.scaling[a]
         root = math.sqrt(abs(ws))
-        A_sum += (root if ws >= 0 else -root) * layer.lora_A[a].weight.float()
-        B_sum += root * layer.lora_B[a].weight.float()
+        A, B = layer.lora_weights(a)
+        A_sum += (root if ws >= 0 else -root) * A.float()
+        B_sum += root * B.float()
     A_new.copy_(A_sum)
     B_new.copy_(B_sum)
 
 
 @torch.no_grad()
-def _combine_cat(layer: LoraLinear, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
+def _combine_cat(layer: LoraLayer, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
     """A = [w_1 s_1 A_1; …], B = [B_1 | …]: exactly Σ w_i ΔW_i (zero rows / columns pad it)."""
-    As = torch.cat([layer.lora_A[a].weight.float() * (w * layer.scaling[a]) for a, w in present], 0)
-    Bs = torch.cat([layer.lora_B[a].weight.float() for a, _ in present], 1)
+    As = torch.cat([layer.lora_weights(a)[0].float() * (w * layer.scaling[a]) for a, w in present], 0)
+    Bs = torch.cat([layer.lora_weights(a)[1].float() for a, _ in present], 1)
     A_new.zero_()
     B_new.zero_()
     A_new[: As.shape[0]] = As.to(A_new.dtype)
@@ -594,13 +646,22 @@ def _combine_cat(layer: LoraLinear, present: list[tuple[str, float]], A_new: tor
 
 
 @torch.no_grad()
-def _combine_svd(layer: LoraLinear, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
-    """Truncated SVD of Σ w_i ΔW_i to A_new's rank: B = U S, A = Vᴴ."""
+def _combine_svd(layer: LoraLayer, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
+    """Truncated SVD of Σ w_i ΔW_i to A_new's rank: B = U S, A = Vᴴ (ΔW_i = s_i·B_i A_i [out, in],
+    also for an embedding, whose base table is [in, out]; a Conv2d's A [r, in, kh, kw] and
+    B [out, r, 1, 1] as matrices [r, in·kh·kw] and [out, r], as PEFT)."""
     r = A_new.shape[0]
-    delta = sum(w * layer.get_delta_weight(a) for a, w in present)
+    delta = sum(w * _delta_out_in(layer, a) for a, w in present)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    B_new.copy_(U[:, :r] * S[:r])
-    A_new.copy_(Vh[:r])
+    B_new.copy_((U[:, :r] * S[:r]).reshape(B_new.shape))
+    A_new.copy_(Vh[:r].reshape(A_new.shape))
+
+
+def _delta_out_in(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """s·B A [out, in] in fp32 (LoraLinear.get_delta_weight's value, for every layer kind;
+    a Conv2d's [out, in·kh·kw])."""
+    A, B = layer.lora_weights(adapter_name)
+    return (B.flatten(1).float() @ A.flatten(1).float()) * layer.scaling[adapter_name]
 
 
 _COMBINE = {"linear": _combine_linear, "cat": _combine_cat, "svd": _combine_svd}
@@ -627,7 +688,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
     names = list(state.active) if adapter_names is None else list(adapter_names)
     _check_names(state, names)
     layers = list(lora_layers(model))
-    no_bias = [lname for lname, layer in layers if layer.base_layer.bias is None
+    no_bias = [lname for lname, layer in layers if getattr(layer.base_layer, "bias", None) is None
                and any(layer.lora_bias.get(n, False) and n not in layer.merged_adapters for n in names)]
     if no_bias:  # checked first: nothing is merged
         raise RuntimeError(
@@ -637,15 +698,36 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
     if safe_merge:
         bad = []
         for lname, layer in layers:
-            todo = [n for n in names if n in layer.lora_A and n not in layer.merged_adapters]
+            todo = [n for n in names if n in layer.held_adapters() and n not in layer.merged_adapters]
             if todo and not torch.isfinite(layer.merged_weight(todo)).all():
                 bad.append(lname)
         if bad:
             raise ValueError(f"safe_merge: merging {names} gives non-finite weights in {bad[:8]}; nothing was merged")
+    _warn_tied_embeddings(model, [(n, layer) for n, layer in layers if any(a in layer.held_adapters() for a in names)])
     for _, layer in layers:
-        todo = [n for n in names if n in layer.lora_A]
+        todo = [n for n in names if n in layer.held_adapters()]
         if todo:
             layer.merge(todo)
+
+
+def _warn_tied_embeddings(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
+    """PEFT's warning when a LoRA embedding about to be merged shares its table with another
+    module (tied input / output embeddings): the merged delta reaches that module too."""
+    tied = []
+    for name, layer in layers:
+        if not isinstance(layer, LoraEmbedding):
+            continue
+        w = layer.base_layer.weight
+        owners = [m for m in model.modules() if any(p is w for p in m.parameters(recurse=False))]
+        if len(owners) > 1:
+            tied.append(name)
+    if tied:
+        warnings.warn(
+            f"the LoRA embedding(s) {tied} share their weight with another module (tied word embeddings): "
+            "merging changes that module too, so the merged model's outputs differ from the unmerged one's. "
+            "Untie the embeddings (e.g. load the model with tie_word_embeddings=False) to merge exactly.",
+            UserWarning, stacklevel=4,  # the caller of merge (under its no_grad wrapper)
+        )
 
 
 _merge_fn = merge

@@ -1,0 +1,377 @@
+"""LoraConv2d: LoRA on an nn.Conv2d, with PEFT's layout and numbers.
+
+For a base convolution with weight ``W [out, in, kh, kw]``:
+
+    y = base_layer(x) + s · B(A(dropout(x)))
+
+where ``A`` is an nn.Conv2d ``in -> r`` with the base's kernel size, stride and padding
+(no bias) and ``B`` a 1×1 nn.Conv2d ``r -> out`` (a bias with ``lora_bias``), as PEFT
+builds them; pure PyTorch (cuDNN / the CPU convolutions, no kernel of ours). The merged
+weight is ``W + s·ΔW`` with ``ΔW[o, i, :, :] = Σ_r B[o, r] A[r, i, :, :]``, exact for
+any stride and padding, and ``bias + s·b`` with ``lora_bias``.
+
+State-dict and file keys are PEFT's: ``lora_A.<adapter>.weight`` [r, in, kh, kw],
+``lora_B.<adapter>.weight`` [out, r, 1, 1] (``lora_B.<adapter>.bias`` [out]); files drop
+the adapter name. Init as PEFT: True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0,
+1/r)), False (both nn.Conv2d's own init). Dropout: one torch dropout per adapter on
+its input, in training mode, as PEFT's nn.Dropout.
+
+Refused: grouped convolutions (groups > 1; PEFT runs them but cannot merge them),
+dilation other than 1 and padding_mode other than "zeros" (PEFT builds lora_A without
+them, so its LoRA term does not follow the base convolution), and DoRA.
+
+The layer speaks LoraLinear's protocol (``held_adapters``, ``adapter_parameters``,
+``lora_weights``, ``set_adapter``, ``delete_adapter``, ``merge``, ``unmerge``,
+``merged_weight``, ``disable_adapters``, mixed batches), so lorakern.model and
+lorakern.adapters handle it with the other LoRA layers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, adapter_dtype
+from lorakern.mixed import BASE, RowGroups
+
+
+def conv_unsupported(module: nn.Conv2d) -> str | None:
+    """Why LoraConv2d cannot wrap the nn.Conv2d `module` (None when it can)."""
+    if module.groups != 1:
+        return f"groups={module.groups}: LoRA on grouped convolutions is not implemented"
+    if any(d != 1 for d in module.dilation):
+        return f"dilation={module.dilation}: LoRA on dilated convolutions is not implemented"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: only 'zeros' is supported"
+    if not module.weight.is_floating_point():
+        return f"its weight has dtype {module.weight.dtype}: quantized convolutions are not supported"
+    return None
+
+
+class LoraConv2d(nn.Module):
+    """nn.Conv2d plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
+
+    Args:
+        base_layer: the nn.Conv2d to wrap (frozen here; its parameters reused, not copied).
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name: as LoraLinear.
+        use_dora: must be False (ValueError otherwise).
+        lora_bias: B has a bias b and the adapter adds s·b (PEFT's lora_bias).
+
+    Shapes: x [B, in, H, W] (or [in, H, W]) -> base_layer's output shape.
+
+    Example:
+        >>> import torch, lorakern
+        >>> layer = lorakern.LoraConv2d(torch.nn.Conv2d(3, 8, 3, padding=1), r=4, lora_alpha=8)
+        >>> layer(torch.randn(2, 3, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Conv2d,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+        use_dora: bool = False,
+        lora_bias: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Conv2d):
+            raise TypeError(f"base_layer must be nn.Conv2d, got {type(base_layer).__name__}")
+        why = conv_unsupported(base_layer)
+        if why is not None:
+            raise TypeError(f"cannot add LoRA to this {type(base_layer).__name__}: {why}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # always empty (no DoRA); PEFT's layers have it
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}  # always False
+        self.lora_bias: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.base_layer.kernel_size
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def held_adapters(self) -> list[str]:
+        """Names of the adapters this layer holds."""
+        return list(self.lora_A)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every parameter of adapter `adapter_name`: A, B (and B's bias with lora_bias)."""
+        return [self.lora_A[adapter_name].weight, *self.lora_B[adapter_name].parameters()]
+
+    def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in, kh, kw], B [out, r, 1, 1]) of adapter `adapter_name`."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    # ---- adapters ---------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) adapter `adapter_name` and make it the active one (LoraLinear's
+        signature). A refused call leaves the layer unchanged; a merged adapter cannot be
+        replaced (unmerge first)."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
+        _check_adapter_args(r, lora_alpha, lora_dropout)
+        if use_dora is not False:
+            raise ValueError("use_dora=True (DoRA) is not implemented for Conv2d layers in lorakern")
+        if not isinstance(lora_bias, bool):
+            raise TypeError(f"lora_bias must be a bool, got {lora_bias!r}")
+        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
+        if not (isinstance(init_lora_weights, bool) or gaussian):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if lora_bias and gaussian:
+            raise ValueError("lora_bias=True needs init_lora_weights True or False (as in PEFT), got 'gaussian'")
+        if lora_bias and self.base_layer.bias is None:
+            warnings.warn(
+                "lora_bias=True but the base Conv2d has no bias: this adapter cannot be merged", UserWarning, stacklevel=2
+            )
+        base = self.base_layer
+        # Built as PEFT builds them (on the CPU in fp32, so a seed gives PEFT's values), then
+        # moved to the base's device in the adapter dtype (fp32, fp64 on an fp64 base).
+        A = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        B = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
+        with torch.no_grad():
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            elif gaussian:
+                nn.init.normal_(A.weight, std=1.0 / r)
+            if init_lora_weights is not False:
+                nn.init.zeros_(B.weight)
+                if B.bias is not None:
+                    nn.init.zeros_(B.bias)
+        w = base.weight
+        dtype = adapter_dtype(w)
+        self.lora_A[adapter_name] = A.to(device=w.device, dtype=dtype)
+        self.lora_B[adapter_name] = B.to(device=w.device, dtype=dtype)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.active_adapters = [adapter_name]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active adapters; theirs become trainable, the others frozen.
+        A merged layer is unmerged first, with PEFT's warning."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged:
+            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
+            self.unmerge()
+        for name in self.lora_A:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; have {self.held_adapters()}")
+        remerge = [a for a in self.merged_adapters if a != adapter_name]
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+            self.merge(remerge)
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
+            del d[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """x [B, in, H, W] -> the base layer's output, in its dtype.
+
+        adapter_names: a mixed batch: one adapter name per row of x (dim 0), "__base__"
+        for none; each must be an adapter of this layer. Inside
+        `lorakern.mixed_batch(model, names)` the names come from the context instead.
+        """
+        if adapter_names is not None:
+            return self._mixed_forward(x, RowGroups(adapter_names), strict=True)
+        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
+        if groups is not None:
+            return self._mixed_forward(x, groups, strict=False)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.merged_adapters or not active:
+            return result
+        out = result
+        for name in active:  # summed in the promoted dtype (fp32 adapters), cast once, as PEFT
+            out = out + self._lora_term(x, name)
+        return out.to(result.dtype)
+
+    def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s · B(A(dropout(x))), x cast to the adapter's dtype (as PEFT)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = x.to(A.weight.dtype)
+        p = self.lora_dropout[name]
+        if self.training and p > 0:
+            x = F.dropout(x, p, training=True)
+        return B(A(x)) * self.scaling[name]
+
+    def _mixed_forward(self, x: torch.Tensor, groups: RowGroups, strict: bool) -> torch.Tensor:
+        """Row b of x through adapter groups.names[b] ("__base__": the base alone). strict:
+        every name must be an adapter of this layer; else (mixed_batch, which checked the
+        names against the model) a name this layer lacks runs its base alone."""
+        if x.dim() < 2 or x.shape[0] != len(groups):
+            raise ValueError(
+                f"LoraConv2d: got {len(groups)} adapter names for x of shape {tuple(x.shape)}; "
+                "give one name per row (dim 0)"
+            )
+        if self.merged_adapters:
+            raise ValueError(
+                f"cannot run a mixed batch (adapter_names) while adapters {self.merged_adapters} are merged "
+                "into this layer; unmerge() first"
+            )
+        used = groups.adapters()
+        if strict:
+            unknown = [n for n in used if n not in self.lora_A]
+            if unknown:
+                raise ValueError(
+                    f"no adapter named {unknown} in this layer; it has {self.held_adapters()} (and {BASE!r} for none)"
+                )
+        used = [n for n in used if n in self.lora_A]
+        result = self.base_layer(x)
+        if self.disable_adapters or not used:
+            return result
+        out = result
+        for name in used:  # each term cast to the output dtype before it is added, as PEFT
+            idx = groups.index(name, x.device)
+            if idx is None:
+                out = out + self._lora_term(x, name).to(out.dtype)
+            else:
+                out = out.index_add(0, idx, self._lora_term(x.index_select(0, idx), name).to(out.dtype))
+        return out
+
+    # ---- merge ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s·ΔW [out, in, kh, kw], ΔW[o, i] = Σ_r B[o, r] A[r, i], in fp32 (fp64 adapters: fp64)."""
+        A, B = self.lora_weights(adapter_name)
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
+        return delta.reshape(self.base_layer.weight.shape) * self.scaling[adapter_name]
+
+    def _bias_delta(self, adapter_names: list[str]) -> torch.Tensor | None:
+        """Σ s·b over the lora_bias adapters among `adapter_names` (fp32), or None."""
+        total = None
+        for name in adapter_names:
+            if self.lora_bias.get(name, False):
+                b = self.lora_B[name].bias.detach()
+                term = b.to(torch.promote_types(b.dtype, torch.float32)) * self.scaling[name]
+                total = term if total is None else total + term
+        return total
+
+    @torch.no_grad()
+    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """The base weight plus the deltas of `adapter_names`, summed in fp32 (fp64 for an
+        fp64 weight) and cast once. Does not change the layer."""
+        for name in adapter_names:
+            if name not in self.lora_A:
+                raise ValueError(f"no adapter named {name!r}; have {self.held_adapters()}")
+        w = self.base_layer.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        total = w.to(acc)
+        for name in adapter_names:
+            total = total + self.get_delta_weight(name).to(acc)
+        return total.to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """W += Σ s·ΔW (and bias += Σ s·b with lora_bias) for each adapter (default: the active
+        ones), in fp32, cast once. safe_merge: ValueError (layer unchanged) if the result is
+        not finite. lora_bias with no base bias: RuntimeError (PEFT's), layer unchanged."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not names:
+            return
+        new_bias = None
+        extra = self._bias_delta(names)
+        if extra is not None:
+            bias = self.base_layer.bias
+            if bias is None:
+                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
+            new_bias = (bias.to(extra.dtype) + extra).to(bias.dtype)
+        new_w = self.merged_weight(names)
+        if safe_merge and not (torch.isfinite(new_w).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+            raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
+        self.base_layer.weight.copy_(new_w)
+        if new_bias is not None:
+            self.base_layer.bias.copy_(new_bias)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W -= Σ s·ΔW (bias -= Σ s·b) over every merged adapter, fp32, cast once."""
+        if not self.merged_adapters:
+            return
+        w = self.base_layer.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        total = w.to(acc)
+        for name in self.merged_adapters:
+            total = total - self.get_delta_weight(name).to(acc)
+        w.copy_(total.to(w.dtype))
+        extra = self._bias_delta(self.merged_adapters)
+        if extra is not None:
+            bias = self.base_layer.bias
+            bias.copy_((bias.to(extra.dtype) - extra).to(bias.dtype))
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}, lora_dropout={self.lora_dropout[n]}"
+            for n in self.lora_A
+        ]
+        return f"in_channels={self.in_features}, out_channels={self.out_features}, " + "; ".join(parts)

@@ -1,0 +1,381 @@
+"""LoraEmbedding: LoRA on an nn.Embedding, with PEFT's layout and numbers.
+
+For a base table ``W [num_embeddings, embedding_dim]`` and input ids ``x``:
+
+    y = base_layer(x) + s · E(x, Aᵀ) Bᵀ        A [r, num_embeddings], B [embedding_dim, r]
+
+where ``E(x, T)`` is ``F.embedding(x, T)`` with the base layer's ``padding_idx``,
+``max_norm``, ``norm_type`` and ``scale_grad_by_freq``: a row lookup, so the LoRA term
+costs r·embedding_dim multiply-adds per id (pure PyTorch, no kernel). The lookup is
+always dense: A gets a dense gradient even over a ``sparse=True`` table (where PEFT's
+backward fails: a sparse gradient of the view Aᵀ cannot be formed). The
+merged table is ``W + s·(B A)ᵀ``. A base layer with an ``embed_scale`` (Gemma's scaled
+embeddings multiply their lookup by it) scales the LoRA term too, as PEFT does.
+
+State-dict keys are PEFT's ``lora_embedding_A.<adapter>`` / ``lora_embedding_B.<adapter>``
+(nn.ParameterDict entries, no ``.weight``); an adapter file holds them as
+``<module path>.lora_embedding_A`` / ``.lora_embedding_B``.
+
+As in PEFT: ``init_lora_weights=True`` (or "gaussian") makes A zero and B standard
+normal (so the adapter starts at zero), False leaves both standard normal; lora_dropout
+is recorded but never applied (an input id cannot be partly dropped); lora_bias is
+refused. Unlike PEFT, DoRA on an embedding is refused (not implemented), and so is a
+quantized base table.
+
+The layer speaks the same protocol as LoraLinear, so everything in lorakern.model and
+lorakern.adapters that walks the LoRA layers handles it: ``held_adapters()``,
+``adapter_parameters(name)``, ``lora_weights(name)`` (A [r, in], B [out, r] with in =
+num_embeddings, out = embedding_dim), ``set_adapter``, ``delete_adapter``, ``merge``,
+``unmerge``, ``merged_weight``, ``disable_adapters``, and mixed batches
+(``forward(x, adapter_names=[...])``, or ``lorakern.mixed_batch``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, adapter_dtype
+from lorakern.mixed import BASE, RowGroups
+
+# Weight classes of quantized tables (bitsandbytes); their values are not the table.
+_QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
+
+
+def embedding_unsupported(module: nn.Module) -> str | None:
+    """Why LoraEmbedding cannot wrap the nn.Embedding `module` (None when it can)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or type(w).__name__ in _QUANTIZED_PARAMS or not w.is_floating_point():
+        kind = type(w).__name__ if isinstance(w, torch.Tensor) else repr(w)
+        dtype = f" of dtype {w.dtype}" if isinstance(w, torch.Tensor) else ""
+        return f"its weight is a {kind}{dtype}: LoRA on quantized embedding tables is not implemented"
+    return None
+
+
+class LoraEmbedding(nn.Module):
+    """nn.Embedding plus low-rank adapters: ``y = base_layer(x) + Σ s·E(x, Aᵀ) Bᵀ``.
+
+    Args:
+        base_layer: the nn.Embedding (or a subclass, e.g. a scaled embedding) to wrap;
+            frozen here, its parameters reused, not copied.
+        r: adapter rank (>= 1).
+        lora_alpha: scale numerator; scaling = lora_alpha / r (/ sqrt(r) with use_rslora).
+        lora_dropout: recorded only: as in PEFT, no dropout on an embedding adapter.
+        use_rslora: rank-stabilised scaling.
+        init_lora_weights: True or "gaussian" (A zero, B ~ N(0, 1)) or False (A, B ~ N(0, 1)).
+        adapter_name: name of the first adapter.
+        use_dora, lora_bias: must be False (ValueError otherwise).
+
+    Shapes: x [...] integer ids -> [..., embedding_dim].
+
+    Example:
+        >>> import torch, lorakern
+        >>> layer = lorakern.LoraEmbedding(torch.nn.Embedding(100, 16), r=4, lora_alpha=8)
+        >>> layer(torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3, 16])
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+        use_dora: bool = False,
+        lora_bias: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"base_layer must be nn.Embedding, got {type(base_layer).__name__}")
+        why = embedding_unsupported(base_layer)
+        if why is not None:
+            raise TypeError(f"cannot add LoRA to this {type(base_layer).__name__}: {why}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}  # always False: read by code that walks every LoRA layer
+        self.lora_bias: dict[str, bool] = {}  # always False, likewise
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias)
+
+    # ---- what code outside reads (as on nn.Embedding / LoraLinear) ------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base_layer.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base_layer.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base_layer.padding_idx
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def held_adapters(self) -> list[str]:
+        """Names of the adapters this layer holds."""
+        return list(self.lora_embedding_A)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every parameter of adapter `adapter_name` (A and B)."""
+        return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
+
+    def lora_weights(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A [r, num_embeddings], B [embedding_dim, r]): LoraLinear's (A [r, in], B [out, r])."""
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    # ---- adapters ---------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) adapter `adapter_name` and make it the active one (LoraLinear's
+        signature). Everything is checked before anything is registered: a refused call
+        leaves the layer unchanged. A merged adapter cannot be replaced (unmerge first)."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
+        _check_adapter_args(r, lora_alpha, lora_dropout)
+        if use_dora is not False:
+            raise ValueError("use_dora=True (DoRA) is not implemented for embedding layers in lorakern")
+        if lora_bias is not False:
+            raise ValueError("lora_bias=True is not supported for embedding layers (as in PEFT)")
+        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
+        if not (isinstance(init_lora_weights, bool) or gaussian):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        # PEFT's draws, in its order, on the CPU in fp32 (so a seed gives PEFT's values),
+        # then moved to the base's device in the adapter dtype (fp32, fp64 on an fp64 base).
+        A = torch.randn(r, self.in_features)
+        B = torch.randn(self.out_features, r)
+        if init_lora_weights is not False:  # True and "gaussian" alike, as PEFT
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        w = self.base_layer.weight
+        dtype = adapter_dtype(w)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A.to(device=w.device, dtype=dtype))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B.to(device=w.device, dtype=dtype))
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = False
+        self.lora_bias[adapter_name] = False
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.active_adapters = [adapter_name]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active adapters; theirs become trainable, the others frozen.
+        A merged layer is unmerged first, with PEFT's warning."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged:
+            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
+            self.unmerge()
+        for name in self.lora_embedding_A:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
+        if adapter_name not in self.lora_embedding_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; have {self.held_adapters()}")
+        remerge = [a for a in self.merged_adapters if a != adapter_name]
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+            self.merge(remerge)
+        del self.lora_embedding_A[adapter_name]
+        del self.lora_embedding_B[adapter_name]
+        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
+            del d[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """x [...] integer ids -> [..., embedding_dim], in the base layer's output dtype.
+
+        adapter_names: a mixed batch: one adapter name per row of x (dim 0), "__base__"
+        for none; each must be an adapter of this layer. Inside
+        `lorakern.mixed_batch(model, names)` the names come from the context instead.
+        """
+        if adapter_names is not None:
+            return self._mixed_forward(x, RowGroups(adapter_names), strict=True)
+        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
+        if groups is not None:
+            return self._mixed_forward(x, groups, strict=False)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        result = self.base_layer(x)
+        active = [a for a in self.active_adapters if a in self.lora_embedding_A]
+        if self.merged_adapters or not active:
+            return result
+        scale = self._embed_scale()
+        out = result
+        for name in active:  # summed in the promoted dtype (fp32 adapters), cast once, as PEFT
+            out = out + self._lora_term(x, name, scale)
+        return out.to(result.dtype)
+
+    def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """F.embedding of `table` (Aᵀ) with the base layer's options (padding_idx, max_norm,
+        norm_type, scale_grad_by_freq). Never sparse: a sparse gradient of the transposed
+        view Aᵀ cannot be formed (PEFT passes the base's sparse=True and fails in backward);
+        A gets a dense gradient, the base table keeps its own setting."""
+        base = self.base_layer
+        return F.embedding(
+            x, table, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=False,
+        )
+
+    def _lora_term(self, x: torch.Tensor, name: str, scale: torch.Tensor | None) -> torch.Tensor:
+        """s · E(x, Aᵀ) Bᵀ (· embed_scale) in the adapter's dtype (autocast's under autocast)."""
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        term = (self._embed(x, A.T) @ B.T) * self.scaling[name]
+        if scale is not None:
+            term = term * scale.to(term.dtype)
+        return term
+
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The base layer's `embed_scale` (a number or a one-element tensor) as a tensor, or
+        None; any other shape is ignored with a warning, as PEFT does."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return None
+        w = self.base_layer.weight
+        if isinstance(scale, (int, float)):
+            return torch.tensor(scale, device=w.device, dtype=w.dtype)
+        if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+            return scale
+        warnings.warn(
+            f"the base embedding's embed_scale has shape {getattr(scale, 'shape', None)}, not a scalar: "
+            "the LoRA term is not scaled by it",
+            stacklevel=3,
+        )
+        return None
+
+    def _mixed_forward(self, x: torch.Tensor, groups: RowGroups, strict: bool) -> torch.Tensor:
+        """Row b of x through adapter groups.names[b] ("__base__": the base alone). strict:
+        every name must be an adapter of this layer; else (mixed_batch, which checked the
+        names against the model) a name this layer lacks runs its base alone."""
+        if x.dim() < 1 or x.shape[0] != len(groups):
+            raise ValueError(
+                f"LoraEmbedding: got {len(groups)} adapter names for ids of shape {tuple(x.shape)}; "
+                "give one name per row (dim 0)"
+            )
+        if self.merged_adapters:
+            raise ValueError(
+                f"cannot run a mixed batch (adapter_names) while adapters {self.merged_adapters} are merged "
+                "into this layer; unmerge() first"
+            )
+        used = groups.adapters()
+        if strict:
+            unknown = [n for n in used if n not in self.lora_embedding_A]
+            if unknown:
+                raise ValueError(
+                    f"no adapter named {unknown} in this layer; it has {self.held_adapters()} (and {BASE!r} for none)"
+                )
+        used = [n for n in used if n in self.lora_embedding_A]
+        result = self.base_layer(x)
+        if self.disable_adapters or not used:
+            return result
+        scale = self._embed_scale()
+        out = None
+        for name in used:
+            idx = groups.index(name, x.device)
+            term = self._lora_term(x if idx is None else x.index_select(0, idx), name, scale)
+            if out is None:  # the sum in the promoted dtype, cast once, as on the single-adapter path
+                out = result.to(torch.promote_types(result.dtype, term.dtype))
+            out = out + term.to(out.dtype) if idx is None else out.index_add(0, idx, term.to(out.dtype))
+        return out.to(result.dtype)
+
+    # ---- merge ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s·(B A)ᵀ [num_embeddings, embedding_dim], the base table's layout (as PEFT), in fp32
+        (fp64 for fp64 adapters)."""
+        A, B = self.lora_weights(adapter_name)
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return (B.to(dtype) @ A.to(dtype)).T * self.scaling[adapter_name]
+
+    @torch.no_grad()
+    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
+        """The base table plus the deltas of `adapter_names`, summed in fp32 (fp64 for an
+        fp64 table) and cast once to the table's dtype. Does not change the layer."""
+        for name in adapter_names:
+            if name not in self.lora_embedding_A:
+                raise ValueError(f"no adapter named {name!r}; have {self.held_adapters()}")
+        w = self.base_layer.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        total = w.to(acc)
+        for name in adapter_names:
+            total = total + self.get_delta_weight(name).to(acc)
+        return total.to(w.dtype)
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """W += Σ s·(B A)ᵀ for each adapter (default: the active ones), in fp32, cast once.
+        safe_merge: ValueError (layer unchanged) if the merged table is not finite."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not names:
+            return
+        new_w = self.merged_weight(names)
+        if safe_merge and not torch.isfinite(new_w).all():
+            raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
+        self.base_layer.weight.copy_(new_w)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W -= Σ s·(B A)ᵀ over every merged adapter, in fp32, cast once."""
+        if not self.merged_adapters:
+            return
+        w = self.base_layer.weight
+        acc = torch.promote_types(w.dtype, torch.float32)
+        total = w.to(acc)
+        for name in self.merged_adapters:
+            total = total - self.get_delta_weight(name).to(acc)
+        w.copy_(total.to(w.dtype))
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}" for n in self.lora_embedding_A]
+        return f"num_embeddings={self.in_features}, embedding_dim={self.out_features}, " + "; ".join(parts)
