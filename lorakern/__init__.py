@@ -2,6 +2,8 @@
 
 from lorakern.adapters import load_adapter, save_adapter
 from lorakern.config import LoraConfig
+from lorakern.conv import LoraConv2d
+from lorakern.embedding import LoraEmbedding
 from lorakern.layer import LoraLinear
 from lorakern.model import (
     add_weighted_adapter,
@@ -16,6 +18,7 @@ from lorakern.model import (
     unload,
     unmerge,
 )
+from lorakern.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from lorakern.mixed import lora_linear_mixed, mixed_batch
 from lorakern.ops import lora_linear
 from lorakern.peft_compat import patch_peft, unpatch_peft
@@ -34,9 +37,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lorakern' has no attribute {name!r}")
 
 __all__ = [
-    "LoraLinear", "lora_linear", "__version__",
+    "LoraLinear", "LoraEmbedding", "LoraConv2d", "lora_linear", "__version__",
     "LoraConfig", "inject", "set_adapter", "delete_adapter", "disable_adapters", "add_weighted_adapter",
     "merge", "unmerge", "unload", "trainable_parameters", "trainable_parameters_summary",
     "print_trainable_parameters", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",
     "quantize", "QuantLinear", "lora_linear_quantized", "lora_linear_mixed", "mixed_batch",
+    "hotswap_adapter", "prepare_model_for_compiled_hotswap",
 ]
