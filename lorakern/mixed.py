@@ -343,6 +343,10 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
     of this layer. Not strict (inside `mixed_batch`, which checked the names against the
     model): a name this layer lacks runs its base alone, as in PEFT.
     """
+    if not strict and torch.compiler.is_compiling():
+        y = _traced_forward(layer, x)
+        if y is not None:
+            return y
     groups = adapter_names if isinstance(adapter_names, RowGroups) else RowGroups(adapter_names)
     if x.dim() >= 2:
         groups = groups.for_rows(x.shape[0])
@@ -367,6 +371,60 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
         return layer._base_forward(x)
     y = _layer_lora_forward(layer, x, groups, used)
     return _add_lora_bias(layer, y, groups, used)
+
+
+def _traced_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """A `mixed_batch` forward while torch.compile traces, from tensors only, or None when it
+    does not apply (then the host-grouped path runs, which guards on the names).
+
+    The host path groups rows by name in Python, so dynamo guards on the name list and a new
+    batch composition recompiles. Here the row -> adapter map is the slot tensor
+    `mixed_batch` put on the layer (`_mixed_slots`: graph inputs, not constants) and every
+    adapter of the layer is stacked in the graph, padded with a zero adapter for "__base__"
+    rows: y = x Wᵀ + bias + s_a·(x_b A_aᵀ) B_aᵀ per batch row b, as two batched matmuls over
+    the rows' gathered A and B. Same math as the host path (rounding aside). Applies to
+    inference of a dense LoraLinear (no autograd, no dropout, no DoRA, no autocast, x in
+    the weight's dtype); training, quantized bases and the rest keep the host path.
+    """
+    slots = layer.__dict__.get("_mixed_slots")  # set on LoraLinear layers only
+    if slots is None or x.dim() < 2:
+        return None
+    names = list(layer.lora_A)
+    if (layer.disable_adapters or layer.merged_adapters or layer.quantized or layer.base_forward
+            or any(layer.use_dora.get(n, False) for n in names) or torch.is_autocast_enabled(x.device.type)):
+        return None
+    if layer.training and any(layer.lora_dropout.is_positive(n) for n in names):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for n in names for p in layer.adapter_parameters(n))):
+        return None
+    w = layer.base_weight()
+    if x.dtype != w.dtype:
+        return None
+    rows = next((t for t in slots if t is not None and t.shape[0] == x.shape[0]), None)
+    if rows is None:
+        return None  # the host path raises the row-count error
+    n = len(names)
+    idx = torch.where(rows < 0, n, rows)  # the zero adapter for "__base__" rows
+    R = max(layer.r[name] for name in names)
+    pad_a = [F.pad(layer.lora_A[name].weight, (0, 0, 0, R - layer.r[name])) for name in names]
+    pad_b = [F.pad(layer.lora_B[name].weight, (0, R - layer.r[name])) for name in names]
+    A = torch.stack([*pad_a, torch.zeros_like(pad_a[0])])[idx].to(x.dtype)  # [Bt, R, K]
+    B = torch.stack([*pad_b, torch.zeros_like(pad_b[0])])[idx].to(x.dtype)  # [Bt, N, R]
+    scale = torch.cat([*(layer.scaling.tensor(name) for name in names), layer.scaling.tensor(names[0]) * 0])
+    scale = scale.to(device=x.device, dtype=torch.float32)[idx]
+    y = F.linear(x, w, layer.base_layer.bias)
+    xs = x.reshape(x.shape[0], -1, x.shape[-1])
+    lora = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # [Bt, T, N]
+    y = y + (lora.float() * scale.view(-1, 1, 1)).to(y.dtype).reshape(y.shape)
+    if any(layer.lora_bias.get(name, False) for name in names):  # s·b on each adapter's rows
+        zero = y.new_zeros(y.shape[-1], dtype=torch.float32)
+        table = torch.stack([
+            *(layer.lora_B[name].bias.float() * layer.scaling.tensor(name).to(device=x.device, dtype=torch.float32)
+              if layer.lora_bias.get(name, False) else zero for name in names),
+            zero,
+        ])
+        y = y + table[idx].to(y.dtype).view(x.shape[0], *([1] * (y.dim() - 2)), -1)
+    return y
 
 
 def _add_lora_bias(layer, y: torch.Tensor, groups: RowGroups, used: list[str]) -> torch.Tensor:
@@ -486,6 +544,19 @@ def _stacks_current(layer, state, dtype, device) -> bool:
     return all(t is c and t._version == v for c, (t, v) in zip(current, tensors))
 
 
+def _layer_slots(layer, groups: RowGroups) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's index into the layer's adapters (-1: "__base__" or an adapter the layer
+    lacks), for the batch's rows and, with num_beams, for the beam-expanded rows."""
+    where = {n: i for i, n in enumerate(layer.lora_A)}
+    device = layer.base_layer.weight.device
+
+    def slots(g: RowGroups) -> torch.Tensor:
+        return torch.tensor([where.get(n, -1) for n in g.names], dtype=torch.int64, device=device)
+
+    expanded = groups.for_rows(len(groups) * groups.num_beams)
+    return slots(groups), (slots(expanded) if expanded is not groups else None)
+
+
 # ---- modules_to_save copies ------------------------------------------------------------
 
 
@@ -526,6 +597,7 @@ def check_model_names(model: nn.Module, names: Sequence[str], num_beams: int = 1
     """Check `names` against the model: known adapters, nothing merged, no DoRA among them.
     Raises before anything runs; returns the row groups."""
     from lorakern.model import adapter_state, lora_layers
+    from lorakern.parameter import LoraParameter
 
     state = adapter_state(model)
     groups = RowGroups(names, num_beams)
@@ -542,6 +614,11 @@ def check_model_names(model: nn.Module, names: Sequence[str], num_beams: int = 1
     dora = sorted({n for _, layer in layers for n in used if layer.use_dora.get(n, False)})
     if dora:
         raise NotImplementedError(f"DoRA adapters {dora} in a mixed batch are not implemented; run them alone")
+    params = sorted({n for _, layer in layers if isinstance(layer, LoraParameter) for n in used & set(layer.held_adapters())})
+    if params:
+        raise NotImplementedError(
+            f"adapters {params} put LoRA on parameters (target_parameters): not in a mixed batch (as in PEFT); run them alone"
+        )
     return groups
 
 
@@ -569,25 +646,29 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: in
         >>> y.shape
         torch.Size([2, 8])
     """
+    from lorakern.layer import LoraLinear
     from lorakern.model import lora_layers, saved_modules
 
     groups = check_model_names(model, adapter_names, num_beams)
     layers = [layer for _, layer in lora_layers(model)]
     wrappers = [w for _, w in saved_modules(model)]
-    before_layers = [layer.__dict__.get("_mixed_adapter_names") for layer in layers]
+    before_layers = [(layer.__dict__.get("_mixed_adapter_names"), layer.__dict__.get("_mixed_slots")) for layer in layers]
     before_wrappers = [w.__dict__.get("forward") for w in wrappers]
     try:
         for layer in layers:
             layer.__dict__["_mixed_adapter_names"] = groups
+            if isinstance(layer, LoraLinear):  # the traced path's row -> adapter map (`_traced_forward`)
+                layer.__dict__["_mixed_slots"] = _layer_slots(layer, groups)
         for w in wrappers:
             w.__dict__["forward"] = _saved_module_forward(w, groups)
         yield model
     finally:
-        for layer, old in zip(layers, before_layers):
-            if old is None:
-                layer.__dict__.pop("_mixed_adapter_names", None)
-            else:
-                layer.__dict__["_mixed_adapter_names"] = old
+        for layer, olds in zip(layers, before_layers):
+            for key, old in zip(("_mixed_adapter_names", "_mixed_slots"), olds):
+                if old is None:
+                    layer.__dict__.pop(key, None)
+                else:
+                    layer.__dict__[key] = old
         for w, old in zip(wrappers, before_wrappers):
             if old is None:
                 w.__dict__.pop("forward", None)

@@ -435,3 +435,53 @@ def test_exception_inside_block_restores_model():
             assert torch.equal(model(x), model[0].base_layer(x))
             raise RuntimeError("boom")
     assert torch.equal(model(x), ref)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+
+
+def test_compiled_mixed_batches_do_not_recompile_when_the_names_change(llama):
+    """Under torch.compile the row -> adapter map is a tensor (no guard on the names): new
+    batch compositions, "__base__" rows and a hot-swapped weight reuse one graph; the
+    logits are the eager mixed batch's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _, model = _both(llama, CASES["llama"])
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = input_ids(batch=4, seq=5, seed=12)
+    lists = (["one", "two", BASE, "tri"], ["tri", "tri", "one", BASE], [BASE] * 4, ["two"] * 4)
+    with torch.no_grad():
+        for names in lists:
+            with lorakern.mixed_batch(model, names):
+                ours = compiled(input_ids=ids).logits
+                eager = model(input_ids=ids).logits
+            assert_close(ours, eager, TOL, f"{names}")
+        layer = next(layer for _, layer in lora_layers(model) if "one" in layer.lora_A)
+        layer.lora_B["one"].weight.mul_(3.0)  # a hot-swap writes in place
+        with lorakern.mixed_batch(model, lists[0]):
+            assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, TOL, "after the swap")
+    assert counter.frame_count == 1
+
+
+def test_compiled_mixed_batch_with_lora_bias_and_beams_matches_eager():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    lorakern.inject(model, lorakern.LoraConfig(r=3, target_modules=["0", "2"], lora_bias=True, init_lora_weights=False),
+                    adapter_name="p")
+    lorakern.inject(model, lorakern.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), adapter_name="q")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    model.eval()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    names = ["q", "p", BASE]
+    with torch.no_grad(), lorakern.mixed_batch(model, names, num_beams=2):
+        for rows in (3, 6):  # the inputs, then the beam-expanded batch
+            x = torch.randn(rows, 16)
+            assert_close(compiled(x), model(x), TOL, f"{rows} rows")
+    assert counter.frame_count <= 2  # one graph per batch size at most
