@@ -44,6 +44,7 @@ import os
 import re
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,7 +55,8 @@ from lorakern.config import ALL_LINEAR, LoraConfig
 from lorakern.distributed import gather_full_tensors
 from lorakern.conv import LoraConv2d
 from lorakern.embedding import LoraEmbedding
-from lorakern.layer import adapter_dtype
+from lorakern.parameter import LoraParameter
+from lorakern.layer import LoraLinear, adapter_dtype
 from lorakern.model import (
     LORA_LAYERS,
     AdapterState,
@@ -110,11 +112,11 @@ def adapter_state_dict(
     layers = [(n, layer) for n, layer in lora_layers(model) if adapter_name in layer.held_adapters()]
     for name, layer in layers:
         if isinstance(layer, LoraEmbedding):  # PEFT's keys for an embedding: no ".weight"
-            out[f"{PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
-            out[f"{PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            A, B = _held_rank(name, layer, adapter_name)
+            out[f"{PREFIX}{name}.lora_embedding_A"], out[f"{PREFIX}{name}.lora_embedding_B"] = A, B
             continue
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        A, B = _held_rank(name, layer, adapter_name)
+        out[f"{PREFIX}{name}.lora_A.weight"], out[f"{PREFIX}{name}.lora_B.weight"] = A, B
         if layer.lora_bias.get(adapter_name, False):  # PEFT's lora_bias
             out[f"{PREFIX}{name}.lora_B.bias"] = layer.lora_B[adapter_name].bias
         if adapter_name in layer.lora_magnitude_vector:  # DoRA; PEFT's key has no ".weight"
@@ -132,6 +134,54 @@ def adapter_state_dict(
                 out[f"{PREFIX}{name}.{k}"] = v
     out.update(_embedding_state(model, adapter_name, cfg, save_embedding_layers))
     return out
+
+
+def _held_rank(name: str, layer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's (A, B) cut to the adapter's own rank r: A[:r] and B[:, :r] (rank along
+    A's dim 0 and B's dim 1 for LoraLinear, LoraEmbedding and LoraConv2d alike).
+    `prepare_model_for_compiled_hotswap` zero-pads them to its target_rank while r stays
+    the adapter's; the padding stays zero through training (its gradients are zero), so the
+    cut is exact. Padding that is not zero (written into) is refused: dropping it would
+    save another adapter than the model runs."""
+    A, B = layer.lora_weights(adapter_name)
+    r = layer.r[adapter_name]
+    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d)) or A.shape[0] == r:
+        return A, B
+    if A[r:].any() or B[:, r:].any():
+        raise ValueError(
+            f"cannot save adapter {adapter_name!r}: module {name!r} holds rank {r} zero-padded to {A.shape[0]} "
+            f"(prepare_model_for_compiled_hotswap), but its padding (lora_A rows {r}: or lora_B columns {r}:) is "
+            "not zero, so the file (rank r) would not be the adapter the model runs; zero the padding or save "
+            "the model's state_dict instead"
+        )
+    return A[:r], B[:, :r]
+
+
+def _config_as_held(model: nn.Module, adapter_name: str, cfg: LoraConfig) -> LoraConfig:
+    """`cfg`, with r and rank_pattern rewritten when they do not give the ranks the layers
+    hold: `prepare_model_for_compiled_hotswap(config=...)` sets them to its target_rank (as
+    PEFT does) while each layer keeps the adapter's own r, which the saved tensors have.
+    Then r becomes the most common held rank and rank_pattern names every other module."""
+    held = {}  # the name rank_pattern matches -> r
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.held_adapters():
+            key = name
+            if isinstance(layer, LoraParameter):  # its owner's path and parameter, as plan_targets keys it
+                while key.endswith(".base_layer"):
+                    key = key[: -len(".base_layer")]
+                key = f"{key}.{layer.parameter_name}"
+            held[key] = layer.r[adapter_name]
+    if all(cfg.rank_for(k) == r for k, r in held.items()):
+        return cfg
+    ranks = list(held.values())
+    r = max(set(ranks), key=ranks.count)
+    # Longest names first: a pattern matches a module's name or a suffix after a ".".
+    pattern = {k: v for k, v in sorted(held.items(), key=lambda kv: -len(kv[0])) if v != r}
+    fixed = replace(cfg, r=r, rank_pattern=pattern)
+    wrong = [k for k, v in held.items() if fixed.rank_for(k) != v]
+    if wrong:
+        raise ValueError(f"cannot save adapter {adapter_name!r}: no rank_pattern describes the ranks of {wrong[:5]}")
+    return fixed
 
 
 # ---- embedding layers -------------------------------------------------------------
@@ -435,6 +485,10 @@ def save_adapter(
     Without fcntl (not POSIX), or on a file system without flock, there is no lock; a mix
     that unlocked concurrent saves leave is refused the same way.
     The files get the mode a plain open() would give (0o644 under umask 0o022).
+    An adapter zero-padded by `prepare_model_for_compiled_hotswap` is saved at its own
+    rank (A[:r], B[:, :r], exact: the padding stays zero), with a config whose r /
+    rank_pattern give those ranks (prepare's `config=` argument sets them to its
+    target_rank); padding that is not zero is refused (ValueError, nothing written).
     On an FSDP2-sharded model call it on every rank: the shards are gathered into full
     tensors (a collective) and each rank writes the same files.
 
@@ -450,7 +504,8 @@ def save_adapter(
     tensors = gather_full_tensors(adapter_state_dict(model, adapter_name, save_embedding_layers))
     # safetensors refuses shared or strided storage: give every tensor its own copy.
     data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    peft_dict = cfg.to_peft_dict()
+    # The config that describes the tensors (their true ranks, see _held_rank).
+    peft_dict = _config_as_held(model, adapter_name, cfg).to_peft_dict()
     # The weights record the config written beside them (a deterministic record, not a
     # random id, so every rank and every save of one adapter writes the same bytes).
     weights = st_save(data, metadata={"format": "pt", RECORD_KEY: json.dumps(peft_dict, sort_keys=True)})
@@ -607,10 +662,14 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
                 bb = t.module.lora_B[adapter_name].bias
         else:
             # LoraLinear / LoraConv2d.update_layer create A, B (and DoRA's magnitude, lora_B's
-            # bias) in adapter_dtype on the base weight's device.
+            # bias) in adapter_dtype on the base weight's device (LoraParameter: the parameter's).
             a = b = None
-            a_spec = b_spec = (adapter_dtype(t.module.weight), t.module.weight.device)
+            ref = t.module.weight if t.parameter is None else getattr(t.module, t.parameter)
+            a_spec = b_spec = (adapter_dtype(ref), ref.device)
         a_shape, b_shape = (t.r, t.in_features), (t.out_features, t.r)
+        if t.parameter is not None:  # one rank-r block per expert: A [r·E, in], B [out, r·E]
+            experts = t.module.num_experts if isinstance(t.module, LoraParameter) else _experts(getattr(t.module, t.parameter))
+            a_shape, b_shape = (t.r * experts, t.in_features), (t.out_features, t.r * experts)
         if isinstance(t.module, (nn.Conv2d, LoraConv2d)):  # A: the base's kernel; B: 1×1
             a_shape, b_shape = (*a_shape, *t.module.kernel_size), (*b_shape, 1, 1)
         exp[f"{t.name}.lora_A.weight"] = _Slot(a, a_shape, t.name, "lora_A", *a_spec)
@@ -643,6 +702,11 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
                 exp[f"{t.name}.bias"] = _Slot(bias, tuple(bias.shape), t.name, "bias", bias.dtype, bias.device)
     _expect_embeddings(model, exp, {t.name for t in targets}, set(saved_names))
     return exp, saved_names
+
+
+def _experts(param: torch.Tensor) -> int:
+    """Experts in a targeted parameter: its first dim when 3-D, else 1 (LoraParameter's rule)."""
+    return param.shape[0] if param.dim() == 3 else 1
 
 
 def _expect_lora_embedding(exp: dict[str, _Slot], t, adapter_name: str, existing: bool) -> None:
@@ -751,7 +815,8 @@ def _check_agreement(model: nn.Module, config: LoraConfig, adapter_name: str, ta
                 f"lora_alpha={layer.lora_alpha[adapter_name]}, use_rslora={layer.use_rslora[adapter_name]}, "
                 f"use_dora={use_dora}, lora_bias={lora_bias} in the model but the file's config gives r={t.r}, "
                 f"lora_alpha={t.alpha}, use_rslora={config.use_rslora}, use_dora={config.use_dora}, "
-                f"lora_bias={config.lora_bias}"
+                f"lora_bias={config.lora_bias} (to replace an adapter's weights with one of another r or "
+                "lora_alpha in place, use lorakern.hotswap_adapter)"
             )
 
 
@@ -830,6 +895,22 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
     return targets, to_save, exp, found
 
 
+# The tensors that carry the rank r: A along dim 0, B along dim 1.
+RANK_DIM = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+
+
+def pad_rank(value: torch.Tensor, slot: _Slot) -> torch.Tensor:
+    """`value` (rank r) zero-padded along its rank dimension to the shape of the tensor it
+    overwrites, `slot.current` (rank R >= r, as prepare_model_for_compiled_hotswap pads
+    it): (B_pad A_pad) = B A exactly. Other values, and values of that shape, unchanged."""
+    dim = RANK_DIM.get(slot.what)
+    if dim is None or slot.current is None or value.shape == slot.current.shape:
+        return value
+    padded = value.new_zeros(slot.current.shape)
+    padded.narrow(dim, 0, value.shape[dim]).copy_(value)
+    return padded
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
@@ -905,7 +986,9 @@ def load_adapter(
     If the model has no adapter of that name, LoRA layers are injected from the file's
     config first (the adapter becomes active if it is the model's first, as in PEFT);
     otherwise the file must describe the existing adapter (same modules, r, alpha) and its
-    weights are replaced. Everything is validated before the model changes; on any error
+    weights are replaced (in an adapter zero-padded by `prepare_model_for_compiled_hotswap`,
+    the file's rank-r tensors fill the leading rows of A / columns of B, the rest zeroed:
+    the shapes stay; another r or alpha needs `hotswap_adapter`). Everything is validated before the model changes; on any error
     (AdapterLoadError / FileNotFoundError, or an OOM / KeyboardInterrupt while writing the
     weights) the model is exactly as before: values, modules, requires_grad flags.
 
@@ -962,6 +1045,8 @@ def load_adapter(
     # what the changes below touch, while the model is still untouched; then change it,
     # undoing everything on any error.
     values = _convert(model, path, exp, found)
+    if existing:  # an adapter padded by prepare_model_for_compiled_hotswap: rank r in its leading rows / columns
+        values = {ck: pad_rank(v, exp[ck]) for ck, v in values.items()}
     places = [(t.name, t.module) for t in targets] + list(to_save)
     overwritten = {id(t): t for t in (exp[ck].current for ck in found) if t is not None}  # tied: once
     undo = _Undo(model, adapter_name, list(overwritten.values()), places)

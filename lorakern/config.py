@@ -59,7 +59,6 @@ PEFT_FEATURE_OFF: dict[str, Any] = {
     "layer_replication": None,
     "loftq_config": {},
     "megatron_config": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
@@ -99,6 +98,11 @@ class LoraConfig:
         lora_bias: lora_B gets a bias b (PEFT's lora_bias): the adapter adds s·b to the output;
             zero-initialised (random with init_lora_weights=False), merged into the base bias.
             As in PEFT, not with use_dora nor init_lora_weights="gaussian".
+        target_parameters: names of parameters (suffix match on "<module>.<parameter>", e.g.
+            "experts.gate_up_proj", "gate.weight") to put LoRA on directly: a mixture of
+            experts' 3-D weights get one delta per expert (lorakern/parameter.py, PEFT's
+            semantics). With target_modules None, only these are targeted. Not with
+            lora_dropout, use_dora, lora_bias or fan_in_fan_out (as in PEFT).
 
     Example:
         >>> import lorakern
@@ -123,6 +127,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -146,6 +151,11 @@ class LoraConfig:
                 )
             if self.use_dora:
                 raise ValueError("LoraConfig: lora_bias=True is not supported with use_dora=True (as in PEFT)")
+        tp = self.target_parameters
+        if tp is not None:
+            if isinstance(tp, str) or not isinstance(tp, (list, tuple, set, frozenset)) or not all(isinstance(t, str) and t for t in tp):
+                raise TypeError(f"LoraConfig: target_parameters must be a list of parameter names, got {tp!r}")
+            self.target_parameters = sorted(set(tp))
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -277,6 +287,8 @@ class LoraConfig:
             d["target_modules"] = sorted(d["target_modules"])
         if isinstance(d["exclude_modules"], list):
             d["exclude_modules"] = sorted(d["exclude_modules"])
+        if d["target_parameters"] is not None:
+            d["target_parameters"] = sorted(d["target_parameters"])
         d.update(PEFT_FEATURE_OFF)  # lora_bias is a field: written above
         d.update(
             peft_type="LORA", task_type=None, inference_mode=True, base_model_name_or_path=None,

@@ -31,14 +31,16 @@ from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
 from lorakern.conv import LoraConv2d, conv_unsupported
 from lorakern.embedding import LoraEmbedding, embedding_unsupported
 from lorakern.layer import UNMERGE_TO_SET_ADAPTER, LoraLinear, is_linear_like
+from lorakern.moe_targets import convert_moe_config
+from lorakern.parameter import LoraParameter, innermost
 from lorakern.quantized import QuantLinear
 from lorakern.ops import BACKENDS
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 # Every LoRA layer class; all speak one protocol (held_adapters, adapter_parameters,
 # lora_weights, set_adapter, delete_adapter, merge, unmerge, merged_weight, ...).
-LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d)
-LoraLayer = LoraLinear | LoraEmbedding | LoraConv2d
+LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d, LoraParameter)
+LoraLayer = LoraLinear | LoraEmbedding | LoraConv2d | LoraParameter
 
 
 @dataclass
@@ -118,7 +120,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(dotted name, layer) for every LoRA layer (LoraLinear, LoraEmbedding, LoraConv2d) in the model."""
+    """(dotted name, layer) for every LoRA layer (LoraLinear, LoraEmbedding, LoraConv2d,
+    LoraParameter) in the model; nested LoraParameter wrappers outer first."""
     for name, module in model.named_modules():
         if isinstance(module, LORA_LAYERS):
             yield name, module
@@ -171,7 +174,13 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class Target:
-    """One module an adapter goes into: its dotted name, the module, r, alpha, in/out features."""
+    """One module an adapter goes into: its dotted name, the module, r, alpha, in/out features.
+
+    A parameter target (config.target_parameters) also has `parameter` (its name on the
+    owning module) and `owner` (the owning module's path): `name` is then where its
+    LoraParameter wrapper sits once injected (owner, or owner.base_layer… when several
+    parameters of one module nest), and `module` that wrapper if it exists already, else
+    the owning module."""
 
     name: str
     module: nn.Module
@@ -179,12 +188,16 @@ class Target:
     alpha: float
     in_features: int
     out_features: int
+    parameter: str | None = None
+    owner: str | None = None
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     """config.target_modules with "all-linear" expanded to full names and None replaced by
     the architecture's default (PEFT's rules)."""
     targets = config.target_modules
+    if targets is None and config.target_parameters:
+        return []  # as PEFT: target_parameters alone targets no module
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGET_MODULES:
@@ -216,6 +229,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
     nn.Embedding / nn.Conv2d / a LoRA layer (or is a kind of those lorakern refuses: a
     quantized embedding, a grouped or dilated convolution, ...).
     """
+    config = convert_moe_config(config, model)  # PEFT's transformers-5 MoE rewrite (no-op elsewhere)
     targets = resolve_targets(model, config)
     found: list[Target] = []
     for name, module in outer_modules(model):
@@ -233,6 +247,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
                 "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d"
             )
         found.append(Target(name, module, config.rank_for(name), config.alpha_for(name), *_features(module)))
+    if config.target_parameters:
+        found += plan_parameter_targets(model, config, {t.name for t in found})
     if not found:
         linear = [n for n, m in outer_modules(model) if n and (is_linear_like(m) or isinstance(m, LoraLinear))]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
@@ -241,6 +257,76 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             f"its linear modules include {linear[:6]} (leaf names {leaves[:12]})"
         )
     return found
+
+
+def plan_parameter_targets(model: nn.Module, config: LoraConfig, module_targets: set[str]) -> list[Target]:
+    """The parameters `config.target_parameters` names (PEFT's rule: "<module>.<parameter>"
+    equal to, or ending in "." + an entry; a module's own parameters, in registration
+    order), as Targets. Changes nothing; raises ValueError for what PEFT refuses (dropout,
+    DoRA, lora_bias, fan_in_fan_out), for no match, and for a module whose LoRA-wrapped
+    parameters differ from this config's (all adapters must target the same parameters)."""
+    for flag, bad in (("lora_dropout", config.lora_dropout != 0.0), ("use_dora", config.use_dora),
+                      ("lora_bias", config.lora_bias), ("fan_in_fan_out", config.fan_in_fan_out)):
+        if bad:
+            raise ValueError(f"target_parameters does not work with {flag}={getattr(config, flag)!r} (as in PEFT)")
+    wanted = config.target_parameters
+    found: list[Target] = []
+    for path, module in outer_modules(model):
+        if not path:
+            continue
+        if isinstance(module, LoraParameter):
+            chain = _wrapper_chain(module)
+            owner = innermost(module)
+        elif isinstance(module, (*LORA_LAYERS, ModulesToSave)):
+            continue
+        else:
+            chain, owner = [], module
+        names = [n for n, _ in owner.named_parameters(recurse=False)
+                 if any(f"{path}.{n}" == w or f"{path}.{n}".endswith("." + w) for w in wanted)]
+        if not names:
+            continue
+        if path in module_targets:
+            raise ValueError(f"module {path!r} is both a target module and the owner of target parameters {names}")
+        if chain and sorted(names) != sorted(w.parameter_name for w in chain):
+            raise ValueError(
+                f"module {path!r} has LoRA on parameters {[w.parameter_name for w in chain]}, this config targets "
+                f"{names}: all adapters with target_parameters must target the same parameters (as in PEFT)"
+            )
+        for i, pname in enumerate(names):
+            if chain:  # the wrappers exist: where each one is
+                depth = next(d for d, w in enumerate(chain) if w.parameter_name == pname)
+                where = chain[depth]
+            else:  # wrapped in registration order, so the first one ends innermost
+                depth, where = len(names) - 1 - i, owner
+            key = f"{path}.{pname}"
+            r, alpha = config.rank_for(key), config.alpha_for(key)
+            probe = getattr(owner, pname)
+            if probe.dim() not in (2, 3) or not probe.is_floating_point():
+                raise ValueError(f"target parameter {key!r} has shape {tuple(probe.shape)} and dtype {probe.dtype}: "
+                                 "LoRA on a parameter needs a floating 2-D or 3-D one")
+            in_f, out_f = _param_features(owner, probe)
+            found.append(Target(path + ".base_layer" * depth, where, r, alpha, in_f, out_f, parameter=pname, owner=path))
+    if not found:
+        raise ValueError(f"target_parameters={wanted!r} were set but no parameter of {type(model).__name__} matched")
+    return found
+
+
+def _wrapper_chain(module: LoraParameter) -> list[LoraParameter]:
+    """The LoraParameter wrappers from `module` inwards."""
+    chain = []
+    while isinstance(module, LoraParameter):
+        chain.append(module)
+        module = module.base_layer
+    return chain
+
+
+def _param_features(owner: nn.Module, param: torch.Tensor) -> tuple[int, int]:
+    """(in, out) of a targeted parameter, as LoraParameter reads them (per expert for 3-D)."""
+    if param.dim() == 2:
+        return param.shape[1], param.shape[0]
+    if getattr(owner, "is_transposed", False):
+        return param.shape[1], param.shape[2]
+    return param.shape[2], param.shape[1]
 
 
 def _check_embedding_target(name: str, module: nn.Module, config: LoraConfig) -> None:
@@ -305,6 +391,7 @@ def inject(
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakern.LoraConfig, got {type(config).__name__}")
+    config = convert_moe_config(config, model)  # stored as PEFT stores it: rewritten
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty str without dots, got {adapter_name!r}")
     state = getattr(model, "_lorakern", None)
@@ -340,11 +427,21 @@ def inject_planned(
         for p in model.parameters():
             p.requires_grad_(False)
     stored = replace(config)
-    if config.target_modules is None:
+    if config.target_modules is None and not config.target_parameters:
         stored.target_modules = resolve_targets(model, config)
     for t in targets:
         dropout = config.lora_dropout
-        if isinstance(t.module, LORA_LAYERS):
+        if t.parameter is not None and not isinstance(t.module, LoraParameter):
+            # wraps whatever sits at the owner's path now: the owning module, or the wrapper
+            # of a parameter registered before this one (PEFT's nesting)
+            layer = LoraParameter(
+                model.get_submodule(t.owner), t.parameter, t.r, t.alpha, dropout, config.use_rslora,
+                config.init_lora_weights, adapter_name,
+            )
+            layer.active_adapters = []
+            layer.train(model.get_submodule(t.owner).training)
+            _set_submodule(model, t.owner, layer)
+        elif isinstance(t.module, LORA_LAYERS):
             previous = list(t.module.active_adapters)
             t.module.update_layer(
                 adapter_name, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, config.use_dora,
@@ -487,7 +584,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     adapters stay active, or the first remaining adapter is activated."""
     state = adapter_state(model)
     _check_names(state, [adapter_name])
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # nested wrappers: innermost first
         if adapter_name in layer.held_adapters():
             layer.delete_adapter(adapter_name)
             if not layer.held_adapters():
@@ -560,6 +657,8 @@ def add_weighted_adapter(
         raise ValueError("adapters with use_dora=True cannot be combined (their magnitudes do not add)")
     if any(c.lora_bias for c in cfgs):
         raise ValueError("adapters with lora_bias=True cannot be combined (not implemented)")
+    if any(c.target_parameters for c in cfgs):
+        raise ValueError("adapters with target_parameters (LoRA on expert parameters) cannot be combined (not implemented)")
     wrappers = list(saved_modules(model))
     for wname, wrapper in wrappers:
         if sum(a in wrapper.modules_to_save for a in adapters) > 1:
@@ -619,6 +718,17 @@ def _combined_rank(combination_type: str, adapters: list[str], ranks: list[int],
     return svd_rank or max(ranks)
 
 
+def _held_weights(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A[:r], B[:, :r]): the adapter at its own rank r. prepare_model_for_compiled_hotswap
+    zero-pads A's rows and B's columns to its target_rank (r unchanged), so the combinations
+    see the same ranks, and the same ΔW, as on an unpadded model."""
+    A, B = layer.lora_weights(adapter_name)
+    r = layer.r[adapter_name]
+    if isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d)) and A.shape[0] > r:
+        return A[:r], B[:, :r]
+    return A, B
+
+
 @torch.no_grad()
 def _combine_linear(layer: LoraLayer, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
     """A = Σ sign(w s)·sqrt|w s|·A_i, B = Σ sqrt|w s|·B_i (PEFT's "linear"), summed in fp32."""
@@ -627,9 +737,9 @@ def _combine_linear(layer: LoraLayer, present: list[tuple[str, float]], A_new: t
     for a, w in present:
         ws = w * layer.scaling[a]
         root = math.sqrt(abs(ws))
-        A, B = layer.lora_weights(a)
-        A_sum += (root if ws >= 0 else -root) * A.float()
-        B_sum += root * B.float()
+        A, B = _held_weights(layer, a)  # rank r_i <= A_new's: the rest stays zero
+        A_sum[: A.shape[0]] += (root if ws >= 0 else -root) * A.float()
+        B_sum[:, : B.shape[1]] += root * B.float()
     A_new.copy_(A_sum)
     B_new.copy_(B_sum)
 
@@ -637,8 +747,8 @@ def _combine_linear(layer: LoraLayer, present: list[tuple[str, float]], A_new: t
 @torch.no_grad()
 def _combine_cat(layer: LoraLayer, present: list[tuple[str, float]], A_new: torch.Tensor, B_new: torch.Tensor) -> None:
     """A = [w_1 s_1 A_1; …], B = [B_1 | …]: exactly Σ w_i ΔW_i (zero rows / columns pad it)."""
-    As = torch.cat([layer.lora_weights(a)[0].float() * (w * layer.scaling[a]) for a, w in present], 0)
-    Bs = torch.cat([layer.lora_weights(a)[1].float() for a, _ in present], 1)
+    As = torch.cat([_held_weights(layer, a)[0].float() * (w * layer.scaling[a]) for a, w in present], 0)
+    Bs = torch.cat([_held_weights(layer, a)[1].float() for a, _ in present], 1)
     A_new.zero_()
     B_new.zero_()
     A_new[: As.shape[0]] = As.to(A_new.dtype)
@@ -660,7 +770,7 @@ def _combine_svd(layer: LoraLayer, present: list[tuple[str, float]], A_new: torc
 def _delta_out_in(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     """s·B A [out, in] in fp32 (LoraLinear.get_delta_weight's value, for every layer kind;
     a Conv2d's [out, in·kh·kw])."""
-    A, B = layer.lora_weights(adapter_name)
+    A, B = _held_weights(layer, adapter_name)
     return (B.flatten(1).float() @ A.flatten(1).float()) * layer.scaling[adapter_name]
 
 
@@ -757,7 +867,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _merge_fn(model)
     else:
         unmerge(model)
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # nested wrappers: innermost first
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
         active = wrapper.active_adapter
