@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, adapter_dtype
+from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, _scaled, adapter_dtype
 from lorakern.mixed import BASE, RowGroups
+from lorakern.ops import ScalarDict
 
 
 def conv_unsupported(module: nn.Conv2d) -> str | None:
@@ -95,8 +96,8 @@ class LoraConv2d(nn.Module):
         self.lora_magnitude_vector = nn.ModuleDict()  # always empty (no DoRA); PEFT's layers have it
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = ScalarDict()
+        self.scaling: dict[str, float] = ScalarDict()  # traced: read as its tensor mirror
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False
         self.lora_bias: dict[str, bool] = {}
@@ -252,13 +253,15 @@ class LoraConv2d(nn.Module):
         return out.to(result.dtype)
 
     def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """s · B(A(dropout(x))), x cast to the adapter's dtype (as PEFT)."""
+        """s · B(A(dropout(x))), x cast to the adapter's dtype (as PEFT). Traced, s is the
+        ScalarDict's tensor mirror: a new scaling (a hot-swap) does not recompile; dropout's
+        p is read only in training mode (F.dropout takes a Python float)."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = x.to(A.weight.dtype)
-        p = self.lora_dropout[name]
-        if self.training and p > 0:
-            x = F.dropout(x, p, training=True)
-        return B(A(x)) * self.scaling[name]
+        if self.training and self.lora_dropout[name] > 0:
+            x = F.dropout(x, self.lora_dropout[name], training=True)
+        s = self.scaling.tensor(name) if torch.compiler.is_compiling() else self.scaling[name]
+        return _scaled(B(A(x)), s)
 
     def _mixed_forward(self, x: torch.Tensor, groups: RowGroups, strict: bool) -> torch.Tensor:
         """Row b of x through adapter groups.names[b] ("__base__": the base alone). strict:

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, adapter_dtype
+from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, _scaled, adapter_dtype
 from lorakern.mixed import BASE, RowGroups
+from lorakern.ops import ScalarDict
 
 # Weight classes of quantized tables (bitsandbytes); their values are not the table.
 _QUANTIZED_PARAMS = ("Params4bit", "Int8Params")
@@ -103,8 +104,8 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_B = nn.ParameterDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = ScalarDict()
+        self.scaling: dict[str, float] = ScalarDict()  # traced: read as its tensor mirror
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False: read by code that walks every LoRA layer
         self.lora_bias: dict[str, bool] = {}  # always False, likewise
@@ -265,9 +266,11 @@ class LoraEmbedding(nn.Module):
         )
 
     def _lora_term(self, x: torch.Tensor, name: str, scale: torch.Tensor | None) -> torch.Tensor:
-        """s · E(x, Aᵀ) Bᵀ (· embed_scale) in the adapter's dtype (autocast's under autocast)."""
+        """s · E(x, Aᵀ) Bᵀ (· embed_scale) in the adapter's dtype (autocast's under autocast).
+        Traced, s is the ScalarDict's tensor mirror: a new scaling (a hot-swap) does not recompile."""
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        term = (self._embed(x, A.T) @ B.T) * self.scaling[name]
+        s = self.scaling.tensor(name) if torch.compiler.is_compiling() else self.scaling[name]
+        term = _scaled(self._embed(x, A.T) @ B.T, s)
         if scale is not None:
             term = term * scale.to(term.dtype)
         return term

@@ -25,12 +25,27 @@ Everything is read and checked (files, keys, shapes, ranks, dtypes, finite value
 destination dtype) before the model changes; an error while writing (an interrupt) puts
 back the old values. A failed swap leaves the model exactly as it was.
 
-Padded adapters elsewhere in lorakern (known gaps): `save_adapter` writes the padded A / B
-beside the adapter's own r, a pair `load_adapter` refuses; `load_adapter` into an existing
-padded adapter fails (and rolls back): use `hotswap_adapter`; `add_weighted_adapter(...,
-combination_type="cat")` over padded adapters fails. Zero recompiles hold for LoraLinear;
-LoraEmbedding / LoraConv2d read their scalings as Python floats, so a changed scaling
-recompiles those once.
+Padded adapters elsewhere in lorakern: `save_adapter` writes each adapter at its own rank
+(A[:r], B[:, :r]; exact, the padding stays zero through training) with a config giving
+those ranks, loadable by lorakern and PEFT, and refuses padding that is not zero;
+`load_adapter` into a padded adapter of the same name (same r and alpha) fills its leading
+rows / columns and zeroes the rest; `add_weighted_adapter` combines each adapter's own-rank
+slice. LoraLinear, LoraEmbedding and LoraConv2d read their scalings as tensor mirrors when
+traced, so a changed scaling does not recompile any of them.
+
+Known gaps: `lorakern.hf.save_pretrained(model, path, state_dict=...)` (the Trainer's
+ZeRO-3 / FSDP path) takes A / B from the given state dict as they are, so a padded
+adapter is still written padded beside its own r (a file `load_adapter` refuses).
+`add_weighted_adapter` takes the combined rank from the configs, so after
+``prepare_model_for_compiled_hotswap(config=...)`` (r = target_rank) the combined adapter
+is larger than on an unpadded model ("cat": the sum of the target ranks, the extra rows
+zero; "linear": target_rank, likewise), and "svd" truncates to target_rank (or refuses
+it, "svd_rank > min(in, out)", where a layer is narrower). LoraConv2d's dropout p is a
+Python float (F.dropout): in training mode a hot-swap that changes lora_dropout
+recompiles. Adapters on parameters (`target_parameters`, LoraParameter) hold one rank-r
+block per expert (A [r·E, in]): prepare refuses to pad them, and a hot-swap there needs a
+file of the same rank; their scalings are Python floats (a plain dict), so under
+torch.compile a hot-swap that changes their scaling recompiles.
 """
 
 from __future__ import annotations
@@ -45,14 +60,15 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from lorakern.adapters import AdapterLoadError, _convert, _match, _read, _Slot, _write_values
+from lorakern.adapters import RANK_DIM, AdapterLoadError, _convert, _match, _read, _Slot, _write_values, pad_rank
 from lorakern.config import LoraConfig
+from lorakern.conv import LoraConv2d
+from lorakern.embedding import LoraEmbedding
+from lorakern.layer import LoraLinear
 from lorakern.model import adapter_state, lora_layers, merged_layers, resolve_targets, saved_modules
 
-# The file's tensors that belong to a LoRA layer's adapter; A and B carry the rank.
-_RANK_ROWS = ("lora_A", "lora_embedding_A")  # rank along dim 0
-_RANK_COLS = ("lora_B", "lora_embedding_B")  # rank along dim 1
-_LAYER_WHATS = (*_RANK_ROWS, *_RANK_COLS, "lora_B_bias", "lora_magnitude_vector")
+# The file's tensors that belong to a LoRA layer's adapter; A and B carry the rank (RANK_DIM).
+_LAYER_WHATS = (*RANK_DIM, "lora_B_bias", "lora_magnitude_vector")
 # Config fields a hot-swap cannot change (the structure of the adapter, or what else it saves).
 _FIXED = ("use_dora", "lora_bias", "fan_in_fan_out", "bias")
 
@@ -150,9 +166,9 @@ def _plan(model: nn.Module, path: Path, adapter_name: str, old: LoraConfig, devi
     targets, to_save, exp, found = _match(model, path, config, tensors, adapter_name, existing=False)
     _check_same_modules(model, path, adapter_name, targets, to_save)
     exp = _bind_destinations(model, adapter_name, exp)
-    _check_ranks(path, exp, found)
+    _check_ranks(path, exp, found, _padless(model))
     values = _convert(model, path, exp, found)  # in each destination's dtype, finite there
-    values = {ck: _pad_to(v, exp[ck]) for ck, v in values.items()}
+    values = {ck: pad_rank(v, exp[ck]) for ck, v in values.items()}
     return _Plan(config, targets, exp, values, found, path)
 
 
@@ -212,21 +228,24 @@ def _bind_destinations(model: nn.Module, adapter_name: str, exp: dict[str, _Slot
     return out
 
 
-def _rank_dim(what: str) -> int | None:
-    return 0 if what in _RANK_ROWS else 1 if what in _RANK_COLS else None
+def _padless(model: nn.Module) -> set[str]:
+    """The LoRA layers whose A / B cannot be zero-padded along one dimension: LoraParameter
+    (target_parameters) holds one rank-r block per expert (A [r·E, in], rows expert-major)."""
+    return {n for n, layer in lora_layers(model) if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d))}
 
 
-def _check_ranks(path: Path, exp: dict[str, _Slot], found: dict[str, torch.Tensor]) -> None:
+def _check_ranks(path: Path, exp: dict[str, _Slot], found: dict[str, torch.Tensor], padless: set[str]) -> None:
     """Every file tensor must fit its destination: equal shapes, except the rank dimension
-    of A / B, which may be smaller (zero-padded) but not larger."""
+    of A / B, which may be smaller (zero-padded) but not larger (equal in `padless` modules)."""
     problems = []
     for ck, value in found.items():
         slot = exp[ck]
         dst_shape, shape = tuple(slot.current.shape), tuple(value.shape)
-        dim = _rank_dim(slot.what)
-        if dim is None:
+        dim = RANK_DIM.get(slot.what)
+        if dim is None or slot.module in padless:
             if shape != dst_shape:  # _match checked shape against the model; kept as a guard
-                problems.append(f"{ck}: shape {list(shape)} in the file, {list(dst_shape)} in the model")
+                why = " (an adapter on a parameter is swapped only for one of the same rank)" if dim is not None else ""
+                problems.append(f"{ck}: shape {list(shape)} in the file, {list(dst_shape)} in the model{why}")
             continue
         others_equal = len(shape) == len(dst_shape) and all(
             a == b for i, (a, b) in enumerate(zip(shape, dst_shape)) if i != dim
@@ -244,16 +263,6 @@ def _check_ranks(path: Path, exp: dict[str, _Slot], found: dict[str, torch.Tenso
             + ". A larger rank needs lorakern.prepare_model_for_compiled_hotswap(model, target_rank=...) "
             "with target_rank >= the largest rank, called before compiling"
         )
-
-
-def _pad_to(value: torch.Tensor, slot: _Slot) -> torch.Tensor:
-    """`value` zero-padded along its rank dimension to its destination's shape."""
-    dim = _rank_dim(slot.what)
-    if dim is None or value.shape == slot.current.shape:
-        return value
-    padded = value.new_zeros(slot.current.shape)
-    padded.narrow(dim, 0, value.shape[dim]).copy_(value)
-    return padded
 
 
 def _apply(model: nn.Module, adapter_name: str, plan: _Plan) -> None:
@@ -321,15 +330,15 @@ def prepare_model_for_compiled_hotswap(
         as in PEFT, their r and rank_pattern values are set to target_rank. Only pass it
         to keep other code that reads r from the config consistent with the padded shapes:
         a config with r = target_rank gives scaling alpha / target_rank to whatever loads
-        with it.
+        with it. (`save_adapter` still writes each adapter's own ranks, in the tensors and
+        in the saved config.)
     check_compiled: the model is already compiled (``torch.compile``'s wrapper, or
         ``model.compile()``): "error" raises ValueError, "warn" warns and prepares the
         module behind it (the compiled graph then recompiles), "ignore" prepares it silently.
 
-    lorakern's LoraLinear already passes its scalings to a compiled graph as tensors
-    (`ScalarDict` mirrors), so a new scaling never recompiles it; PEFT's conversion of
-    scalings to tensors has nothing to do here. (LoraEmbedding and LoraConv2d read theirs
-    as Python floats: a changed scaling there recompiles.)
+    lorakern's LoraLinear, LoraEmbedding and LoraConv2d already pass their scalings to a
+    compiled graph as tensors (`ScalarDict` mirrors), so a new scaling never recompiles
+    them; PEFT's conversion of scalings to tensors has nothing to do here.
 
     Raises ValueError when the model has no LoRA layers.
 
@@ -359,6 +368,14 @@ def prepare_model_for_compiled_hotswap(
         )
     if target_rank is None:
         return
+    # A LoraParameter holds one rank-r block per expert (A [r·E, in], expert-major rows):
+    # padding its rows as one rank would mix the experts' blocks.
+    on_params = [name for name, layer in layers if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d))]
+    if on_params:
+        raise ValueError(
+            f"cannot pad adapters on parameters (target_parameters) to target_rank={target_rank}: {on_params[:5]} "
+            "(not implemented); hot-swap adapters of one rank and alpha there, without target_rank"
+        )
     too_big = [
         f"{name} adapter {a!r}: rank {layer.lora_weights(a)[0].shape[0]}"
         for name, layer in layers for a in layer.held_adapters() if layer.lora_weights(a)[0].shape[0] > target_rank

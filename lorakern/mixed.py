@@ -405,9 +405,12 @@ def _traced_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
         return None  # the host path raises the row-count error
     n = len(names)
     idx = torch.where(rows < 0, n, rows)  # the zero adapter for "__base__" rows
-    R = max(layer.r[name] for name in names)
-    pad_a = [F.pad(layer.lora_A[name].weight, (0, 0, 0, R - layer.r[name])) for name in names]
-    pad_b = [F.pad(layer.lora_B[name].weight, (0, R - layer.r[name])) for name in names]
+    # the stored ranks (a hot-swap may hold rank r zero-padded to a larger one), not layer.r
+    A_all = [layer.lora_A[name].weight for name in names]
+    B_all = [layer.lora_B[name].weight for name in names]
+    R = max(a.shape[0] for a in A_all)
+    pad_a = [F.pad(a, (0, 0, 0, R - a.shape[0])) for a in A_all]
+    pad_b = [F.pad(b, (0, R - b.shape[1])) for b in B_all]
     A = torch.stack([*pad_a, torch.zeros_like(pad_a[0])])[idx].to(x.dtype)  # [Bt, R, K]
     B = torch.stack([*pad_b, torch.zeros_like(pad_b[0])])[idx].to(x.dtype)  # [Bt, N, R]
     scale = torch.cat([*(layer.scaling.tensor(name) for name in names), layer.scaling.tensor(names[0]) * 0])
@@ -570,15 +573,15 @@ def _saved_module_forward(wrapper, groups: RowGroups):
         groups_here = groups.for_rows(inp.shape[0]) if inp.dim() >= 2 else groups
         _check_rows(len(groups_here), inp, "modules_to_save module")
         by_module: dict[int, tuple[nn.Module, list[int]]] = {}
-        for name, rows in groups_here.groups.items():
+        for name, members in groups_here.groups.items():
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
-            by_module.setdefault(id(module), (module, []))[1].extend(rows)
+            by_module.setdefault(id(module), (module, []))[1].extend(members)
         if len(by_module) == 1:
             (module, _), = by_module.values()
             return module(inp, *args, **kwargs)
         out = None
-        for module, rows in by_module.values():
-            idx = torch.tensor(rows, dtype=torch.long, device=inp.device)
+        for module, members in by_module.values():
+            idx = torch.tensor(members, dtype=torch.long, device=inp.device)
             part = module(inp.index_select(0, idx), *args, **kwargs)
             if not isinstance(part, torch.Tensor):
                 raise TypeError(f"mixed batches support modules_to_save modules that return a tensor, got {type(part).__name__}")

@@ -490,3 +490,202 @@ def test_compiled_mixed_batch_then_hotswap_never_recompiles(tmp_path, fresh_dyna
             assert_close(y[2:3], lorakern.load_adapter(mlp(), d)(x[2:3]), TOL, "row of default")
             assert_close(y[[1, 4]], base_rows, TOL, "base rows")
     assert counter.frame_count == 1, f"{counter.frame_count} compiled frames"
+
+
+# ----------------------------------------------------------------------------- padded adapters elsewhere
+
+
+def _emb_conv_lin() -> nn.Module:
+    """An nn.Embedding, an nn.Conv2d and an nn.Linear ("0", "2", "4"): every LoRA layer kind."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(20, 3 * 8 * 8), nn.Unflatten(-1, (3, 8, 8)), nn.Conv2d(3, 4, 3),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([0, 3, 7, 19, 11, 3])
+
+
+def _train(model, steps=3):
+    """A few AdamW steps (weight decay on) on every trainable parameter, then eval mode."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(_ids()).square().mean().backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("pass_config", [False, True], ids=["config-untouched", "config-padded"])
+def test_save_after_prepare_and_training_writes_true_ranks_that_lorakern_and_peft_load(tmp_path, pass_config):
+    """Prepared (padded to 6), trained a few AdamW steps, saved: the file holds rank-r
+    tensors and a config giving those ranks (also when prepare's `config=` set r and
+    rank_pattern to 6, PEFT's semantics), and loads in lorakern and in PEFT with the trained
+    model's outputs."""
+    peft = pytest.importorskip("peft")
+    kw = dict(base=_emb_conv_lin, target_modules=["0", "2", "4"], rank_pattern={"4": 2})
+    a, _ = save(tmp_path, "a", 1, r=4, lora_alpha=8, **kw)
+    model = lorakern.load_adapter(_emb_conv_lin(), a, is_trainable=True)
+    config = adapter_configs(model) if pass_config else None
+    lorakern.prepare_model_for_compiled_hotswap(model, target_rank=6, config=config)
+    if pass_config:
+        assert adapter_configs(model)["default"].r == 6
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _train(model)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad), "not trained"
+    with torch.no_grad():
+        trained = model(_ids())
+    lorakern.save_adapter(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / CONFIG_NAME).read_text())
+    assert (cfg["r"], cfg["rank_pattern"]) == (4, {"4": 2})
+    _, tensors = lorakern.adapters.read_adapter(tmp_path / "out")
+    shapes = {k[len(lorakern.adapters.PREFIX):]: tuple(v.shape) for k, v in tensors.items()}
+    assert shapes["0.lora_embedding_A"] == (4, 20) and shapes["0.lora_embedding_B"] == (192, 4)
+    assert shapes["2.lora_A.weight"] == (4, 3, 3, 3) and shapes["2.lora_B.weight"] == (4, 4, 1, 1)
+    assert shapes["4.lora_A.weight"] == (2, 144) and shapes["4.lora_B.weight"] == (5, 2)
+    with torch.no_grad():
+        assert_close(lorakern.load_adapter(_emb_conv_lin(), tmp_path / "out")(_ids()), trained, TOL, "lorakern load")
+        pm = peft.PeftModel.from_pretrained(_emb_conv_lin(), str(tmp_path / "out")).eval()
+        assert_close(pm(_ids()), trained, TOL, "PEFT load")
+
+
+def test_save_refuses_padding_that_is_not_zero(tmp_path):
+    a, _ = save(tmp_path, "a", 1, r=4, lora_alpha=8)
+    model = lorakern.load_adapter(mlp(), a)
+    lorakern.prepare_model_for_compiled_hotswap(model, target_rank=6)
+    with torch.no_grad():
+        dict(lora_layers(model))["2"].lora_B["default"].weight[0, 5] = 0.5
+    with pytest.raises(ValueError, match="padding .* is\\s+not zero"):
+        lorakern.save_adapter(model, tmp_path / "out")
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists() and not (tmp_path / "out" / CONFIG_NAME).exists()
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_load_into_a_padded_adapter_fills_its_leading_rank(tmp_path, r):
+    """load_adapter into the padded adapter of the same name: same Parameters and shapes,
+    the file's values in the leading rows / columns, the padding zero, outputs of a fresh
+    load (r=1 once broadcast one row over the padding)."""
+    kw = dict(base=_emb_conv_lin, r=r, lora_alpha=2 * r)
+    a, _ = save(tmp_path, "a", 1, **kw)
+    b, _ = save(tmp_path, "b", 2, **kw)
+    model = lorakern.load_adapter(_emb_conv_lin(), a)
+    lorakern.prepare_model_for_compiled_hotswap(model, target_rank=5)
+    before = params(model)
+    lorakern.load_adapter(model, b)
+    assert_same_params(model, before)
+    for n, layer in lora_layers(model):
+        A, B = layer.lora_weights("default")
+        assert A.shape[0] == 5 == B.shape[1], n
+        assert not A[r:].any() and not B[:, r:].any(), f"{n}: padding not zero"
+    with torch.no_grad():
+        assert_close(model(_ids()), lorakern.load_adapter(_emb_conv_lin(), b)(_ids()), TOL, "loaded")
+
+
+def test_failed_load_into_a_padded_adapter_leaves_the_model_unchanged(tmp_path, monkeypatch):
+    a, _ = save(tmp_path, "a", 1, r=4, lora_alpha=8)
+    model = lorakern.load_adapter(mlp(), a)
+    lorakern.prepare_model_for_compiled_hotswap(model, target_rank=6)
+    state, fields = full_state(model), layer_fields(model)
+    other_r, _ = save(tmp_path, "b", 2, r=2, lora_alpha=8)
+    with pytest.raises(AdapterLoadError, match="hotswap_adapter"):
+        lorakern.load_adapter(model, other_r)
+    nan = _weights(tmp_path, lambda t: t[_first_key(t, "2.lora_A")].__setitem__((0, 0), float("nan")))
+    with pytest.raises(AdapterLoadError, match="non-finite"):
+        lorakern.load_adapter(model, nan)
+    assert_same_state(model, state)
+    real = lorakern.adapters._write_values
+
+    def write_then_stop(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorakern.adapters, "_write_values", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lorakern.load_adapter(model, save(tmp_path, "c", 3, r=4, lora_alpha=8)[0])
+    assert_same_state(model, state)
+    assert layer_fields(model) == fields
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd", "linear"])
+def test_combinations_of_padded_adapters_equal_those_of_unpadded_ones(tmp_path, combination_type):
+    """add_weighted_adapter over adapters padded by prepare uses each one's own rank: the
+    combined adapter equals the one made from unpadded copies (every layer kind)."""
+    kw = dict(base=_emb_conv_lin, target_modules=["0", "2", "4"])
+    second = dict(r=4, lora_alpha=3) if combination_type == "linear" else dict(r=2, lora_alpha=3, rank_pattern={"2": 3})
+    a, _ = save(tmp_path, "a", 1, r=4, lora_alpha=8, **kw)
+    b, _ = save(tmp_path, "b", 2, **second, **kw)
+    plain = lorakern.load_adapter(_emb_conv_lin(), a)
+    lorakern.load_adapter(plain, b, adapter_name="b")
+    padded = copy.deepcopy(plain)
+    lorakern.prepare_model_for_compiled_hotswap(padded, target_rank=6)
+    for model in (plain, padded):
+        lorakern.add_weighted_adapter(model, ["default", "b"], [0.7, -1.3], "mix", combination_type=combination_type)
+        lorakern.set_adapter(model, "mix")
+    layers = dict(lora_layers(padded))
+    for n, layer in lora_layers(plain):
+        A, B = layer.lora_weights("mix")
+        A_pad, B_pad = layers[n].lora_weights("mix")
+        assert A.shape == A_pad.shape and torch.equal(A, A_pad) and torch.equal(B, B_pad), n
+    with torch.no_grad():
+        assert_close(padded(_ids()), plain(_ids()), TOL, combination_type)
+
+
+@pytest.mark.parametrize("layers", ["embedding", "conv"])
+def test_compiled_embedding_and_conv_hotswaps_never_recompile(tmp_path, fresh_dynamo, layers):
+    """LoraEmbedding and LoraConv2d read their scalings as tensor mirrors when traced: a
+    hot-swap to other alphas and ranks does not recompile (fullgraph aot_eager), and each
+    output equals a normal load of that adapter."""
+    target = {"embedding": ["0"], "conv": ["2"]}[layers]
+    kw = dict(base=_emb_conv_lin, target_modules=target)
+    dirs = [save(tmp_path, str(i), 40 + i, **kw, **k)[0]
+            for i, k in enumerate([dict(r=4, lora_alpha=8), dict(r=4, lora_alpha=3), dict(r=2, lora_alpha=7, use_rslora=True)])]
+    model = lorakern.load_adapter(_emb_conv_lin(), dirs[0])
+    lorakern.prepare_model_for_compiled_hotswap(model, target_rank=4)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    outputs = []
+    with torch.no_grad():
+        for d in dirs[1:] + dirs[:1]:
+            lorakern.hotswap_adapter(compiled, d)
+            out = compiled(_ids())
+            assert_close(out, lorakern.load_adapter(_emb_conv_lin(), d)(_ids()), TOL, f"adapter {d.name}")
+            outputs.append(out)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiled frames: a hot-swap recompiled"
+    assert all(not torch.allclose(outputs[i], outputs[i + 1]) for i in range(len(outputs) - 1))
+
+
+class _Owner(nn.Module):
+    """A module owning expert parameters (tests/test_lora_parameter.py's Experts)."""
+
+    def __init__(self):
+        from tests.test_lora_parameter import Experts
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = Experts()
+
+    def forward(self, x, expert):
+        return self.experts(x, expert)
+
+
+def test_adapters_on_parameters_are_never_padded(tmp_path):
+    """A LoraParameter (target_parameters) holds one rank-r block per expert (A [r·E, in]):
+    prepare refuses to pad it and a hot-swap to a smaller rank is refused (padding its rows
+    as one rank mixed the experts' blocks), both leaving the model unchanged; a swap of the
+    same rank works."""
+    kw = dict(base=_Owner, target_modules=[], target_parameters=["w"])
+    a, _ = save(tmp_path, "a", 1, r=2, lora_alpha=4, **kw)
+    b, _ = save(tmp_path, "b", 2, r=2, lora_alpha=3, **kw)
+    small, _ = save(tmp_path, "c", 3, r=1, lora_alpha=3, **kw)
+    model = lorakern.load_adapter(_Owner(), a)
+    state, fields = full_state(model), layer_fields(model)
+    with pytest.raises(ValueError, match="cannot pad adapters on parameters"):
+        lorakern.prepare_model_for_compiled_hotswap(model, target_rank=8)
+    with pytest.raises(AdapterLoadError, match="same rank"):
+        lorakern.hotswap_adapter(model, small)
+    assert_same_state(model, state)
+    assert layer_fields(model) == fields
+    lorakern.hotswap_adapter(model, b)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert_close(model(x, 1), lorakern.load_adapter(_Owner(), b)(x, 1), RTOL[torch.float64], "same-rank swap")
