@@ -37,13 +37,18 @@
 #                                          # base vs PEFT DoRA vs lorakern DoRA vs plain lorakern, r = 16,
 #                                          # same A, B and magnitude, on the four Llama-3-8B projections
 #                                          # at M = 16 and 8192 + memory rows (two runs of two shapes)
-#   bash benchmarks/gpu_session.sh mixed   # one call (<= ~3 min): the CUDA tests of the SGMV kernels
-#                                          # (tests/test_sgmv.py, if present), then the mixed-batch rows
+#   bash benchmarks/gpu_session.sh mixed   # one call (<= ~5 min): the SGMV kernels' tests on CUDA
+#                                          # (all of tests/test_sgmv.py, <= 2 min), then the mixed-batch rows
 #                                          # (issue 14) in bf16: base vs PEFT's mixed batch vs lorakern's
 #                                          # per-adapter loop vs lorakern.lora_linear_mixed vs a LoraLinear
 #                                          # with adapter_names=, 1 / 8 / 64 adapters of r = 16 across the
 #                                          # batch, M = 16, 64, 256 (decode) and 2048 (prefill), on 4096x4096
 #                                          # and 4096x14336 (two runs, one shape each)
+#   bash benchmarks/gpu_session.sh moe     # one call (<= ~2 min): LoRA on expert parameters (issue 13
+#                                          # item 2) in bf16: one Mixtral-8x7B experts block (hidden 4096,
+#                                          # intermediate 14336, 8 experts, top-2) frozen vs PEFT's vs
+#                                          # lorakern's target_parameters LoRA (r = 16, same adapters) at
+#                                          # M = 16, 256, 2048, inference forward and fwd+bwd, + memory rows
 #
 # Everything lands in $OUT (the device tool's output folder; out/gpu when run by hand),
 # at most 8 files and no deeper than $OUT/name, as the device tool brings back: bench
@@ -54,7 +59,7 @@
 # (LORAKERN_AUTOTUNE=0), and so does `lorakern check`; the benchmarks autotune.
 # pytest runs under `timeout -s INT`: a run cut by its limit still prints its failures.
 set -u
-stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora|dora|mixed}
+stage=${1:?usage: gpu_session.sh quick|speed|quick2|profile|test|bench|e2e|test2|fused|qlora|dora|mixed|moe}
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -243,8 +248,10 @@ mixed)
     if [ "${MIXED_TESTS:-1}" = 0 ]; then
         echo "skipped (MIXED_TESTS=0)" > "$OUT/mixed-tests.log"
     elif [ -f tests/test_sgmv.py ]; then
-        LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 "${MIXED_TESTS_S:-60}" "$PY" -m pytest -q --tb=short \
-            --show-capture=no -p no:cacheprovider -m cuda tests/test_sgmv.py > "$OUT/mixed-tests.log" 2>&1
+        # the whole file: on a GPU its kernel tests (odd shapes, every dtype pair, dropout masks)
+        # run on CUDA, not only the Llama-shape cases marked cuda
+        LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 "${MIXED_TESTS_S:-120}" "$PY" -m pytest -q --tb=short \
+            --show-capture=no -p no:cacheprovider tests/test_sgmv.py > "$OUT/mixed-tests.log" 2>&1
         echo "rc=$?" >> "$OUT/mixed-tests.log"
     else
         echo "tests/test_sgmv.py is not in this tree: no SGMV kernel tests ran" > "$OUT/mixed-tests.log"
@@ -263,6 +270,22 @@ mixed)
         tar xzf "$OUT/mixed-$part.tgz" -O "mixed-$part/mixed-$part.log" | sed -n '/^| target/,/^$/p'
         tar xzf "$OUT/mixed-$part.tgz" -O "mixed-$part/mixed-$part.log" | tail -n 1
     done
+    ;;
+moe)
+    # Both LoRA providers form W_eff = W + ΔW every forward: [E, out, in] of both parameters is 2.8 GB
+    # in bf16 at these shapes (the three providers share W), so a fwd+bwd holds W, W_eff (saved for
+    # the backward) and dW_eff: ~8.5 GB, far below the card's memory; timed calls take milliseconds.
+    machine_info
+    "$PY" -c "import peft, transformers; print('peft', peft.__version__, 'transformers', transformers.__version__)" \
+        >> "$OUT/machine.txt" 2>&1
+    timeout "${MOE_BENCH_S:-110}" "$PY" -m lorakern.cli bench --suite moe --out "$OUT/moe" > "$OUT/moe.log" 2>&1
+    echo "bench rc=$?" >> "$OUT/moe.log"
+    mkdir -p "$OUT/moe" && mv "$OUT/moe.log" "$OUT/moe/"
+    tar czf "$OUT/moe.tgz" -C "$OUT" moe && rm -rf "$OUT/moe"
+    tail -n 2 "$OUT/machine.txt"
+    tar xzf "$OUT/moe.tgz" -O moe/moe.log | sed -n '/^| target/,/^$/p'
+    grep -A8 "^| mode | H×I | M | r | hit" <(tar xzf "$OUT/moe.tgz" -O moe/results.md 2>/dev/null)
+    tar xzf "$OUT/moe.tgz" -O moe/moe.log | tail -n 1
     ;;
 fused)
     LORAKERN_FUSED_GEMM=1 timeout 560 "$PY" -m lorakern.cli bench --providers base lorakern --no-e2e --no-memory \

@@ -100,9 +100,11 @@ def _bench(args: argparse.Namespace) -> int:
         from lorakern.bench.providers import PROVIDERS
         from lorakern.bench.dora import DORA_PROVIDERS
         from lorakern.bench.mixed import MIXED_PROVIDERS
+        from lorakern.bench.moe import MOE_PROVIDERS
         from lorakern.bench.qlora import QLORA_PROVIDERS
 
-        allowed = {"qlora": QLORA_PROVIDERS, "dora": DORA_PROVIDERS, "mixed": MIXED_PROVIDERS}.get(args.suite, PROVIDERS)
+        allowed = {"qlora": QLORA_PROVIDERS, "dora": DORA_PROVIDERS, "mixed": MIXED_PROVIDERS,
+                   "moe": MOE_PROVIDERS}.get(args.suite, PROVIDERS)
         wrong = [p for p in args.providers if p not in allowed]
         if wrong:
             raise SystemExit(f"--suite {args.suite} providers are {', '.join(allowed)}; got {', '.join(wrong)}")
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lorakern.bench.cost import MODES
     from lorakern.bench.dora import DORA_PROVIDERS
     from lorakern.bench.mixed import MIXED_PROVIDERS
+    from lorakern.bench.moe import MOE_PROVIDERS
     from lorakern.bench.providers import PROVIDERS
     from lorakern.bench.qlora import QLORA_PROVIDERS
     from lorakern.bench.shapes import PRESETS
@@ -186,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="benchmark suite: base vs eager vs addmm vs PEFT vs lorakern (--suite qlora: 4-bit bases; "
-        "--suite dora: DoRA; --suite mixed: many adapters in one batch)",
+        "--suite dora: DoRA; --suite mixed: many adapters in one batch; --suite moe: LoRA on expert parameters)",
         description="With no arguments: Llama-3-8B shapes in bf16 on a GPU; small shapes in fp32 on CPU "
         "(a few minutes either way). decode runs at M <= 16, fwd and fwd+bwd at M > 16. "
         "--suite qlora: a 4-bit (NF4, double quant) base instead, bf16 on both devices: "
@@ -194,12 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite dora: base vs PEFT's DoRA vs lorakern's DoRA (vs plain lorakern LoRA), same A, B and magnitude. "
         "--suite mixed: one adapter per batch row (1, 8, 64 adapters across the batch): base vs PEFT's mixed batch "
         "(adapter_names=) vs lorakern's per-adapter loop vs lorakern.lora_linear_mixed, inference forward "
-        "(time, tokens/s, ratio to base) at decode batches M = 16-256 and a prefill.",
+        "(time, tokens/s, ratio to base) at decode batches M = 16-256 and a prefill. "
+        "--suite moe: one Mixtral experts block (8 experts, top-2; --kn is hidden x intermediate): frozen vs PEFT's "
+        "vs lorakern's LoRA on gate_up_proj / down_proj (target_parameters), same adapters, inference forward and "
+        "fwd+bwd.",
     )
     bench.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     bench.add_argument("--suite", choices=SUITES, default="lora",
                        help="lora (default): dense base; qlora: 4-bit base (needs bitsandbytes for its bnb/PEFT rows); "
-                       "dora: DoRA, PEFT's vs lorakern's; mixed: many adapters in one batch")
+                       "dora: DoRA, PEFT's vs lorakern's; mixed: many adapters in one batch; "
+                       "moe: LoRA on mixture-of-experts parameters (target_parameters)")
     bench.add_argument("--shapes", choices=sorted(PRESETS) + ["custom"],
                        help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()) + "; custom: --kn")
     bench.add_argument("--kn", nargs="+", metavar="KxN", help="projections for --shapes custom, e.g. 4096x1024")
@@ -209,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default bfloat16 on GPU, float32 on CPU (--suite qlora: bfloat16 on both)")
     bench.add_argument("--modes", nargs="+", choices=MODES)
     bench.add_argument("--providers", nargs="+",
-                       choices=list(dict.fromkeys(PROVIDERS + QLORA_PROVIDERS + DORA_PROVIDERS + MIXED_PROVIDERS)),
+                       choices=list(dict.fromkeys(PROVIDERS + QLORA_PROVIDERS + DORA_PROVIDERS + MIXED_PROVIDERS
+                                                  + MOE_PROVIDERS)),
                        help=f"lora suite: {' '.join(PROVIDERS)}; qlora suite: {' '.join(QLORA_PROVIDERS)}; "
-                       f"dora suite: {' '.join(DORA_PROVIDERS)}; mixed suite: {' '.join(MIXED_PROVIDERS)}")
+                       f"dora suite: {' '.join(DORA_PROVIDERS)}; mixed suite: {' '.join(MIXED_PROVIDERS)}; "
+                       f"moe suite: {' '.join(MOE_PROVIDERS)}")
     bench.add_argument("--adapters", nargs="+", type=int, metavar="N",
                        help="--suite mixed: adapters across the batch, one row per adapter round-robin (default 1 8 64)")
     bench.add_argument("--dropout", nargs="+", type=float, metavar="P", help="dropout of the timed rows (default 0)")

@@ -14,6 +14,7 @@ ROW_COLUMNS = (
 )
 MIXED_ROW_COLUMNS = ROW_COLUMNS[:2] + ("phase",) + ROW_COLUMNS[2:6] + ("adapters", "distinct") + ROW_COLUMNS[6:12] + (
     "tokens_per_s", "base_ms") + ROW_COLUMNS[12:18]
+MOE_ROW_COLUMNS = ROW_COLUMNS[:6] + ("experts", "top_k", "hit_experts") + ROW_COLUMNS[6:18] + ("extra_bytes",)
 MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes", "weight_bytes")
 E2E_COLUMNS = (
     "provider", "size", "params", "trainable_params", "tokens_per_step", "step_ms_median", "step_ms_p20",
@@ -136,6 +137,21 @@ def dora_table(results: dict) -> str:
     return _table(header, body)
 
 
+def moe_table(results: dict) -> str:
+    """Markdown (MoE runs): per (mode, H×I, M, r), the three providers' times, lorakern / PEFT, the bytes
+    W_eff adds per call and the floors at the run's ceilings (base, planned grouped GEMM, as implemented)."""
+    header = ["mode", "H×I", "M", "r", "hit", "base ms", "peft ms", "lorakern ms", "lorakern / peft",
+              "‖y_lk − y_peft‖/‖y_peft‖", "W MiB", "extra MiB / call", "floor: base", "planned", "as implemented"]
+    modes = ("decode", "fwd", "fwd+bwd")
+    ratios = sorted(results["moe"]["ratios"], key=lambda d: (modes.index(d["mode"]), d["H"], d["I"], d["r"], d["M"]))
+    body = [[d["mode"], f"{d['H']}×{d['I']}", str(d["M"]), str(d["r"]), str(d["hit_experts"]), _fmt(d["base_ms"]),
+             _fmt(d["peft_ms"]), _fmt(d["lorakern_ms"]), _fmt(d["lorakern_over_peft"]),
+             "–" if d["lorakern_vs_peft_rel"] is None else f"{d['lorakern_vs_peft_rel']:.1e}",
+             _mib(d["weight_bytes"]), _mib(d["extra_bytes"]), _fmt(d["base_floor_ms"]), _fmt(d["planned_floor_ms"]),
+             _fmt(d["as_implemented_floor_ms"])] for d in ratios]
+    return _table(header, body)
+
+
 def mixed_timing_table(results: dict) -> str:
     """Markdown (mixed-batch runs): one row per measurement, with the adapter counts and tokens/s."""
     header = ["mode", "phase", "K×N", "M", "r", "adapters", "distinct", "provider", "median ms", "p20–p80 ms",
@@ -179,7 +195,8 @@ def to_markdown(results: dict) -> str:
     quant = results.get("quant")
     dora = results.get("dora")
     mixed = results.get("mixed")
-    kind = "QLoRA " if quant else "DoRA " if dora else "mixed-batch " if mixed else ""
+    moe = results.get("moe")
+    kind = "QLoRA " if quant else "DoRA " if dora else "mixed-batch " if mixed else "MoE " if moe else ""
     parts = [
         f"# lorakern {kind}benchmark — {results['machine']['card']}",
         "",
@@ -193,11 +210,12 @@ def to_markdown(results: dict) -> str:
         "",
         f"Ceilings measured at the start: copy {c['copy_GBps']:.1f} GB/s, {c['dtype']} matmul "
         f"{c['matmul_TFLOPs']:.3f} TFLOP/s (n={c['matmul_n']}). `roofline` = ideal time at these ceilings / measured "
-        "time; `× base` = median / the frozen nn.Linear's median (same shape, mode); `rel err` = ‖y − y_fp64‖/‖y_fp64‖.",
+        f"time; `× base` = median / the frozen {'experts block' if moe else 'nn.Linear'}'s median (same shape, mode); "
+        "`rel err` = ‖y − y_fp64‖/‖y_fp64‖.",
         "",
         "Modes: `fwd` = training forward (autograd recording, W frozen); `fwd+bwd` = forward + backward; "
         "`decode` = inference forward (torch.inference_mode) at M ≤ 16"
-        + (" (mixed-batch rows: at every M)." if mixed else "."),
+        + (" (mixed-batch and MoE rows: at every M)." if mixed or moe else "."),
     ]
     if quant:
         v = quant.get("versions", {})
@@ -226,8 +244,20 @@ def to_markdown(results: dict) -> str:
                   f"forward (torch.inference_mode) at every M; phase `decode` for M ≤ {mixed['decode_batch_max_M']}, "
                   "`prefill` above. `rel err` against fp64 of x Wᵀ + s_i·(x A_iᵀ) B_iᵀ per row. "
                   f"peft {mixed['versions'].get('peft') or 'absent'}."]
+    if moe:
+        parts += ["", f"MoE rows: one {moe['block']}. `base` = the frozen block, `peft` = PEFT's LoRA on its "
+                  f"parameters {moe['target_parameters']} (get_peft_model with target_parameters), `lorakern` = "
+                  "lorakern.inject with the same config, its adapters loaded from PEFT's state dict; "
+                  f"{moe['scaling']}. Both LoRA providers form W + s·B_e A_e ([E, out, in]) every forward: "
+                  "`extra MiB / call` = the bytes that adds (2·W forward, 5·W fwd+bwd); floors at this run's ceilings: "
+                  "`base`, `planned` (grouped GEMM: base + per-expert x_e A_eᵀ B_eᵀ, no W_eff; what `roofline` "
+                  "counts) and `as implemented`. `rel err` against fp64 of the block's formula (W_eff formed in fp64). "
+                  f"peft {moe['versions'].get('peft') or 'absent'}, transformers "
+                  f"{moe['versions'].get('transformers') or 'absent'}."]
     if results["targets"]:
         parts += ["", "## Targets", "", targets_table(results)]
+    if moe and moe.get("ratios"):
+        parts += ["", "## LoRA on expert parameters: providers, bytes and floors (median ms)", "", moe_table(results)]
     if mixed and mixed.get("ratios"):
         parts += ["", "## Mixed batches: providers and ratios (median ms)", "", mixed_table(results)]
     if dora and dora.get("ratios"):
@@ -403,7 +433,7 @@ def write_results(results: dict, out: str | Path, plots: bool = True) -> list[Pa
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     written.append(path)
-    row_columns = MIXED_ROW_COLUMNS if results.get("mixed") else ROW_COLUMNS
+    row_columns = MIXED_ROW_COLUMNS if results.get("mixed") else MOE_ROW_COLUMNS if results.get("moe") else ROW_COLUMNS
     for name, columns, rows in (("results.csv", row_columns, results["rows"]),
                                 ("memory.csv", MEMORY_COLUMNS, results["memory"]),
                                 ("e2e.csv", E2E_COLUMNS, results["e2e"])):

@@ -48,6 +48,15 @@ PRESETS: dict[str, Preset] = {
         "mixed batches (--suite mixed): the mixed preset's projections scaled down 8x, prefill M = 1024, "
         "the CPU default",
     ),
+    "moe": Preset(
+        "moe", ((4096, 14336),), (16, 256, 2048), (16,),
+        "LoRA on expert parameters (--suite moe): one Mixtral-8x7B experts block (hidden 4096 x intermediate "
+        "14336, 8 experts, top-2), the GPU default",
+    ),
+    "moe-small": Preset(
+        "moe-small", ((256, 512),), (64, 512), (16,),
+        "LoRA on expert parameters (--suite moe): hidden 256 x intermediate 512, 8 experts, top-2, the CPU default",
+    ),
     "all": Preset(
         "all", LLAMA8B_KN + LLAMA70B_KN, (1, 16, 512, 2048, 8192, 16384), (8, 16, 64),
         "Llama-3-8B and -70B projections, ranks 8/16/64",

@@ -16,6 +16,9 @@ vs plain lorakern LoRA, no end-to-end step), plus `dora`.
 With suite="mixed" they are the mixed-batch ones (mixed.py: base vs PEFT's mixed batch vs
 lorakern's per-adapter loop vs lorakern.lora_linear_mixed, 1/8/64 adapters across the batch;
 inference forward at every M, no memory rows or end-to-end step), plus `mixed`.
+With suite="moe" they are the MoE ones (moe.py: a Mixtral experts block, frozen vs PEFT's vs
+lorakern's LoRA on its gate_up_proj / down_proj parameters; inference forward and fwd+bwd at
+every M, no end-to-end step), plus `moe`.
 Modes: fwd = training forward (autograd records; W frozen, x and adapters need grad);
 fwd+bwd = that forward plus backward; decode = inference forward (torch.inference_mode,
 eval mode) at M <= 16.
@@ -44,7 +47,7 @@ from lorakern.bench.timing import TimerSpec, measure_ceilings, time_many, timer_
 # Max relative error vs fp64 for the providers to count as computing the same thing (DESIGN.md §5).
 AGREE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MEMORY_DROPOUTS = (0.0, 0.1)
-SUITES = ("lora", "qlora", "dora", "mixed")
+SUITES = ("lora", "qlora", "dora", "mixed", "moe")
 # Inputs are rotated through a pool at least this many times the last-level cache.
 ROTATE_FACTOR = 2
 ROTATE_MAX_BYTES = 1 << 30
@@ -80,12 +83,17 @@ class BenchConfig:
         suite="qlora": the QLoRA providers (qlora.py), bf16 on both devices (QLoRA's compute dtype).
         suite="dora": the DoRA providers (dora.py), the dense suite's dtypes, no end-to-end step.
         suite="mixed": the mixed-batch providers (mixed.py), presets "mixed" (GPU) / "mixed-small"
-        (CPU), inference forward only (mode "decode" at every M), no memory rows, no end-to-end step."""
+        (CPU), inference forward only (mode "decode" at every M), no memory rows, no end-to-end step.
+        suite="moe": LoRA on expert parameters (moe.py), presets "moe" (GPU) / "moe-small" (CPU),
+        modes decode (inference forward) and fwd+bwd at every M, no end-to-end step; on CPU 1 s of
+        calls per measurement."""
         if suite not in SUITES:
             raise ValueError(f"unknown suite {suite!r}; choose from {SUITES}")
         gpu = device.type == "cuda"
         if suite == "mixed":
             preset = preset or ("mixed" if gpu else "mixed-small")
+        if suite == "moe":
+            preset = preset or ("moe" if gpu else "moe-small")
         preset = preset or ("llama8b" if gpu else "small")
         if preset not in PRESETS:
             raise ValueError(f"unknown shape preset {preset!r}; choose from {sorted(PRESETS)} or custom")
@@ -114,6 +122,12 @@ class BenchConfig:
             from lorakern.bench.mixed import MIXED_PROVIDERS
 
             config = replace(config, suite=suite, providers=MIXED_PROVIDERS, modes=("decode",), memory=False, e2e=False)
+        if suite == "moe":
+            from lorakern.bench.moe import MOE_MODES, MOE_PROVIDERS
+
+            config = replace(config, suite=suite, providers=MOE_PROVIDERS, modes=MOE_MODES, e2e=False)
+            if not gpu and preset != "tiny":  # few rows, each tens of ms: a longer budget steadies the medians
+                config = replace(config, timer=TimerSpec(warmup_ms=100, rep_ms=1000, min_reps=10))
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict:
@@ -306,6 +320,10 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
         from lorakern.bench.mixed import run_mixed_suite
 
         return run_mixed_suite(config, progress)
+    if config.suite == "moe":
+        from lorakern.bench.moe import run_moe_suite
+
+        return run_moe_suite(config, progress)
     providers, skipped = available_providers(list(config.providers))
     if providers and providers[0] != "base" and "base" in providers:
         providers = ["base"] + [p for p in providers if p != "base"]
@@ -333,7 +351,7 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
 
 def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows, e2e_size, e2e_skipped,
                **extra) -> dict:
-    """One run's results.json dict (every suite's: the dense, QLoRA, DoRA and mixed ones), targets
+    """One run's results.json dict (every suite's: the dense, QLoRA, DoRA, mixed and MoE ones), targets
     evaluated; `extra` adds suite-specific sections."""
     results = {
         "machine": machine_info(config.device, config.dtype),
