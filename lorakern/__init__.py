@@ -2,7 +2,7 @@
 
 from lorakern.adapters import load_adapter, save_adapter
 from lorakern.config import LoraConfig
-from lorakern.conv import LoraConv2d
+from lorakern.conv import LoraConv, LoraConv2d
 from lorakern.embedding import LoraEmbedding
 from lorakern.layer import LoraLinear
 from lorakern.model import (
@@ -37,7 +37,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lorakern' has no attribute {name!r}")
 
 __all__ = [
-    "LoraLinear", "LoraEmbedding", "LoraConv2d", "lora_linear", "__version__",
+    "LoraLinear", "LoraEmbedding", "LoraConv", "LoraConv2d", "lora_linear", "__version__",
     "LoraConfig", "inject", "set_adapter", "delete_adapter", "disable_adapters", "add_weighted_adapter",
     "merge", "unmerge", "unload", "trainable_parameters", "trainable_parameters_summary",
     "print_trainable_parameters", "save_adapter", "load_adapter", "patch_peft", "unpatch_peft",

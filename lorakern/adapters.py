@@ -53,7 +53,7 @@ from torch import nn
 
 from lorakern.config import ALL_LINEAR, LoraConfig
 from lorakern.distributed import gather_full_tensors
-from lorakern.conv import LoraConv2d
+from lorakern.conv import CONV_TYPES, LoraConv
 from lorakern.embedding import LoraEmbedding
 from lorakern.parameter import LoraParameter
 from lorakern.layer import LoraLinear, adapter_dtype
@@ -138,14 +138,14 @@ def adapter_state_dict(
 
 def _held_rank(name: str, layer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's (A, B) cut to the adapter's own rank r: A[:r] and B[:, :r] (rank along
-    A's dim 0 and B's dim 1 for LoraLinear, LoraEmbedding and LoraConv2d alike).
+    A's dim 0 and B's dim 1 for LoraLinear, LoraEmbedding and LoraConv alike).
     `prepare_model_for_compiled_hotswap` zero-pads them to its target_rank while r stays
     the adapter's; the padding stays zero through training (its gradients are zero), so the
     cut is exact. Padding that is not zero (written into) is refused: dropping it would
     save another adapter than the model runs."""
     A, B = layer.lora_weights(adapter_name)
     r = layer.r[adapter_name]
-    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d)) or A.shape[0] == r:
+    if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv)) or A.shape[0] == r:
         return A, B
     if A[r:].any() or B[:, r:].any():
         raise ValueError(
@@ -661,7 +661,7 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
             if config.lora_bias:
                 bb = t.module.lora_B[adapter_name].bias
         else:
-            # LoraLinear / LoraConv2d.update_layer create A, B (and DoRA's magnitude, lora_B's
+            # LoraLinear / LoraConv.update_layer create A, B (and DoRA's magnitude, lora_B's
             # bias) in adapter_dtype on the base weight's device (LoraParameter: the parameter's).
             a = b = None
             ref = t.module.weight if t.parameter is None else getattr(t.module, t.parameter)
@@ -670,8 +670,9 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
         if t.parameter is not None:  # one rank-r block per expert: A [r·E, in], B [out, r·E]
             experts = t.module.num_experts if isinstance(t.module, LoraParameter) else _experts(getattr(t.module, t.parameter))
             a_shape, b_shape = (t.r * experts, t.in_features), (t.out_features, t.r * experts)
-        if isinstance(t.module, (nn.Conv2d, LoraConv2d)):  # A: the base's kernel; B: 1×1
-            a_shape, b_shape = (*a_shape, *t.module.kernel_size), (*b_shape, 1, 1)
+        if isinstance(t.module, (*CONV_TYPES, LoraConv)):  # A: the base's kernel; B: kernel 1
+            kernel = t.module.kernel_size
+            a_shape, b_shape = (*a_shape, *kernel), (*b_shape, *(1,) * len(kernel))
         exp[f"{t.name}.lora_A.weight"] = _Slot(a, a_shape, t.name, "lora_A", *a_spec)
         exp[f"{t.name}.lora_B.weight"] = _Slot(b, b_shape, t.name, "lora_B", *b_spec)
         if config.use_dora:

@@ -1,19 +1,21 @@
-"""LoraConv2d: LoRA on an nn.Conv2d, with PEFT's layout and numbers.
+"""LoraConv: LoRA on an nn.Conv1d / nn.Conv2d / nn.Conv3d, with PEFT's layout and numbers
+(``LoraConv2d`` is the same class).
 
-For a base convolution with weight ``W [out, in, kh, kw]``:
+For a base convolution with weight ``W [out, in, *kernel]`` (e.g. [out, in, kh, kw]):
 
     y = base_layer(x) + s · B(A(dropout(x)))
 
-where ``A`` is an nn.Conv2d ``in -> r`` with the base's kernel size, stride and padding
-(no bias) and ``B`` a 1×1 nn.Conv2d ``r -> out`` (a bias with ``lora_bias``), as PEFT
-builds them; pure PyTorch (cuDNN / the CPU convolutions, no kernel of ours). The merged
+where ``A`` is a convolution of the base's kind ``in -> r`` with the base's kernel size,
+stride and padding (no bias) and ``B`` a kernel-1 one ``r -> out`` (a bias with
+``lora_bias``), as PEFT builds them (its Conv1d / Conv2d / Conv3d); pure PyTorch (cuDNN /
+the CPU convolutions, no kernel of ours). The merged
 weight is ``W + s·ΔW`` with ``ΔW[o, i, :, :] = Σ_r B[o, r] A[r, i, :, :]``, exact for
 any stride and padding, and ``bias + s·b`` with ``lora_bias``.
 
-State-dict and file keys are PEFT's: ``lora_A.<adapter>.weight`` [r, in, kh, kw],
+State-dict and file keys are PEFT's (2-D shown): ``lora_A.<adapter>.weight`` [r, in, kh, kw],
 ``lora_B.<adapter>.weight`` [out, r, 1, 1] (``lora_B.<adapter>.bias`` [out]); files drop
 the adapter name. Init as PEFT: True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0,
-1/r)), False (both nn.Conv2d's own init). Dropout: one torch dropout per adapter on
+1/r)), False (both convolutions' own init). Dropout: one torch dropout per adapter on
 its input, in training mode, as PEFT's nn.Dropout.
 
 Refused: grouped convolutions (groups > 1; PEFT runs them but cannot merge them),
@@ -40,8 +42,12 @@ from lorakern.mixed import BASE, RowGroups
 from lorakern.ops import ScalarDict
 
 
-def conv_unsupported(module: nn.Conv2d) -> str | None:
-    """Why LoraConv2d cannot wrap the nn.Conv2d `module` (None when it can)."""
+# The convolutions LoraConv wraps (PEFT's lora.Conv1d / Conv2d / Conv3d).
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def conv_unsupported(module: nn.Module) -> str | None:
+    """Why LoraConv cannot wrap the convolution `module` (None when it can)."""
     if module.groups != 1:
         return f"groups={module.groups}: LoRA on grouped convolutions is not implemented"
     if any(d != 1 for d in module.dilation):
@@ -53,16 +59,17 @@ def conv_unsupported(module: nn.Conv2d) -> str | None:
     return None
 
 
-class LoraConv2d(nn.Module):
-    """nn.Conv2d plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
+class LoraConv(nn.Module):
+    """A convolution plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
 
     Args:
-        base_layer: the nn.Conv2d to wrap (frozen here; its parameters reused, not copied).
+        base_layer: the nn.Conv1d / nn.Conv2d / nn.Conv3d to wrap (frozen here; its
+            parameters reused, not copied).
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name: as LoraLinear.
         use_dora: must be False (ValueError otherwise).
         lora_bias: B has a bias b and the adapter adds s·b (PEFT's lora_bias).
 
-    Shapes: x [B, in, H, W] (or [in, H, W]) -> base_layer's output shape.
+    Shapes: x [B, in, *spatial] (or [in, *spatial]) -> base_layer's output shape.
 
     Example:
         >>> import torch, lorakern
@@ -73,7 +80,7 @@ class LoraConv2d(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Conv2d,
+        base_layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
         r: int = 8,
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
@@ -84,8 +91,8 @@ class LoraConv2d(nn.Module):
         lora_bias: bool = False,
     ):
         super().__init__()
-        if not isinstance(base_layer, nn.Conv2d):
-            raise TypeError(f"base_layer must be nn.Conv2d, got {type(base_layer).__name__}")
+        if not isinstance(base_layer, CONV_TYPES):
+            raise TypeError(f"base_layer must be nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(base_layer).__name__}")
         why = conv_unsupported(base_layer)
         if why is not None:
             raise TypeError(f"cannot add LoRA to this {type(base_layer).__name__}: {why}")
@@ -137,7 +144,7 @@ class LoraConv2d(nn.Module):
         return [self.lora_A[adapter_name].weight, *self.lora_B[adapter_name].parameters()]
 
     def lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, in, kh, kw], B [out, r, 1, 1]) of adapter `adapter_name`."""
+        """(A [r, in, *kernel], B [out, r, 1, ...]) of adapter `adapter_name`."""
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     # ---- adapters ---------------------------------------------------------------------
@@ -160,7 +167,7 @@ class LoraConv2d(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
         _check_adapter_args(r, lora_alpha, lora_dropout)
         if use_dora is not False:
-            raise ValueError("use_dora=True (DoRA) is not implemented for Conv2d layers in lorakern")
+            raise ValueError("use_dora=True (DoRA) is not implemented for convolution layers in lorakern")
         if not isinstance(lora_bias, bool):
             raise TypeError(f"lora_bias must be a bool, got {lora_bias!r}")
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
@@ -170,13 +177,15 @@ class LoraConv2d(nn.Module):
             raise ValueError("lora_bias=True needs init_lora_weights True or False (as in PEFT), got 'gaussian'")
         if lora_bias and self.base_layer.bias is None:
             warnings.warn(
-                "lora_bias=True but the base Conv2d has no bias: this adapter cannot be merged", UserWarning, stacklevel=2
+                f"lora_bias=True but the base {type(self.base_layer).__name__} has no bias: this adapter cannot be merged",
+                UserWarning, stacklevel=2,
             )
         base = self.base_layer
         # Built as PEFT builds them (on the CPU in fp32, so a seed gives PEFT's values), then
         # moved to the base's device in the adapter dtype (fp32, fp64 on an fp64 base).
-        A = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
-        B = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), bias=lora_bias)
+        conv, ones = type(base), (1,) * len(base.kernel_size)
+        A = conv(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
+        B = conv(r, self.out_features, ones, ones, bias=lora_bias)
         with torch.no_grad():
             if init_lora_weights is True:
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
@@ -269,7 +278,7 @@ class LoraConv2d(nn.Module):
         names against the model) a name this layer lacks runs its base alone."""
         if x.dim() < 2 or x.shape[0] != len(groups):
             raise ValueError(
-                f"LoraConv2d: got {len(groups)} adapter names for x of shape {tuple(x.shape)}; "
+                f"LoraConv: got {len(groups)} adapter names for x of shape {tuple(x.shape)}; "
                 "give one name per row (dim 0)"
             )
         if self.merged_adapters:
@@ -301,7 +310,7 @@ class LoraConv2d(nn.Module):
 
     @torch.no_grad()
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """s·ΔW [out, in, kh, kw], ΔW[o, i] = Σ_r B[o, r] A[r, i], in fp32 (fp64 adapters: fp64)."""
+        """s·ΔW [out, in, *kernel], ΔW[o, i] = Σ_r B[o, r] A[r, i], in fp32 (fp64 adapters: fp64)."""
         A, B = self.lora_weights(adapter_name)
         dtype = torch.promote_types(A.dtype, torch.float32)
         delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
@@ -378,3 +387,6 @@ class LoraConv2d(nn.Module):
             for n in self.lora_A
         ]
         return f"in_channels={self.in_features}, out_channels={self.out_features}, " + "; ".join(parts)
+
+
+LoraConv2d = LoraConv  # the name the class had when it wrapped nn.Conv2d only

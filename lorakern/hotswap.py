@@ -62,7 +62,7 @@ from torch import nn
 
 from lorakern.adapters import RANK_DIM, AdapterLoadError, _convert, _match, _read, _Slot, _write_values, pad_rank
 from lorakern.config import LoraConfig
-from lorakern.conv import LoraConv2d
+from lorakern.conv import LoraConv
 from lorakern.embedding import LoraEmbedding
 from lorakern.layer import LoraLinear
 from lorakern.model import adapter_state, lora_layers, merged_layers, resolve_targets, saved_modules
@@ -231,7 +231,7 @@ def _bind_destinations(model: nn.Module, adapter_name: str, exp: dict[str, _Slot
 def _padless(model: nn.Module) -> set[str]:
     """The LoRA layers whose A / B cannot be zero-padded along one dimension: LoraParameter
     (target_parameters) holds one rank-r block per expert (A [r·E, in], rows expert-major)."""
-    return {n for n, layer in lora_layers(model) if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d))}
+    return {n for n, layer in lora_layers(model) if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv))}
 
 
 def _check_ranks(path: Path, exp: dict[str, _Slot], found: dict[str, torch.Tensor], padless: set[str]) -> None:
@@ -370,7 +370,7 @@ def prepare_model_for_compiled_hotswap(
         return
     # A LoraParameter holds one rank-r block per expert (A [r·E, in], expert-major rows):
     # padding its rows as one rank would mix the experts' blocks.
-    on_params = [name for name, layer in layers if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d))]
+    on_params = [name for name, layer in layers if not isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv))]
     if on_params:
         raise ValueError(
             f"cannot pad adapters on parameters (target_parameters) to target_rank={target_rank}: {on_params[:5]} "

@@ -2,7 +2,7 @@
 
 PEFT's semantics, on the model itself (no wrapper class): `inject` swaps the targeted
 nn.Linear / transformers Conv1D layers for `LoraLinear`, nn.Embedding layers for
-`LoraEmbedding` and nn.Conv2d layers for `LoraConv2d` in place (one generic walk over
+`LoraEmbedding` and nn.Conv1d / Conv2d / Conv3d layers for `LoraConv` in place (one generic walk over
 `named_modules()`, parent `setattr`), freezes the base, and wraps `modules_to_save` in
 `ModulesToSave` (a trainable copy per adapter, the original kept). Adapter bookkeeping
 (configs, active adapters) lives in `model._lorakern`, an `AdapterState`.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lorakern.config import ALL_LINEAR, DEFAULT_TARGET_MODULES, LoraConfig
-from lorakern.conv import LoraConv2d, conv_unsupported
+from lorakern.conv import CONV_TYPES, LoraConv, conv_unsupported
 from lorakern.embedding import LoraEmbedding, embedding_unsupported
 from lorakern.layer import UNMERGE_TO_SET_ADAPTER, LoraLinear, is_linear_like
 from lorakern.moe_targets import convert_moe_config
@@ -39,8 +39,8 @@ from lorakern.ops import BACKENDS
 COMBINATION_TYPES = ("linear", "cat", "svd")
 # Every LoRA layer class; all speak one protocol (held_adapters, adapter_parameters,
 # lora_weights, set_adapter, delete_adapter, merge, unmerge, merged_weight, ...).
-LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv2d, LoraParameter)
-LoraLayer = LoraLinear | LoraEmbedding | LoraConv2d | LoraParameter
+LORA_LAYERS = (LoraLinear, LoraEmbedding, LoraConv, LoraParameter)
+LoraLayer = LoraLinear | LoraEmbedding | LoraConv | LoraParameter
 
 
 @dataclass
@@ -120,7 +120,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(dotted name, layer) for every LoRA layer (LoraLinear, LoraEmbedding, LoraConv2d,
+    """(dotted name, layer) for every LoRA layer (LoraLinear, LoraEmbedding, LoraConv,
     LoraParameter) in the model; nested LoraParameter wrappers outer first."""
     for name, module in model.named_modules():
         if isinstance(module, LORA_LAYERS):
@@ -158,12 +158,12 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _features(module: nn.Module) -> tuple[int, int]:
     """(in, out) of an nn.Linear, quantized linear, Conv1D or LoRA layer; (num_embeddings,
-    embedding_dim) of an nn.Embedding; (in_channels, out_channels) of an nn.Conv2d."""
+    embedding_dim) of an nn.Embedding; (in_channels, out_channels) of a convolution."""
     if isinstance(module, (*LORA_LAYERS, nn.Linear, QuantLinear)):
         return module.in_features, module.out_features
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONV_TYPES):
         return module.in_channels, module.out_channels
     w = module.weight  # Conv1D: [in, out]
     return w.shape[0], w.shape[1]
@@ -239,12 +239,12 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
             raise ValueError(f"module {name!r} is in another adapter's modules_to_save; it cannot also get LoRA")
         if isinstance(module, (nn.Embedding, LoraEmbedding)):
             _check_embedding_target(name, module, config)
-        elif isinstance(module, (nn.Conv2d, LoraConv2d)):
+        elif isinstance(module, (*CONV_TYPES, LoraConv)):
             _check_conv_target(name, module, config)
         elif not (is_linear_like(module) or isinstance(module, LoraLinear)):
             raise TypeError(
                 f"target module {name!r} is a {type(module).__name__}; lorakern's LoRA supports "
-                "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d"
+                "nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d / Conv2d / Conv3d"
             )
         found.append(Target(name, module, config.rank_for(name), config.alpha_for(name), *_features(module)))
     if config.target_parameters:
@@ -341,11 +341,19 @@ def _check_embedding_target(name: str, module: nn.Module, config: LoraConfig) ->
             raise TypeError(f"target module {name!r} ({type(module).__name__}): {why}")
 
 
+def innermost_conv(module: nn.Module) -> nn.Module:
+    """The convolution itself (a LoraConv's base layer)."""
+    return module.base_layer if isinstance(module, LoraConv) else module
+
+
 def _check_conv_target(name: str, module: nn.Module, config: LoraConfig) -> None:
-    """Refuse (before anything changes) what LoRA on a Conv2d does not support."""
+    """Refuse (before anything changes) what LoRA on a convolution does not support."""
     if config.use_dora:
-        raise ValueError(f"target module {name!r} is a Conv2d: use_dora=True (DoRA) is not implemented for Conv2d")
-    if isinstance(module, nn.Conv2d):
+        raise ValueError(
+            f"target module {name!r} is a {type(innermost_conv(module)).__name__}: use_dora=True (DoRA) is not "
+            "implemented for convolutions"
+        )
+    if isinstance(module, CONV_TYPES):
         why = conv_unsupported(module)
         if why is not None:
             raise TypeError(f"target module {name!r} ({type(module).__name__}): {why}")
@@ -376,8 +384,8 @@ def inject(
     """Add adapter `adapter_name` to `model` in place and return the model.
 
     Targeted nn.Linear / Conv1D layers become LoraLinear (a Conv1D keeps its [in, out]
-    weight, used through a transposed view), nn.Embedding layers LoraEmbedding, nn.Conv2d
-    layers LoraConv2d; every base parameter is frozen; modules in
+    weight, used through a transposed view), nn.Embedding layers LoraEmbedding, nn.Conv1d /
+    Conv2d / Conv3d layers LoraConv; every base parameter is frozen; modules in
     `config.modules_to_save` get a trainable copy (original kept, restorable by `unload`);
     biases become trainable per `config.bias`. As in PEFT, the first adapter becomes
     active; a further adapter (another `inject` call) is added inactive and frozen
@@ -448,8 +456,8 @@ def inject_planned(
                 config.lora_bias,
             )
             t.module.active_adapters = previous
-        elif isinstance(t.module, (nn.Embedding, nn.Conv2d)):
-            kind = LoraEmbedding if isinstance(t.module, nn.Embedding) else LoraConv2d
+        elif isinstance(t.module, (nn.Embedding, *CONV_TYPES)):
+            kind = LoraEmbedding if isinstance(t.module, nn.Embedding) else LoraConv
             layer = kind(
                 t.module, t.r, t.alpha, dropout, config.use_rslora, config.init_lora_weights, adapter_name,
                 lora_bias=config.lora_bias,
@@ -724,7 +732,7 @@ def _held_weights(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, to
     see the same ranks, and the same ΔW, as on an unpadded model."""
     A, B = layer.lora_weights(adapter_name)
     r = layer.r[adapter_name]
-    if isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv2d)) and A.shape[0] > r:
+    if isinstance(layer, (LoraLinear, LoraEmbedding, LoraConv)) and A.shape[0] > r:
         return A[:r], B[:, :r]
     return A, B
 

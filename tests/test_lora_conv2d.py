@@ -285,7 +285,7 @@ class _Odd(nn.Module):
         self.grouped = nn.Conv2d(4, 4, 3, groups=2)
         self.dilated = nn.Conv2d(4, 4, 3, dilation=2)
         self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
-        self.conv1d = nn.Conv1d(4, 4, 3)
+        self.bilinear = nn.Bilinear(4, 4, 4)
         self.plain = nn.Conv2d(4, 4, 3)
 
 
@@ -293,7 +293,7 @@ class _Odd(nn.Module):
     ("grouped", TypeError, "groups=2: LoRA on grouped convolutions is not implemented"),
     ("dilated", TypeError, r"dilation=\(2, 2\): LoRA on dilated convolutions is not implemented"),
     ("reflect", TypeError, "padding_mode='reflect'"),
-    ("conv1d", TypeError, "Conv1d; lorakern's LoRA supports nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d"),
+    ("bilinear", TypeError, "Bilinear; lorakern's LoRA supports nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d"),
 ])
 def test_unsupported_convolutions_are_refused(target, exc, match):
     model = _Odd()
@@ -309,5 +309,70 @@ def test_dora_on_conv_is_refused():
         lorakern.inject(_Odd(), lorakern.LoraConfig(r=2, target_modules=["plain"], use_dora=True))
     with pytest.raises(ValueError, match="use_dora"):
         LoraConv2d(nn.Conv2d(3, 3, 1), use_dora=True)
-    with pytest.raises(TypeError, match="base_layer must be nn.Conv2d, got Linear"):
+    with pytest.raises(TypeError, match="base_layer must be nn.Conv1d, nn.Conv2d or nn.Conv3d, got Linear"):
         LoraConv2d(nn.Linear(3, 3))
+
+
+# ---------------------------------------------------------------------------- Conv1d, Conv3d
+
+
+class Net1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(8, 5, 3)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean(2))
+
+
+class Net3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(2, 6, (3, 3, 1), padding=(1, 1, 0))
+        self.c2 = nn.Conv3d(6, 4, 1, bias=False)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x))).mean((2, 3, 4))
+
+
+NETS = {"conv1d": (Net1d, (4, 3, 17)), "conv3d": (Net3d, (2, 2, 5, 4, 3))}
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["plain", "lora_bias"])
+def test_conv1d_and_conv3d_match_peft(kind, lora_bias, tmp_path):
+    """PEFT's lora.Conv1d / Conv3d: outputs, gradients, merge, and files both ways."""
+    build, shape = NETS[kind]
+    torch.manual_seed(78)
+    base = build().eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(r=3, lora_alpha=5, target_modules=["c1", "c2"], lora_bias=lora_bias and kind == "conv1d")
+    pm, model = _pair(base, kwargs)
+    assert all(isinstance(layer, lorakern.LoraConv) for _, layer in lora_layers(model))
+    kernel = base.c1.kernel_size
+    assert model.c1.lora_B["default"].weight.shape == (8 if kind == "conv1d" else 6, 3, *(1,) * len(kernel))
+    y_theirs, y_ours = pm(x), model(x)
+    assert not torch.allclose(y_ours, base(x))
+    assert_close(y_ours, y_theirs, TOL, "output")
+    y_theirs.square().sum().backward()
+    y_ours.square().sum().backward()
+    g_theirs, g_ours = _grads(pm, PREFIX), _grads(model)
+    assert g_ours.keys() == g_theirs.keys()
+    for n in g_ours:
+        assert_close(g_ours[n], g_theirs[n], TOL, f"grad {n}")
+    with torch.no_grad():
+        lorakern.save_adapter(model, tmp_path / "ours")
+        pm.save_pretrained(tmp_path / "peft")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+        loaded = lorakern.load_adapter(copy.deepcopy(base), tmp_path / "peft").eval()
+        assert_close(theirs(x), y_theirs, TOL, "PEFT loads lorakern's file")
+        assert_close(loaded(x), y_theirs, TOL, "lorakern loads PEFT's file")
+        merged = lorakern.unload(loaded, merge=True)
+        assert type(merged.c1) is type(base.c1)
+        # PEFT's own merge fails on a 1x1x1 Conv3d (it squeezes two dims, as for Conv2d), so
+        # the merged model is compared with the adapter's output
+        assert_close(merged(x), y_theirs, TOL, "merge_and_unload")
+        if kind == "conv1d":
+            assert_close(merged(x), pm.merge_and_unload()(x), TOL, "PEFT's merge_and_unload")
