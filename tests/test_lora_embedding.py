@@ -619,7 +619,7 @@ class _Quantized(nn.Module):
 def test_quantized_and_bag_embeddings_are_refused():
     with pytest.raises(TypeError, match="quantized embedding tables is not implemented"):
         lorakern.inject(_Quantized(), lorakern.LoraConfig(r=2, target_modules=["emb"]))
-    with pytest.raises(TypeError, match="EmbeddingBag; lorakern.s LoRA supports nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv2d"):
+    with pytest.raises(TypeError, match="EmbeddingBag; lorakern.s LoRA supports nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d"):
         lorakern.inject(_Quantized(), lorakern.LoraConfig(r=2, target_modules=["bag"]))
 
 
