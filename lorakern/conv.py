@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, _scaled, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, _check_adapter_args, _scaled, adapter_dtype
 from lorakern.mixed import BASE, RowGroups
 from lorakern.ops import ScalarDict
 
@@ -59,7 +59,7 @@ def conv_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-class LoraConv(nn.Module):
+class LoraConv(AdapterLayerMixin, nn.Module):
     """A convolution plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
 
     Args:
@@ -126,14 +126,6 @@ class LoraConv(nn.Module):
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return self.base_layer.kernel_size
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def active_adapter(self) -> str:
-        return self.active_adapters[0]
 
     def held_adapters(self) -> list[str]:
         """Names of the adapters this layer holds."""
@@ -208,31 +200,8 @@ class LoraConv(nn.Module):
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.active_adapters = [adapter_name]
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make `adapter_names` the active adapters; theirs become trainable, the others frozen.
-        A merged layer is unmerged first, with PEFT's warning."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if self.merged:
-            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
-            self.unmerge()
-        for name in self.lora_A:
-            for p in self.adapter_parameters(name):
-                p.requires_grad_(name in names)
-        self.active_adapters = names
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
-        if adapter_name not in self.lora_A:
-            raise ValueError(f"no adapter named {adapter_name!r}; have {self.held_adapters()}")
-        remerge = [a for a in self.merged_adapters if a != adapter_name]
-        if adapter_name in self.merged_adapters:
-            self.unmerge()
-            self.merge(remerge)
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
-        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
-            del d[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+    def _adapter_stores(self) -> tuple:
+        return self.lora_A, self.lora_B
 
     # ---- forward ------------------------------------------------------------------------
 

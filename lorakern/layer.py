@@ -155,7 +155,55 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype in (dtype, torch.float32) else t.to(dtype)
 
 
-class LoraLinear(nn.Module):
+class AdapterLayerMixin:
+    """Adapter bookkeeping every LoRA layer does the same way (LoraLinear, LoraEmbedding,
+    LoraConv, LoraParameter). A layer provides `held_adapters()`, `adapter_parameters(name)`,
+    `merge`, `unmerge`, the per-adapter dicts named in ADAPTER_SETTINGS, and
+    `_adapter_stores()`: the ModuleDicts / ParameterDicts holding its adapters' weights."""
+
+    ADAPTER_SETTINGS = ("r", "lora_alpha", "lora_dropout", "scaling", "use_rslora", "use_dora", "lora_bias")
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
+
+        As in PEFT, the active adapters' parameters become trainable and the others frozen.
+        A merged layer is unmerged first, with PEFT's warning: merged, it runs the base weight
+        alone, which holds the adapters merged before, not the ones set now.
+        """
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged:
+            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
+            self.unmerge()
+        for name in self.held_adapters():
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
+        if adapter_name not in self.held_adapters():
+            raise ValueError(f"no adapter named {adapter_name!r}; have {self.held_adapters()}")
+        remerge = [a for a in self.merged_adapters if a != adapter_name]
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+            self.merge(remerge)
+        for store in self._adapter_stores():
+            if adapter_name in store:
+                del store[adapter_name]
+        for attr in self.ADAPTER_SETTINGS:
+            getattr(self, attr).pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+
+class LoraLinear(AdapterLayerMixin, nn.Module):
     """nn.Linear plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
 
     Args:
@@ -270,14 +318,6 @@ class LoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def active_adapter(self) -> str:
-        return self.active_adapters[0]
-
     def base_weight(self) -> torch.Tensor:
         """The base weight as [out, in]: a transposed view for Conv1D, never a copy."""
         w = self.base_layer.weight
@@ -369,42 +409,8 @@ class LoraLinear(nn.Module):
         if self.lora_B[adapter_name].bias is not None:
             nn.init.zeros_(self.lora_B[adapter_name].bias)
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
-
-        As in PEFT, the active adapters' parameters become trainable and the others frozen.
-        A merged layer is unmerged first, with PEFT's warning: merged, it runs the base weight
-        alone, which holds the adapters merged before, not the ones set now.
-        """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if self.merged:
-            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
-            self.unmerge()
-        for name in self.lora_A:
-            requires_grad = name in names
-            self.lora_A[name].weight.requires_grad_(requires_grad)
-            for p in self.lora_B[name].parameters():  # weight, and bias with lora_bias
-                p.requires_grad_(requires_grad)
-            if name in self.lora_magnitude_vector:
-                self.lora_magnitude_vector[name].weight.requires_grad_(requires_grad)
-        self.active_adapters = names
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
-        if adapter_name not in self.lora_A:
-            raise ValueError(f"no adapter named {adapter_name!r}; have {list(self.lora_A)}")
-        remerge = [a for a in self.merged_adapters if a != adapter_name]
-        if adapter_name in self.merged_adapters:
-            self.unmerge()
-            self.merge(remerge)
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
-        if adapter_name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter_name]
-        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora):
-            del d[adapter_name]
-        self.lora_bias.pop(adapter_name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+    def _adapter_stores(self) -> tuple[nn.ModuleDict, ...]:
+        return self.lora_A, self.lora_B, self.lora_magnitude_vector
 
     # The protocol every LoRA layer speaks (LoraEmbedding and LoraConv2d too), for code that
     # walks them all (lorakern.model, lorakern.adapters).

@@ -35,12 +35,11 @@ lora_bias, DoRA; and mixed batches (``adapter_names``).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
-from lorakern.layer import UNMERGE_TO_SET_ADAPTER, _check_adapter_args, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, _check_adapter_args, adapter_dtype
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -50,7 +49,7 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-class LoraParameter(nn.Module):
+class LoraParameter(AdapterLayerMixin, nn.Module):
     """A module whose parameter `parameter_name` carries LoRA adapters (PEFT's ParamWrapper).
 
     Args:
@@ -136,14 +135,6 @@ class LoraParameter(nn.Module):
         """The wrapped parameter (on the innermost module)."""
         return getattr(innermost(self.base_layer), self.parameter_name)
 
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
-    def active_adapter(self) -> str:
-        return self.active_adapters[0]
-
     def held_adapters(self) -> list[str]:
         """Names of the adapters this layer holds."""
         return list(self.lora_A)
@@ -217,31 +208,8 @@ class LoraParameter(nn.Module):
                 nn.init.zeros_(B)
         self.active_adapters = [adapter_name]
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make `adapter_names` the active adapters; theirs become trainable, the others frozen.
-        A merged layer is unmerged first, with PEFT's warning."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        if self.merged:
-            warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)
-            self.unmerge()
-        for name in self.lora_A:
-            for p in self.adapter_parameters(name):
-                p.requires_grad_(name in names)
-        self.active_adapters = names
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter `adapter_name` (if it is merged: unmerge, then merge the others back)."""
-        if adapter_name not in self.lora_A:
-            raise ValueError(f"no adapter named {adapter_name!r}; have {self.held_adapters()}")
-        remerge = [a for a in self.merged_adapters if a != adapter_name]
-        if adapter_name in self.merged_adapters:
-            self.unmerge()
-            self.merge(remerge)
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
-        for d in (self.r, self.lora_alpha, self.lora_dropout, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
-            del d[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+    def _adapter_stores(self) -> tuple:
+        return self.lora_A, self.lora_B
 
     # ---- the delta --------------------------------------------------------------------------
 
