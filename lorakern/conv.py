@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import AdapterLayerMixin, _check_adapter_args, _scaled, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, _check_adapter_args, _scaled, adapter_dtype
 from lorakern.mixed import BASE, RowGroups
 from lorakern.ops import ScalarDict
 
@@ -59,7 +59,7 @@ def conv_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-class LoraConv(AdapterLayerMixin, nn.Module):
+class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
     """A convolution plus low-rank adapters: ``y = base_layer(x) + Σ s·B(A(dropout(x)))``.
 
     Args:
@@ -284,71 +284,6 @@ class LoraConv(AdapterLayerMixin, nn.Module):
         dtype = torch.promote_types(A.dtype, torch.float32)
         delta = B.flatten(1).to(dtype) @ A.flatten(1).to(dtype)
         return delta.reshape(self.base_layer.weight.shape) * self.scaling[adapter_name]
-
-    def _bias_delta(self, adapter_names: list[str]) -> torch.Tensor | None:
-        """Σ s·b over the lora_bias adapters among `adapter_names` (fp32), or None."""
-        total = None
-        for name in adapter_names:
-            if self.lora_bias.get(name, False):
-                b = self.lora_B[name].bias.detach()
-                term = b.to(torch.promote_types(b.dtype, torch.float32)) * self.scaling[name]
-                total = term if total is None else total + term
-        return total
-
-    @torch.no_grad()
-    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
-        """The base weight plus the deltas of `adapter_names`, summed in fp32 (fp64 for an
-        fp64 weight) and cast once. Does not change the layer."""
-        for name in adapter_names:
-            if name not in self.lora_A:
-                raise ValueError(f"no adapter named {name!r}; have {self.held_adapters()}")
-        w = self.base_layer.weight
-        acc = torch.promote_types(w.dtype, torch.float32)
-        total = w.to(acc)
-        for name in adapter_names:
-            total = total + self.get_delta_weight(name).to(acc)
-        return total.to(w.dtype)
-
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """W += Σ s·ΔW (and bias += Σ s·b with lora_bias) for each adapter (default: the active
-        ones), in fp32, cast once. safe_merge: ValueError (layer unchanged) if the result is
-        not finite. lora_bias with no base bias: RuntimeError (PEFT's), layer unchanged."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
-        if not names:
-            return
-        new_bias = None
-        extra = self._bias_delta(names)
-        if extra is not None:
-            bias = self.base_layer.bias
-            if bias is None:
-                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")
-            new_bias = (bias.to(extra.dtype) + extra).to(bias.dtype)
-        new_w = self.merged_weight(names)
-        if safe_merge and not (torch.isfinite(new_w).all() and (new_bias is None or torch.isfinite(new_bias).all())):
-            raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
-        self.base_layer.weight.copy_(new_w)
-        if new_bias is not None:
-            self.base_layer.bias.copy_(new_bias)
-        self.merged_adapters.extend(names)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge(): W -= Σ s·ΔW (bias -= Σ s·b) over every merged adapter, fp32, cast once."""
-        if not self.merged_adapters:
-            return
-        w = self.base_layer.weight
-        acc = torch.promote_types(w.dtype, torch.float32)
-        total = w.to(acc)
-        for name in self.merged_adapters:
-            total = total - self.get_delta_weight(name).to(acc)
-        w.copy_(total.to(w.dtype))
-        extra = self._bias_delta(self.merged_adapters)
-        if extra is not None:
-            bias = self.base_layer.bias
-            bias.copy_((bias.to(extra.dtype) - extra).to(bias.dtype))
-        self.merged_adapters = []
 
     def extra_repr(self) -> str:
         parts = [

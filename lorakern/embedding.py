@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import AdapterLayerMixin, _check_adapter_args, _scaled, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, _check_adapter_args, _scaled, adapter_dtype
 from lorakern.mixed import BASE, RowGroups
 from lorakern.ops import ScalarDict
 
@@ -57,7 +57,7 @@ def embedding_unsupported(module: nn.Module) -> str | None:
     return None
 
 
-class LoraEmbedding(AdapterLayerMixin, nn.Module):
+class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
     """nn.Embedding plus low-rank adapters: ``y = base_layer(x) + Σ s·E(x, Aᵀ) Bᵀ``.
 
     Args:
@@ -306,47 +306,6 @@ class LoraEmbedding(AdapterLayerMixin, nn.Module):
         A, B = self.lora_weights(adapter_name)
         dtype = torch.promote_types(A.dtype, torch.float32)
         return (B.to(dtype) @ A.to(dtype)).T * self.scaling[adapter_name]
-
-    @torch.no_grad()
-    def merged_weight(self, adapter_names: list[str]) -> torch.Tensor:
-        """The base table plus the deltas of `adapter_names`, summed in fp32 (fp64 for an
-        fp64 table) and cast once to the table's dtype. Does not change the layer."""
-        for name in adapter_names:
-            if name not in self.lora_embedding_A:
-                raise ValueError(f"no adapter named {name!r}; have {self.held_adapters()}")
-        w = self.base_layer.weight
-        acc = torch.promote_types(w.dtype, torch.float32)
-        total = w.to(acc)
-        for name in adapter_names:
-            total = total + self.get_delta_weight(name).to(acc)
-        return total.to(w.dtype)
-
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """W += Σ s·(B A)ᵀ for each adapter (default: the active ones), in fp32, cast once.
-        safe_merge: ValueError (layer unchanged) if the merged table is not finite."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        names = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
-        if not names:
-            return
-        new_w = self.merged_weight(names)
-        if safe_merge and not torch.isfinite(new_w).all():
-            raise ValueError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
-        self.base_layer.weight.copy_(new_w)
-        self.merged_adapters.extend(names)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo merge(): W -= Σ s·(B A)ᵀ over every merged adapter, in fp32, cast once."""
-        if not self.merged_adapters:
-            return
-        w = self.base_layer.weight
-        acc = torch.promote_types(w.dtype, torch.float32)
-        total = w.to(acc)
-        for name in self.merged_adapters:
-            total = total - self.get_delta_weight(name).to(acc)
-        w.copy_(total.to(w.dtype))
-        self.merged_adapters = []
 
     def extra_repr(self) -> str:
         parts = [f"{n}: r={self.r[n]}, lora_alpha={self.lora_alpha[n]}" for n in self.lora_embedding_A]
