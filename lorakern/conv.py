@@ -191,14 +191,7 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         dtype = adapter_dtype(w)
         self.lora_A[adapter_name] = A.to(device=w.device, dtype=dtype)
         self.lora_B[adapter_name] = B.to(device=w.device, dtype=dtype)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = float(lora_dropout)
-        self.use_rslora[adapter_name] = use_rslora
-        self.use_dora[adapter_name] = False
-        self.lora_bias[adapter_name] = lora_bias
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.active_adapters = [adapter_name]
+        self._record_settings(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias=lora_bias)
 
     def _adapter_stores(self) -> tuple:
         return self.lora_A, self.lora_B
@@ -212,11 +205,9 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         for none; each must be an adapter of this layer. Inside
         `lorakern.mixed_batch(model, names)` the names come from the context instead.
         """
-        if adapter_names is not None:
-            return self._mixed_forward(x, RowGroups(adapter_names), strict=True)
-        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
-        if groups is not None:
-            return self._mixed_forward(x, groups, strict=False)
+        mixed = self._mixed_groups(adapter_names)
+        if mixed is not None:
+            return self._mixed_forward(x, *mixed)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -245,6 +236,8 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         """Row b of x through adapter groups.names[b] ("__base__": the base alone). strict:
         every name must be an adapter of this layer; else (mixed_batch, which checked the
         names against the model) a name this layer lacks runs its base alone."""
+        if x.dim() >= 2:
+            groups = groups.for_rows(x.shape[0])  # beam search: the names repeated per beam
         if x.dim() < 2 or x.shape[0] != len(groups):
             raise ValueError(
                 f"LoraConv: got {len(groups)} adapter names for x of shape {tuple(x.shape)}; "

@@ -32,7 +32,6 @@ num_embeddings, out = embedding_dim), ``set_adapter``, ``delete_adapter``, ``mer
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -183,14 +182,7 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         dtype = adapter_dtype(w)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A.to(device=w.device, dtype=dtype))
         self.lora_embedding_B[adapter_name] = nn.Parameter(B.to(device=w.device, dtype=dtype))
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = float(lora_dropout)
-        self.use_rslora[adapter_name] = use_rslora
-        self.use_dora[adapter_name] = False
-        self.lora_bias[adapter_name] = False
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.active_adapters = [adapter_name]
+        self._record_settings(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
 
     def _adapter_stores(self) -> tuple:
         return self.lora_embedding_A, self.lora_embedding_B
@@ -204,11 +196,9 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         for none; each must be an adapter of this layer. Inside
         `lorakern.mixed_batch(model, names)` the names come from the context instead.
         """
-        if adapter_names is not None:
-            return self._mixed_forward(x, RowGroups(adapter_names), strict=True)
-        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
-        if groups is not None:
-            return self._mixed_forward(x, groups, strict=False)
+        mixed = self._mixed_groups(adapter_names)
+        if mixed is not None:
+            return self._mixed_forward(x, *mixed)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -266,6 +256,8 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         """Row b of x through adapter groups.names[b] ("__base__": the base alone). strict:
         every name must be an adapter of this layer; else (mixed_batch, which checked the
         names against the model) a name this layer lacks runs its base alone."""
+        if x.dim() >= 1:
+            groups = groups.for_rows(x.shape[0])  # beam search: the names repeated per beam
         if x.dim() < 1 or x.shape[0] != len(groups):
             raise ValueError(
                 f"LoraEmbedding: got {len(groups)} adapter names for ids of shape {tuple(x.shape)}; "

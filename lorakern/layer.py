@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakern import dora, quantized
-from lorakern.mixed import layer_forward as mixed_batch_forward
+from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
 from lorakern.ops import BACKENDS, ScalarDict, lora_linear
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
@@ -170,6 +170,27 @@ class AdapterLayerMixin:
     @property
     def active_adapter(self) -> str:
         return self.active_adapters[0]
+
+    def _record_settings(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
+                         use_dora: bool = False, lora_bias: bool = False) -> None:
+        """The per-adapter settings of a new adapter, its scaling (alpha / r, or / sqrt(r) with
+        rsLoRA), and the adapter made the active one."""
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = float(lora_dropout)
+        self.use_rslora[adapter_name] = use_rslora
+        self.use_dora[adapter_name] = use_dora
+        self.lora_bias[adapter_name] = lora_bias
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.active_adapters = [adapter_name]
+
+    def _mixed_groups(self, adapter_names):
+        """A mixed batch's (row groups, strict), from `adapter_names` (strict: every name must
+        be an adapter of this layer) or from a `mixed_batch` context; None for a plain call."""
+        if adapter_names is not None:
+            return (adapter_names if isinstance(adapter_names, RowGroups) else RowGroups(adapter_names)), True
+        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
+        return None if groups is None else (groups, False)
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
@@ -447,14 +468,8 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         dtype = adapter_dtype(w)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias, device=w.device, dtype=dtype)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = float(lora_dropout)
-        self.use_rslora[adapter_name] = use_rslora
-        self.lora_bias[adapter_name] = lora_bias
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self._record_settings(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
-        self.use_dora[adapter_name] = use_dora
         if use_dora:
             with torch.no_grad():
                 norm = dora.weight_norm(self.base_weight(), self.lora_A[adapter_name].weight,

@@ -189,13 +189,7 @@ class LoraParameter(AdapterLayerMixin, nn.Module):
         rank = r * self.num_experts
         self.lora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=dtype)
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = 0.0
-        self.use_rslora[adapter_name] = use_rslora
-        self.use_dora[adapter_name] = False
-        self.lora_bias[adapter_name] = False
-        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self._record_settings(adapter_name, r, lora_alpha, 0.0, use_rslora)
         with torch.no_grad():
             A, B = self.lora_weights(adapter_name)
             if gaussian:

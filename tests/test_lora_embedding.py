@@ -392,6 +392,20 @@ def test_mixed_batch_matches_peft(llama):
         assert_close(ours[row:row + 1], alone, TOL, f"row {row} ({name})")
 
 
+def test_mixed_batch_beam_search_matches_peft(llama):
+    """generate(num_beams=2): the embedding sees the beam-expanded rows, each name repeated
+    for its beams (mixed_batch(..., num_beams=2)), as PEFT's generate(adapter_names=...)."""
+    pm, model = _two_adapters(llama, None)
+    ids = input_ids(batch=3)
+    names = ["b", "__base__", "default"]
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
+    with torch.no_grad():
+        with lorakern.mixed_batch(model, names, num_beams=2):
+            ours = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        theirs = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+    assert torch.equal(ours, theirs)
+
+
 def test_mixed_batch_trains_only_the_adapters_used(llama):
     _, model = _two_adapters(llama, None)
     emb = model.model.embed_tokens
