@@ -526,11 +526,9 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         (dim 0), "__base__" for none; each must be an adapter of this layer. Inside
         `lorakern.mixed_batch(model, names)` the names come from the context instead.
         """
-        if adapter_names is not None:
-            return mixed_batch_forward(self, x, adapter_names, strict=True)
-        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
-        if groups is not None:
-            return mixed_batch_forward(self, x, groups, strict=False)
+        mixed = self._mixed_groups(adapter_names)
+        if mixed is not None:
+            return mixed_batch_forward(self, x, *mixed)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
