@@ -39,6 +39,7 @@ import math
 import torch
 from torch import nn
 
+from lorakern import experts
 from lorakern.layer import AdapterLayerMixin, _check_adapter_args, adapter_dtype
 
 
@@ -245,12 +246,20 @@ class LoraParameter(AdapterLayerMixin, nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
 
+    # Where it applies (a transformers experts module), the LoRA terms run on each expert's
+    # rows (lorakern/experts.py) instead of rebuilding W + ΔW; False: PEFT's way, always.
+    grouped = True
+
     def forward(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
             raise ValueError("LoRA on a parameter (target_parameters) does not support mixed batches (adapter_names), as in PEFT")
         active = [a for a in self.active_adapters if a in self.lora_A]
         if self.disable_adapters or self.merged_adapters or not active:
             return self.base_layer(*args, **kwargs)
+        if self.grouped:
+            out = self._grouped_forward(args, kwargs)
+            if out is not None:
+                return out
         w = self.effective_weight(active)
         # the name of the parameter as seen from base_layer (through inner wrappers)
         path, module = [], self.base_layer
@@ -259,6 +268,29 @@ class LoraParameter(AdapterLayerMixin, nn.Module):
             module = module.base_layer
         key = ".".join([*path, self.parameter_name])
         return torch.func.functional_call(self.base_layer, {key: w}, args, kwargs, strict=False)
+
+    def _grouped_forward(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The experts block through `lorakern.experts.forward` with the LoRA terms of this
+        wrapper and the ones inside it, or None where that path does not apply."""
+        chain = [self]
+        while isinstance(chain[-1].base_layer, LoraParameter):
+            chain.append(chain[-1].base_layer)
+        module = chain[-1].base_layer
+        if any(w.disable_adapters or w.merged_adapters or w.num_experts == 1 for w in chain):
+            return None
+        if not experts.supports(module, [w.parameter_name for w in chain]):
+            return None
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        if len(args) + len(kwargs) != 3 or set(kwargs) - set(names[len(args):]):
+            return None
+        hidden_states, top_k_index, top_k_weights = (*args, *(kwargs[n] for n in names[len(args):]))
+        if hidden_states.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return None  # grouped GEMMs take these (fp64: the reference path)
+        terms = {
+            w.parameter_name: [(*w._factors(n), w.scaling[n]) for n in w.active_adapters if n in w.lora_A]
+            for w in chain
+        }
+        return experts.forward(module, hidden_states, top_k_index, top_k_weights, terms)
 
     # ---- merge ------------------------------------------------------------------------------
 

@@ -147,7 +147,12 @@ def _gpt_oss():
     cfg = GptOssConfig(vocab_size=64, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
                        max_position_embeddings=32, layer_types=["full_attention", "full_attention"])
-    return GptOssForCausalLM(cfg).eval()
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # the experts' biases start at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("_proj_bias"):
+                p.normal_(0, 0.5)
+    return model
 
 
 MODELS = {
@@ -327,3 +332,59 @@ def test_transformers5_moe_rewrite_refuses_half_a_fused_pair_and_leaves_other_mo
     llama_like = _qwen3_moe()
     llama_like.config.model_type = "llama"
     assert convert_moe_config(cfg, llama_like) is cfg
+
+
+# ---------------------------------------------------------------------------- the grouped path
+
+
+def _grouped_calls(monkeypatch):
+    from lorakern import experts
+
+    calls = []
+    original = experts.forward
+    monkeypatch.setattr(experts, "forward", lambda *a, **k: calls.append(sorted(a[4])) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("two_adapters", [False, True], ids=["one", "two-active"])
+def test_grouped_path_matches_the_reference_path(moe, two_adapters, monkeypatch):
+    """The LoRA terms on each expert's rows (lorakern/experts.py) against W + ΔW rebuilt
+    (PEFT's way, LoraParameter.grouped = False), fp32: outputs and every gradient."""
+    name, base, params = moe
+    model = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(**_config(params)))
+    if two_adapters:
+        lorakern.inject(model, lorakern.LoraConfig(**_config(params, r=3, lora_alpha=2)), adapter_name="other")
+        lorakern.set_adapter(model, ["default", "other"])
+    calls = _grouped_calls(monkeypatch)
+    ids = _ids(5)
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(LoraParameter, "grouped", grouped)
+        model.zero_grad()
+        out = model(input_ids=ids).logits
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    expert_params = {p.split(".")[-1] for p in params if p.split(".")[-1] != "weight"}
+    assert calls and all(sorted(c) == sorted(expert_params) for c in calls)  # one call per block, all projections
+    (y_g, g_g), (y_r, g_r) = results
+    assert_close(y_g, y_r, 1e-5, f"{name} logits")
+    assert g_g.keys() == g_r.keys() and any(".experts." in n for n in g_g)
+    for n in g_g:
+        assert_close(g_g[n], g_r[n], 1e-4, n)
+
+
+def test_grouped_path_is_left_for_what_it_does_not_cover(monkeypatch):
+    calls = _grouped_calls(monkeypatch)
+    base = _mixtral()
+    model = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(**_config(["gate_up_proj", "down_proj"])))
+    ids = _ids(6)
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert len(calls) == 2  # one per layer
+        lorakern.merge(model)
+        model(input_ids=ids)
+        lorakern.unmerge(model)
+        with lorakern.disable_adapters(model):
+            model(input_ids=ids)
+        _eager_experts(model)(input_ids=ids)  # fp64: grouped GEMMs do not take it
+    assert len(calls) == 2
