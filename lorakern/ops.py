@@ -253,7 +253,7 @@ def unrows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._unsafe_view(t, (*like.shape[:-1], t.shape[-1]))
 
 
-def _forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
+def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
     """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x))."""
     with _autocast_off(x.device.type):
         y, S = _implementation(backend).lora_linear_forward(
@@ -326,7 +326,7 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
         seed = _eager_seed(seed, dropout_p)
-        y, S = _forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        y, S = forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, S)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -386,7 +386,7 @@ def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, b
         if int(seed) < 0:
             raise ValueError(f"seed must be in [0, 2**63), got {int(seed)}")
         seed = seed.reshape(()).clone()  # an output may not alias an input
-    y, S = _forward_core(x, weight, bias, lora_A, lora_B, s, p, int(seed), backend)
+    y, S = forward_core(x, weight, bias, lora_A, lora_B, s, p, int(seed), backend)
     return y, S, seed
 
 
@@ -695,5 +695,5 @@ def lora_linear(
         # Nothing to differentiate (inference, decode): the same forward without the
         # autograd.Function's bookkeeping (~15 µs a call on CPU).
         seed = _eager_seed(seed, dropout_p)
-        return _forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
+        return forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)

@@ -27,7 +27,7 @@ from lorakern.ops import (
     _backward_core,
     _check_devices,
     _eager_seed,
-    _forward_core,
+    forward_core,
     _scalar_tensors,
     check_inputs,
     eager_scalars,
@@ -82,7 +82,7 @@ def _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, s: float, p: float, 
     """x [..., K] -> (y [..., N], S [M, r]). Triton: kernels.qlora_linear_forward (at
     small M it may read the 4-bit weight directly); reference: dequantise, then the op."""
     if backend != "triton":
-        return _forward_core(x, _dequantize_eager(meta, qtensors, x.dtype, backend), bias, lora_A, lora_B,
+        return forward_core(x, _dequantize_eager(meta, qtensors, x.dtype, backend), bias, lora_A, lora_B,
                              s, p, seed, backend)
     from lorakern import kernels
 

@@ -80,9 +80,9 @@ def lora_linear_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (y [..., N] x's dtype, S [M, r] fp32), values / seed from `device_scalars`.
     has_dropout (static) selects the masked kernels; a p of 0 then keeps every element."""
-    # ops._forward_core's steps, written out: torch finds the kernels for its compile-cache
+    # ops.forward_core's steps, written out: torch finds the kernels for its compile-cache
     # key by reading this body for calls by name (lora_linear_forward), and cannot follow
-    # _forward_core's `_implementation(backend).lora_linear_forward` (tests/test_triton_ops.py).
+    # forward_core's `_implementation(backend).lora_linear_forward` (tests/test_triton_ops.py).
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
     lead = x.shape[:-1]
     with ops._autocast_off(x.device.type):

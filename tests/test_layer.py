@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+import lorakern
 from lorakern import LoraLinear
+from tests.conftest import backend_device, requires_triton
 from tests.utils import RTOL, assert_close, rel_error
 
 K, N = 24, 18
@@ -325,3 +327,30 @@ def test_sgd_steps_reduce_loss():
         losses.append(loss.item())
     assert losses[1] < losses[0], losses[:3]
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_inference_forward_is_the_ops_no_grad_forward_without_its_dispatch(backend, monkeypatch):
+    """Nothing to differentiate, one adapter, no dropout: the layer calls the op's forward
+    core directly (bit-identical to lora_linear without autograd); otherwise the op."""
+    import lorakern.layer as layer_module
+
+    torch.manual_seed(4)
+    layer = LoraLinear(nn.Linear(16, 12), r=4, lora_alpha=6, init_lora_weights=False, lora_dropout=0.2, backend=backend)
+    layer = layer.to(backend_device(backend)).eval()
+    x = torch.randn(5, 3, 16, device=backend_device(backend))
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        ref = lorakern.lora_linear(x, W, b, A, B, layer.scaling["default"], backend=backend)
+    calls = []
+    monkeypatch.setattr(layer_module, "lora_linear", lambda *a, **k: calls.append(1) or lorakern.lora_linear(*a, **k))
+    with torch.no_grad():
+        assert torch.equal(layer(x), ref)
+    assert calls == []
+    layer(x).sum().backward()  # adapters require grad: the op
+    with torch.no_grad():
+        layer.train()(x)  # dropout in training mode: the op
+    assert len(calls) == 2
+    with torch.no_grad(), pytest.raises(ValueError, match="last dim"):
+        layer.eval()(torch.randn(2, 15, device=x.device))  # bad input: the op's error
