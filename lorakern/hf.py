@@ -149,24 +149,46 @@ def _state_key(key: str, available, wrappers: list[str], adapter_name: str) -> s
     return None
 
 
+def _as_held(key: str, value: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A state_dict tensor cut to the shape the model's own tensor has in the file: an
+    adapter zero-padded by prepare_model_for_compiled_hotswap is saved at its own rank
+    (A's leading rows, B's leading columns), as `save_adapter` saves it. Padding that is not
+    zero is refused (the file would hold another adapter than the model runs)."""
+    if value.shape == own.shape:
+        return value
+    dim = 0 if key.endswith(("lora_A.weight", "lora_embedding_A")) else 1
+    r = own.shape[dim]
+    same_rest = value.dim() == own.dim() and all(value.shape[d] == own.shape[d] for d in range(own.dim()) if d != dim)
+    if not same_rest or not key.endswith(("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")):
+        raise ValueError(f"state_dict's {key!r} has shape {tuple(value.shape)}; the model's is {tuple(own.shape)}")
+    if value.narrow(dim, r, value.shape[dim] - r).any():
+        raise ValueError(
+            f"cannot save {key!r}: it holds rank {r} zero-padded to {value.shape[dim]} "
+            "(prepare_model_for_compiled_hotswap), but the padding in the state_dict is not zero"
+        )
+    return value.narrow(dim, 0, r)
+
+
 def _save_from_state_dict(model: nn.Module, path: Path, adapter_name: str, state_dict: dict) -> None:
     """`save_adapter`, with the values taken from `state_dict` rather than the model."""
     from safetensors.torch import save as st_save
 
     wrappers = [n for n, w in saved_modules(model) if adapter_name in w.modules_to_save]
     tensors, missing = {}, []
-    for key in adapter_state_dict(model, adapter_name):
+    held = adapter_state_dict(model, adapter_name)  # the shapes the file holds (true ranks)
+    for key, own in held.items():
         sk = _state_key(key, state_dict, wrappers, adapter_name)
         if sk is None:
             missing.append(key)
         else:
-            tensors[key] = state_dict[sk]
+            tensors[key] = _as_held(key, state_dict[sk], own)
     if missing:
         raise ValueError(
             f"state_dict lacks the tensors of adapter {adapter_name!r} for {missing[:4]}"
             + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
         )
-    peft_dict = adapter_state(model).configs[adapter_name].to_peft_dict()
+    cfg = adapter_state(model).configs[adapter_name]
+    peft_dict = _adapters._config_as_held(model, adapter_name, cfg).to_peft_dict()
     data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     weights = st_save(data, metadata={"format": "pt", _adapters.RECORD_KEY: json.dumps(peft_dict, sort_keys=True)})
     config = (json.dumps(peft_dict, indent=2, sort_keys=True) + "\n").encode()

@@ -689,3 +689,27 @@ def test_adapters_on_parameters_are_never_padded(tmp_path):
     lorakern.hotswap_adapter(model, b)
     x = torch.randn(4, 8, dtype=torch.float64)
     assert_close(model(x, 1), lorakern.load_adapter(_Owner(), b)(x, 1), RTOL[torch.float64], "same-rank swap")
+
+
+def test_trainer_state_dict_save_of_a_prepared_model_writes_true_ranks(tmp_path):
+    """lorakern.hf.save_pretrained(..., state_dict=...) (the Trainer's ZeRO-3 / FSDP path)
+    takes the padded tensors from the state dict and writes them at their own rank, as
+    save_adapter does; padding that is not zero is refused."""
+    from lorakern import hf
+
+    kw = dict(base=_emb_conv_lin, target_modules=["0", "2", "4"], rank_pattern={"4": 2})
+    a, _ = save(tmp_path, "a", 1, r=4, lora_alpha=8, **kw)
+    model = lorakern.load_adapter(_emb_conv_lin(), a, is_trainable=True)
+    lorakern.prepare_model_for_compiled_hotswap(model, target_rank=6)
+    _train(model)
+    with torch.no_grad():
+        trained = model(_ids())
+    hf.save_pretrained(model, tmp_path / "out", state_dict=model.state_dict())
+    _, tensors = lorakern.adapters.read_adapter(tmp_path / "out")
+    assert tuple(tensors[lorakern.adapters.PREFIX + "4.lora_B.weight"].shape) == (5, 2)
+    with torch.no_grad():
+        assert_close(lorakern.load_adapter(_emb_conv_lin(), tmp_path / "out")(_ids()), trained, TOL, "reloaded")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["4.lora_B.default.weight"][0, 5] = 0.5
+    with pytest.raises(ValueError, match="padding in the state_dict is not zero"):
+        hf.save_pretrained(model, tmp_path / "bad", state_dict=sd)
