@@ -28,19 +28,17 @@ back the old values. A failed swap leaves the model exactly as it was.
 Padded adapters elsewhere in lorakern: `save_adapter` writes each adapter at its own rank
 (A[:r], B[:, :r]; exact, the padding stays zero through training) with a config giving
 those ranks, loadable by lorakern and PEFT, and refuses padding that is not zero;
-`load_adapter` into a padded adapter of the same name (same r and alpha) fills its leading
-rows / columns and zeroes the rest; `add_weighted_adapter` combines each adapter's own-rank
-slice. LoraLinear, LoraEmbedding and LoraConv2d read their scalings as tensor mirrors when
+`lorakern.hf.save_pretrained(..., state_dict=...)` (the Trainer under ZeRO-3 / FSDP) does
+the same from the state dict's tensors; `load_adapter` into a padded adapter of the same
+name (same r and alpha) fills its leading rows / columns and zeroes the rest;
+`add_weighted_adapter` combines each adapter's own-rank slice. LoraLinear, LoraEmbedding and LoraConv read their scalings as tensor mirrors when
 traced, so a changed scaling does not recompile any of them.
 
-Known gaps: `lorakern.hf.save_pretrained(model, path, state_dict=...)` (the Trainer's
-ZeRO-3 / FSDP path) takes A / B from the given state dict as they are, so a padded
-adapter is still written padded beside its own r (a file `load_adapter` refuses).
-`add_weighted_adapter` takes the combined rank from the configs, so after
+Known gaps: `add_weighted_adapter` takes the combined rank from the configs, so after
 ``prepare_model_for_compiled_hotswap(config=...)`` (r = target_rank) the combined adapter
 is larger than on an unpadded model ("cat": the sum of the target ranks, the extra rows
 zero; "linear": target_rank, likewise), and "svd" truncates to target_rank (or refuses
-it, "svd_rank > min(in, out)", where a layer is narrower). LoraConv2d's dropout p is a
+it, "svd_rank > min(in, out)", where a layer is narrower). LoraConv's dropout p is a
 Python float (F.dropout): in training mode a hot-swap that changes lora_dropout
 recompiles. Adapters on parameters (`target_parameters`, LoraParameter) hold one rank-r
 block per expert (A [r·E, in]): prepare refuses to pad them, and a hot-swap there needs a
