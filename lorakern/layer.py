@@ -29,6 +29,7 @@ import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakern import dora, quantized
@@ -626,28 +627,47 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         ]
 
     def _dora_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
-        """One active DoRA adapter (lorakern/dora.py), in the base weight's dtype (the autocast
-        dtype under autocast); the answer in x's dtype (the autocast dtype under autocast)."""
-        if len(active) != 1:
-            raise NotImplementedError(
-                f"DoRA with several active adapters ({active}) is not implemented; activate one at a time"
-            )
-        name = active[0]
+        """Active adapters with DoRA (lorakern/dora.py), in the base weight's dtype (the autocast
+        dtype under autocast); the answer in x's dtype (the autocast dtype under autocast).
+
+        One adapter: the fused form. Several (DoRA or not): PEFT's order, adapter after
+        adapter on a running result y (starting at x Wᵀ + bias): a plain adapter adds its
+        LoRA term, a DoRA adapter adds (g − 1)·(y − bias) + g·s·(D(x) Aᵀ) Bᵀ (with dropout in
+        training, (g − 1)·D(x) Wᵀ instead of (g − 1)·(y − bias)), g = m / ‖W + s·B A‖.
+        """
         w, bias = self.base_weight(), self.base_layer.bias
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype
         out_dtype = dtype if autocast else x.dtype
         x, w = x.to(dtype), w.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+        op = lambda *args, **kwargs: lora_linear(*args, backend=self.backend, **kwargs)  # noqa: E731
+        if len(active) == 1:
+            name = active[0]
+            A, B, s, p, m, norm = self._dora_args(name, w, dtype)
+            return dora.dora_forward(op, x, w, bias, A, B, s, p, m, norm).to(out_dtype)
+        y = F.linear(x, w, bias)
+        for name in active:
+            A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
+            p = self.lora_dropout[name] if self.training else 0.0
+            if not self.use_dora.get(name, False):
+                y = y + op(x, None, None, A, B, self.scaling[name], dropout_p=p)
+                continue
+            A, B, s, p, m, norm = self._dora_args(name, w, dtype)
+            x_d = F.dropout(x, p, training=True) if p > 0.0 else x
+            g = m / norm.to(m.dtype)
+            base = F.linear(x_d, w) if p > 0.0 else (y if bias is None else y - bias)
+            # in fp32 from here on (g is), as PEFT's running result; cast once at the end
+            y = y + (g - 1.0) * base + g * op(x_d, None, None, A, B, s)
+        return y.to(out_dtype)
+
+    def _dora_args(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """(A, B, s, p, magnitude, ‖W + s·B A‖) of DoRA adapter `name` for weight w in `dtype`."""
         A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
         s = self.scaling[name]
         norm = dora.weight_norm(w, A, B, s, self._cached_row_sq_norms(w))
         p = self.lora_dropout[name] if self.training else 0.0
-        y = dora.dora_forward(
-            lambda *args: lora_linear(*args, backend=self.backend), x, w, bias, A, B, s, p,
-            self.lora_magnitude_vector[name].weight, norm,
-        )
-        return y.to(out_dtype)
+        return A, B, s, p, self.lora_magnitude_vector[name].weight, norm
 
     def _base_forward_plus_lora(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """base_layer(x) + the LoRA term (the op with weight=None), as PEFT's bnb 8-bit layer:

@@ -121,12 +121,36 @@ def test_dora_merge_unmerge_round_trip():
         assert_close(ours(ids).logits, before, 1e-5, "unmerged")
 
 
-def test_dora_several_active_adapters_refused():
-    layer = lorakern.LoraLinear(nn.Linear(16, 8), r=2, use_dora=True)
-    layer.update_layer("other", 2, 2, use_dora=True)
-    layer.set_adapter(["default", "other"])
-    with pytest.raises(NotImplementedError, match="several active adapters"):
-        layer(torch.randn(3, 16))
+@pytest.mark.parametrize("second_dora", [True, False], ids=["dora+dora", "dora+lora"])
+def test_several_active_adapters_with_dora_match_peft(second_dora):
+    """PEFT's order: each DoRA adapter scales the running result (base and the adapters
+    before it) by its g = m / ‖W + s·B A‖; logits and every gradient, fp64."""
+    import peft
+
+    base = _llama().double()
+    k1 = dict(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False)
+    k2 = dict(r=2, lora_alpha=3, target_modules=["v_proj", "o_proj"], use_dora=second_dora, init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**k1))
+    pm.add_adapter("other", peft.LoraConfig(**k2))
+    ours = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(**k1))
+    lorakern.inject(ours, lorakern.LoraConfig(**k2), adapter_name="other")
+    ours.load_state_dict({k.replace("base_model.model.", ""): v for k, v in pm.state_dict().items()})
+    pm.base_model.set_adapter(["default", "other"])
+    lorakern.set_adapter(ours, ["default", "other"])
+    ids = torch.randint(0, 128, (2, 9))
+    want, got = pm(ids, labels=ids), ours(ids, labels=ids)
+    assert_close(got.logits, want.logits, 1e-12, "logits")
+    lorakern.set_adapter(ours, "default")
+    with torch.no_grad():
+        assert not torch.allclose(ours(ids).logits, got.logits)  # the second adapter counts
+    lorakern.set_adapter(ours, ["default", "other"])
+    got = ours(ids, labels=ids)
+    want.loss.backward()
+    got.loss.backward()
+    want_g, got_g = _grads(pm), _grads(ours)
+    assert sorted(got_g) == sorted(want_g) and any(".other" in k for k in got_g)
+    for name, g in want_g.items():
+        assert_close(got_g[name], g, 1e-10, name)
 
 
 def test_dora_on_quantized_base_refused_clearly():
