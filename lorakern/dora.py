@@ -41,19 +41,21 @@ def row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                w_sq: torch.Tensor | None = None) -> torch.Tensor:
+def weight_norm(weight: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                w_sq: torch.Tensor | None = None, wa: torch.Tensor | None = None) -> torch.Tensor:
     """‖W + s·B A‖ per row [N] without forming the N×K sum.
 
-    weight [N, K], lora_A [r, K], lora_B [N, r]; w_sq: row_sq_norms(weight) if known.
-    Computed in fp32 (fp64 for an fp64 weight); detached.
+    weight [N, K], lora_A [r, K], lora_B [N, r]; w_sq: row_sq_norms(weight) if known; wa:
+    W Aᵀ [N, r] if known (a quantized W gives it through its dequantising GEMM: then weight
+    may be None). Computed in fp32 (fp64 for an fp64 weight); detached.
     """
-    acc = _acc_dtype(weight.dtype)
+    acc = _acc_dtype(w_sq.dtype if weight is None else weight.dtype)
     if w_sq is None:
         w_sq = row_sq_norms(weight)
     A, B = lora_A.to(acc), lora_B.to(acc)
-    wa = (weight @ lora_A.to(weight.dtype).t()).to(acc)  # [N, r]: the one read of W
-    cross = (wa * B).sum(1)
+    if wa is None:
+        wa = weight @ lora_A.to(weight.dtype).t()  # [N, r]: the one read of W
+    cross = (wa.to(acc) * B).sum(1)
     ba = ((B @ (A @ A.t())) * B).sum(1)
     return (w_sq + 2.0 * scaling * cross + scaling * scaling * ba).clamp_min(0.0).sqrt()
 

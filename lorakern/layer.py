@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern import dora, quantized
+from lorakern import dora, quant, quantized
 from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
 from lorakern.ops import BACKENDS, ScalarDict, forward_core, lora_linear, resolve_backend
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
@@ -413,6 +413,13 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight [out, in] as a dense tensor: `base_weight()`, or a quantized base
+        dequantised (in `dtype`, default the dtype it was quantised from)."""
+        if not self.quantized:
+            return self.base_weight()
+        return quant.dequantize_weight(quantized.quantized_weight(self.base_layer), dtype)
+
     def base_weight(self) -> torch.Tensor:
         """The base weight as [out, in]: a transposed view for Conv1D, never a copy."""
         w = self.base_layer.weight
@@ -451,8 +458,8 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             raise TypeError(f"lora_bias must be a bool, got {lora_bias!r}")
         if lora_bias and use_dora:
             raise ValueError("lora_bias=True is not supported with use_dora=True (as in PEFT)")
-        if use_dora and (self.quantized or self.base_forward):
-            raise NotImplementedError("DoRA over a quantized base layer is not implemented yet")
+        if use_dora and self.base_forward:
+            raise NotImplementedError("DoRA over a bitsandbytes 8-bit base layer is not implemented yet")
         # Checked before anything is registered, so a bad value leaves the layer unchanged.
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
         if not (isinstance(init_lora_weights, bool) or gaussian):
@@ -473,7 +480,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         if use_dora:
             with torch.no_grad():
-                norm = dora.weight_norm(self.base_weight(), self.lora_A[adapter_name].weight,
+                norm = dora.weight_norm(self.dense_weight(), self.lora_A[adapter_name].weight,
                                         self.lora_B[adapter_name].weight, self.scaling[adapter_name])
             self.lora_magnitude_vector[adapter_name] = dora.DoraMagnitude(norm.to(dtype))
         elif adapter_name in self.lora_magnitude_vector:
@@ -627,47 +634,74 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         ]
 
     def _dora_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
-        """Active adapters with DoRA (lorakern/dora.py), in the base weight's dtype (the autocast
-        dtype under autocast); the answer in x's dtype (the autocast dtype under autocast).
+        """Active adapters with DoRA (lorakern/dora.py), in the base's compute dtype (the
+        autocast dtype under autocast); the answer in x's dtype (the autocast dtype under
+        autocast).
 
-        One adapter: the fused form. Several (DoRA or not): PEFT's order, adapter after
-        adapter on a running result y (starting at x Wᵀ + bias): a plain adapter adds its
-        LoRA term, a DoRA adapter adds (g − 1)·(y − bias) + g·s·(D(x) Aᵀ) Bᵀ (with dropout in
-        training, (g − 1)·D(x) Wᵀ instead of (g − 1)·(y − bias)), g = m / ‖W + s·B A‖.
+        One adapter on a dense base: the fused form. Otherwise (several adapters, or a
+        quantized base: QDoRA) PEFT's order, adapter after adapter on a running result y
+        (starting at the base's x Wᵀ + bias): a plain adapter adds its LoRA term, a DoRA
+        adapter adds (g − 1)·(y − bias) + g·s·(D(x) Aᵀ) Bᵀ (with dropout in training,
+        (g − 1)·D(x) Wᵀ instead of (g − 1)·(y − bias)), g = m / ‖W + s·B A‖. A quantized W
+        is never made dense here: the base GEMM and W Aᵀ (for the norm) read it quantized.
         """
-        w, bias = self.base_weight(), self.base_layer.bias
         autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else w.dtype
+        if self.quantized:
+            qw = quantized.quantized_weight(self.base_layer)
+            dtype = quantized.compute_dtype(self.base_layer, x) if x.is_floating_point() else x.dtype
+            w = None
+            base_gemm = lambda t, b: quantized_linear(t, qw, b, self.backend)  # noqa: E731
+        else:
+            w = self.base_weight()
+            dtype = w.dtype
+            base_gemm = lambda t, b: F.linear(t, w.to(t.dtype), b)  # noqa: E731
+        if autocast:
+            dtype = torch.get_autocast_dtype(x.device.type)
         out_dtype = dtype if autocast else x.dtype
-        x, w = x.to(dtype), w.to(dtype)
+        x = x.to(dtype)
+        bias = self.base_layer.bias
         bias = None if bias is None else bias.to(dtype)
         op = lambda *args, **kwargs: lora_linear(*args, backend=self.backend, **kwargs)  # noqa: E731
-        if len(active) == 1:
-            name = active[0]
-            A, B, s, p, m, norm = self._dora_args(name, w, dtype)
+        if len(active) == 1 and not self.quantized:
+            w = w.to(dtype)
+            A, B, s, p, m, norm = self._dora_args(active[0], w, dtype)
             return dora.dora_forward(op, x, w, bias, A, B, s, p, m, norm).to(out_dtype)
-        y = F.linear(x, w, bias)
-        for name in active:
-            A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
-            p = self.lora_dropout[name] if self.training else 0.0
-            if not self.use_dora.get(name, False):
-                y = y + op(x, None, None, A, B, self.scaling[name], dropout_p=p)
-                continue
-            A, B, s, p, m, norm = self._dora_args(name, w, dtype)
-            x_d = F.dropout(x, p, training=True) if p > 0.0 else x
-            g = m / norm.to(m.dtype)
-            base = F.linear(x_d, w) if p > 0.0 else (y if bias is None else y - bias)
-            # in fp32 from here on (g is), as PEFT's running result; cast once at the end
-            y = y + (g - 1.0) * base + g * op(x_d, None, None, A, B, s)
+        with torch.autocast(x.device.type, enabled=False):
+            y = base_gemm(x, bias)
+            for name in active:
+                A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
+                p = self.lora_dropout[name] if self.training else 0.0
+                if not self.use_dora.get(name, False):
+                    y = y + op(x, None, None, A, B, self.scaling[name], dropout_p=p)
+                    continue
+                A, B, s, p, m, norm = self._dora_args(name, w, dtype)
+                x_d = F.dropout(x, p, training=True) if p > 0.0 else x
+                g = m / norm.to(m.dtype)
+                base = base_gemm(x_d, None) if p > 0.0 else (y if bias is None else y - bias)
+                # in fp32 from here on (g is), as PEFT's running result; cast once at the end
+                y = y + (g - 1.0) * base + g * op(x_d, None, None, A, B, s)
         return y.to(out_dtype)
 
-    def _dora_args(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """(A, B, s, p, magnitude, ‖W + s·B A‖) of DoRA adapter `name` for weight w in `dtype`."""
+    def _dora_args(self, name: str, w: torch.Tensor | None, dtype: torch.dtype) -> tuple:
+        """(A, B, s, p, magnitude, ‖W + s·B A‖) of DoRA adapter `name` in `dtype`; w: the dense
+        base weight in `dtype`, None for a quantized base (its W Aᵀ through the quantized GEMM)."""
         A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
         s = self.scaling[name]
-        norm = dora.weight_norm(w, A, B, s, self._cached_row_sq_norms(w))
+        if w is None:
+            qw = quantized.quantized_weight(self.base_layer)
+            wa = quantized_linear(A.to(dtype), qw, None, self.backend).t()  # W Aᵀ [N, r]
+            norm = dora.weight_norm(None, A, B, s, self._quantized_row_sq_norms(qw, dtype), wa)
+        else:
+            norm = dora.weight_norm(w, A, B, s, self._cached_row_sq_norms(w))
         p = self.lora_dropout[name] if self.training else 0.0
         return A, B, s, p, self.lora_magnitude_vector[name].weight, norm
+
+    def _quantized_row_sq_norms(self, qw, dtype: torch.dtype) -> torch.Tensor:
+        """‖W_n‖² of a quantized base (dequantised once, then cached until its storage changes)."""
+        key = ("quantized", qw.data.data_ptr(), qw.data._version, qw.absmax.data_ptr(), qw.absmax._version, dtype)
+        if self._row_sq_norms is None or self._row_sq_norms[0] != key:
+            self._row_sq_norms = (key, dora.row_sq_norms(quant.dequantize_weight(qw, dtype)))
+        return self._row_sq_norms[1]
 
     def _base_forward_plus_lora(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """base_layer(x) + the LoRA term (the op with weight=None), as PEFT's bnb 8-bit layer:
@@ -796,6 +830,8 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         """(m/‖W + ΔW‖ · (W + ΔW) in the base's layout and dtype, ‖W + ΔW‖) for one DoRA adapter."""
         if len(names) != 1 or self.merged_adapters:
             raise NotImplementedError("a DoRA adapter merges alone, into an unmerged layer")
+        if self.quantized:
+            raise NotImplementedError("merging a DoRA adapter into a quantized base is not implemented")
         name = names[0]
         w = self.base_weight()
         norm = dora.weight_norm(w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])

@@ -153,11 +153,36 @@ def test_several_active_adapters_with_dora_match_peft(second_dora):
         assert_close(got_g[name], g, 1e-10, name)
 
 
-def test_dora_on_quantized_base_refused_clearly():
-    from lorakern.quantized import QuantLinear
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_dora_on_quantized_base_is_dora_on_its_dequantised_weight(adapters):
+    """QDoRA on lorakern's QuantLinear: the numbers of DoRA on the dense dequantised weight
+    (outputs, every gradient), the quantized weight never made dense in the forward."""
+    from lorakern.quant import dequantize_weight
+    from lorakern.quantized import QuantLinear, quantized_weight
 
-    with pytest.raises(NotImplementedError, match="quantized"):
-        lorakern.LoraLinear(QuantLinear.from_linear(nn.Linear(64, 32), "nf4"), r=4, use_dora=True)
+    torch.manual_seed(6)
+    q = QuantLinear.from_linear(nn.Linear(64, 32), "nf4")
+    dense = nn.Linear(64, 32)
+    with torch.no_grad():
+        dense.weight.copy_(dequantize_weight(quantized_weight(q)))
+        dense.bias.copy_(q.bias)
+    layers = [lorakern.LoraLinear(base, r=4, lora_alpha=8, use_dora=True, init_lora_weights=False) for base in (q, dense)]
+    if adapters == 2:
+        for layer in layers:
+            layer.update_layer("other", 2, 3, use_dora=True, init_lora_weights=False)
+    layers[1].load_state_dict({k: v for k, v in layers[0].state_dict().items() if "lora_" in k}, strict=False)
+    for layer in layers:
+        layer.set_adapter(["default", "other"][:adapters])
+    x = torch.randn(5, 64)
+    ys = [layer(x) for layer in layers]
+    assert_close(ys[0], ys[1], 1e-6, "output")
+    for y in ys:
+        y.square().sum().backward()
+    g0 = {n: p.grad for n, p in layers[0].named_parameters() if p.grad is not None}
+    g1 = {n: p.grad for n, p in layers[1].named_parameters() if p.grad is not None}
+    assert g0.keys() == g1.keys() and any("magnitude" in n for n in g0)
+    for n in g0:
+        assert_close(g0[n], g1[n], 1e-5, n)
 
 
 def test_dora_adapter_files_both_ways(tmp_path):

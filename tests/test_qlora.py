@@ -433,3 +433,38 @@ def test_lorakern_quantized_model_adapter_round_trip(tmp_path):
     lorakern.load_adapter(second, tmp_path)
     with torch.no_grad():
         assert torch.equal(second(ids).logits, want)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_qdora_on_bnb_model_matches_peft(bnb_llama_dir, dropout, tmp_path):
+    """DoRA over bitsandbytes NF4 (PEFT's QDoRA, use_dora=True on Linear4bit): PEFT's
+    magnitude init, logits and gradients; the norm's W Aᵀ read through the quantized GEMM."""
+    import peft
+
+    kw = dict(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, use_dora=True, lora_dropout=dropout)
+    # the magnitude starts at the dequantised weight's row norms (B = 0 with the default init)
+    init = dict(kw, init_lora_weights=True)
+    peft_init = peft.get_peft_model(_load_4bit(bnb_llama_dir), peft.LoraConfig(**init)).state_dict()
+    fresh = lorakern.inject(_load_4bit(bnb_llama_dir), lorakern.LoraConfig(**init)).state_dict()
+    mags = [k for k in fresh if "lora_magnitude_vector" in k]
+    assert mags
+    for k in mags:
+        assert_close(fresh[k], peft_init["base_model.model." + k], 1e-6, k)
+    peft_model = peft.get_peft_model(_load_4bit(bnb_llama_dir), peft.LoraConfig(**kw))
+    peft_model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    torch.manual_seed(4)
+    want_logits = _step(peft_model, ids)
+    want = _grads(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = _load_4bit(bnb_llama_dir)
+    lorakern.load_adapter(ours, tmp_path / "peft", is_trainable=True)
+    ours.train()
+    torch.manual_seed(4)
+    assert_close(_step(ours, ids), want_logits, 1e-6, "logits")
+    got = _grads(ours)
+    assert any("lora_magnitude_vector" in n for n in got)
+    for name, g in want.items():
+        assert_close(got[name.replace("base_model.model.", "")], g, 1e-5, name)
+    with pytest.raises(NotImplementedError, match="DoRA adapter into a quantized base"):
+        lorakern.merge(ours)
