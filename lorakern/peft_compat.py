@@ -16,8 +16,13 @@ adapter's dropout applies to its own rows in training mode (lorakern's seeded dr
 as on the single-adapter path; PEFT's model-level call refuses training mode, a layer
 called directly does not).
 
+One active DoRA adapter on a dense nn.Linear / Conv1D base runs through lorakern's DoRA
+(lorakern/dora.py: the fused op, the row norms from W Aᵀ, no N×K W + s·B A), on PEFT's
+own lora_A / lora_B / lora_magnitude_vector.
+
 Calls the fused op cannot reproduce exactly fall back to PEFT's own forward, per call:
-adapters disabled or merged, DoRA / other LoRA variants, lora_bias, extra forward
+adapters disabled or merged, DoRA with several active adapters or over a Linear4bit
+base, other LoRA variants, lora_bias, extra forward
 arguments, a base layer other than nn.Linear / Conv1D / bitsandbytes Linear4bit, a
 dropout module that is not nn.Dropout, or dtypes the op does not take; for mixed
 batches also a bitsandbytes Linear4bit base and `adapter_names` PEFT itself refuses (a
@@ -39,10 +44,10 @@ import types
 import torch
 from torch import nn
 
-from lorakern import quantized
+from lorakern import dora, quantized
 from lorakern.layer import is_linear_like, lora_linear_multi
 from lorakern.mixed import BASE, lora_linear_mixed
-from lorakern.ops import SUPPORTED_DTYPES
+from lorakern.ops import SUPPORTED_DTYPES, lora_linear
 
 _PATCHED = "_lorakern_patched"
 
@@ -170,7 +175,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                                  backend=getattr(self, _PATCHED))
     adapters = _fusable_adapters(self, x, args, kwargs)
     if adapters is None:
-        return type(self).forward(self, x, *args, **kwargs)
+        y = _dora_forward(self, x, args, kwargs)
+        return type(self).forward(self, x, *args, **kwargs) if y is None else y
     base = self.get_base_layer()
     backend = getattr(self, _PATCHED)
     if quantized.is_quantized_linear(base):
@@ -179,6 +185,40 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return lora_linear_multi(x.to(dtype), qweight, base.bias, adapters, backend).to(x.dtype)
     weight = base.weight.t() if self.fan_in_fan_out else base.weight
     return lora_linear_multi(x, weight, base.bias, adapters, backend)
+
+
+def _dora_forward(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """One active DoRA adapter on a dense nn.Linear / Conv1D base through lorakern's DoRA
+    (lorakern/dora.py: the fused op, the row norms from W Aᵀ instead of PEFT's N×K W + s·B A),
+    on PEFT's own parameters; None if PEFT's forward must run the call."""
+    if args or any(v is not None for v in kwargs.values()) or module.disable_adapters or module.merged:
+        return None
+    active = [n for n in module.active_adapters if n in module.lora_A]
+    if len(active) != 1 or not module.use_dora.get(active[0], False):
+        return None
+    name = active[0]
+    base = module.get_base_layer()
+    if quantized.is_quantized_linear(base) or _base_dtype(module, x) is None:
+        return None
+    A, B = module.lora_A[name], module.lora_B[name]
+    if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None or B.bias is not None:
+        return None
+    if A.weight.dtype not in (x.dtype, torch.float32) or B.weight.dtype not in (x.dtype, torch.float32):
+        return None
+    p = _dropout_p(module, name)
+    if p is None:
+        return None
+    magnitude = module.lora_magnitude_vector[name].weight
+    w = base.weight.t() if module.fan_in_fan_out else base.weight
+    s = float(module.scaling[name])
+    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    cached = module.__dict__.get("_lorakern_row_sq")
+    if cached is None or cached[0] != key:  # ‖W_n‖², recomputed when the base weight changes
+        cached = module.__dict__["_lorakern_row_sq"] = (key, dora.row_sq_norms(w))
+    norm = dora.weight_norm(w, A.weight, B.weight, s, cached[1])
+    backend = getattr(module, _PATCHED)
+    op = lambda *a, **k: lora_linear(*a, backend=backend, **k)  # noqa: E731
+    return dora.dora_forward(op, x, w, base.bias, A.weight, B.weight, s, p if module.training else 0.0, magnitude, norm)
 
 
 def patch_peft(peft_model: nn.Module, backend: str = "auto") -> int:

@@ -226,3 +226,31 @@ def test_dora_adapters_cannot_be_combined():
     model = lorakern.inject(_llama(), lorakern.LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
     with pytest.raises(ValueError, match="use_dora"):
         lorakern.add_weighted_adapter(model, ["default"], [1.0], "combined")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_patch_peft_runs_peft_dora_layers_with_peft_numbers(dropout):
+    """patch_peft takes PEFT's DoRA Linear layers too (lorakern's DoRA on PEFT's own
+    parameters, no N×K W + s·BA): PEFT's logits and every gradient, the same dropout draws."""
+    peft_model, _ = _pair(dropout)
+    peft_model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    torch.manual_seed(7)
+    want = peft_model(ids, labels=ids)
+    want.loss.backward()
+    want_g = {n: g.clone() for n, g in _grads(peft_model).items()}
+    peft_model.zero_grad()
+    calls = []
+    original = dora.dora_forward
+    dora.dora_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        lorakern.patch_peft(peft_model)
+        torch.manual_seed(7)
+        got = peft_model(ids, labels=ids)
+        got.loss.backward()
+    finally:
+        dora.dora_forward = original
+    assert len(calls) == 4  # q_proj and v_proj of both layers
+    assert_close(got.logits, want.logits, 1e-6, "logits")
+    for name, g in _grads(peft_model).items():
+        assert_close(g, want_g[name], 1e-5, name)
