@@ -58,8 +58,10 @@ def test_moe_rows_every_provider_shape_and_mode(tiny_moe):
         W = 3 * EXPERTS * r["K"] * r["N"] * 4
         if r["provider"] == BASE:
             assert r["ratio_to_base"] == 1.0 and r["extra_bytes"] == 0
-        else:
+        elif r["provider"] == PEFT:  # W_eff rebuilt every forward
             assert r["extra_bytes"] == (2 if r["mode"] == "decode" else 5) * W, r
+        else:  # lorakern's grouped path forms no W_eff
+            assert r["extra_bytes"] == 0, r
 
 
 def test_moe_section_floors_memory_and_report(tiny_moe):
@@ -68,16 +70,18 @@ def test_moe_section_floors_memory_and_report(tiny_moe):
     assert len(ratios) == 2 * 2 * 2  # modes × shapes × M
     for d in ratios:
         assert d["lorakern_over_peft"] == pytest.approx(d["lorakern_ms"] / d["peft_ms"])
-        assert d["lorakern_vs_peft_rel"] <= 1e-6  # the same adapters through the same formula
+        assert d["lorakern_vs_peft_rel"] <= 1e-6  # the same adapters (other rounding: no W_eff in lorakern)
         assert 0 < d["base_floor_ms"] < d["planned_floor_ms"] < d["as_implemented_floor_ms"]
         assert d["weight_bytes"] == 3 * EXPERTS * d["H"] * d["I"] * 4
     assert results["moe"]["experts_implementation"] == "grouped_mm"
     saved = {(m["provider"], m["N"]): m for m in results["memory"]}
     for N in (64, 96):
-        # both LoRA providers keep the materialised [E, out, in] weights for the backward
+        # PEFT keeps its materialised [E, out, in] weights for the backward; lorakern's grouped
+        # path keeps the rows' rank-r intermediates instead
         base = saved[(BASE, N)]["saved_bytes"]
-        for p in (PEFT, LK):
-            assert saved[(p, N)]["saved_bytes"] >= base + saved[(p, N)]["weight_bytes"], (p, N)
+        weight = saved[(PEFT, N)]["weight_bytes"]
+        assert saved[(PEFT, N)]["saved_bytes"] >= base + weight, N
+        assert saved[(LK, N)]["saved_bytes"] < base + weight, N
     names = {t["target"] for t in results["targets"]}
     assert "MoE lorakern decode time / PEFT's (worst row)" in names
     assert "MoE lorakern fwd+bwd time / PEFT's (worst row)" in names
@@ -106,7 +110,9 @@ def test_moe_providers_agree_in_training_mode():
         grads[name] = [xi.grad] + [g for _, g in adapters]
     assert w.gate_up_proj.grad is None and w.down_proj.grad is None
     for a, b in zip(grads[PEFT], grads[LK]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # the same math, another association (lorakern forms no W_eff): fp32 rounding apart,
+        # measured over each whole gradient, the project's relative-error bar
+        assert (a.double() - b.double()).norm() <= 1e-5 * b.double().norm()
 
 
 def test_moe_floors_at_gpu_shapes():

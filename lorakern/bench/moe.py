@@ -17,14 +17,15 @@ Providers, all over the same expert weights (the same nn.Parameter objects):
   its state dict loaded from PEFT's, so both hold the same A_e, B_e.
 A and B are random (A ~ N(0, 1/in), B ~ N(0, 1/r), s = alpha / r = 2), never zeros.
 
-Both LoRA providers build W_eff = W + s·B_e A_e ([E, out, in], one baddbmm per parameter) every
-forward and run the experts block on it. Per forward that is, beyond the base's one read of the
-(hit) experts' weights W: read W, write W_eff, read W_eff — `extra_bytes` = 2·W; in fwd+bwd the
+PEFT builds W_eff = W + s·B_e A_e ([E, out, in], one baddbmm per parameter) every forward and
+runs the experts block on it. Per forward that is, beyond the base's one read of the (hit)
+experts' weights W: read W, write W_eff, read W_eff — `extra_bytes` = 2·W; in fwd+bwd the
 backward also reads W_eff (dx), writes dW_eff (the weight-gradient GEMM, 2·S·3·H·I more FLOPs,
-S = M·top_k) and reads it twice (dA, dB): `extra_bytes` = 5·W. The rooflines (`roofline_frac`)
-count the minimum work instead, the planned grouped-GEMM path: the base GEMMs plus, per expert,
-its rows through x_e A_eᵀ and ·B_eᵀ (no W_eff). The results' `moe` section has, per row, the
-floors at the run's ceilings (base, planned, as implemented) and lorakern / PEFT.
+S = M·top_k) and reads it twice (dA, dB): `extra_bytes` = 5·W. lorakern runs the grouped path
+(lorakern/experts.py): the base GEMMs plus, per expert, its rows through x_e A_eᵀ and ·B_eᵀ
+(no W_eff, `extra_bytes` 0) — the minimum work the rooflines (`roofline_frac`) count. The
+results' `moe` section has, per row, the floors at the run's ceilings (base; planned = the
+grouped path, lorakern's; as implemented = W_eff rebuilt, PEFT's) and lorakern / PEFT.
 
 Modes: `decode` = inference forward (torch.inference_mode, eval) at every M; `fwd+bwd` =
 training forward and backward (x and the adapters need grad; W frozen). `rel_err` is against
@@ -265,7 +266,8 @@ def materialised_extra(mode: str, M: int, H: int, I: int, r: int, elem: int) -> 
 
 
 def floors(mode: str, M: int, H: int, I: int, r: int, elem: int, hit: int, ceilings: dict) -> dict:
-    """Roofline times (ms) at `ceilings`: base, LoRA on the planned grouped path, LoRA as implemented."""
+    """Roofline times (ms) at `ceilings`: base, LoRA on the grouped path (lorakern's), LoRA with
+    W_eff rebuilt every forward (PEFT's, `as_implemented`)."""
     tf, bw = ceilings["matmul_TFLOPs"], ceilings["copy_GBps"]
     base = moe_cost(mode, M, H, I, r, elem, hit, lora=False)
     planned = moe_cost(mode, M, H, I, r, elem, hit, lora=True)
@@ -341,7 +343,7 @@ def _layer_rows(config, providers: list[str], ceilings: dict, progress: Progress
                         "tflops": cost.flops / secs / 1e12, "gbps": cost.bytes / secs / 1e9,
                         "ratio_to_base": t.median_ms / base_ms if base_ms else None,
                         "roofline_frac": cost.roofline_ms(ceilings["matmul_TFLOPs"], ceilings["copy_GBps"]) / t.median_ms,
-                        "extra_bytes": materialised_extra(mode, M, H, I, r, elem).bytes if lora else 0,
+                        "extra_bytes": materialised_extra(mode, M, H, I, r, elem).bytes if name == PEFT else 0,
                         "rel_err": errors.get(name),
                         "agrees": None if name not in errors else errors[name] <= AGREE_RTOL.get(dtype, 1e-5),
                     })
