@@ -55,6 +55,7 @@ from lorakern.config import ALL_LINEAR, LoraConfig
 from lorakern.distributed import gather_full_tensors
 from lorakern.conv import CONV_TYPES, LoraConv
 from lorakern.embedding import LoraEmbedding
+from lorakern.moe_targets import convert_v4_tensors
 from lorakern.parameter import LoraParameter
 from lorakern.layer import LoraLinear, adapter_dtype
 from lorakern.model import (
@@ -836,6 +837,7 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
             raise
         raise AdapterLoadError(f"adapter in {str(path)!r} does not fit this model: {exc}") from None
 
+    tensors = convert_v4_tensors(model, targets, tensors, PREFIX)  # transformers-4 MoE files, as PEFT
     found: dict[str, torch.Tensor] = {}
     file_key: dict[str, str] = {}
     unexpected, problems = [], []

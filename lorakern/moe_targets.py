@@ -15,8 +15,8 @@ applies only to the model types PEFT rewrites: those transformers' conversion ta
 the "mixtral" or "qwen2_moe" patterns, plus "mixtral" itself (PEFT adds it), and only with
 transformers 5. A config without the old names comes back equal.
 
-What is not done: the rewrite of adapter *weights* saved with transformers 4 (per-expert
-``experts.3.w1.lora_A.weight`` keys); such files are refused on load (unexpected keys).
+`convert_v4_tensors` rewrites an adapter file saved with transformers 4 (per-expert
+``experts.3.w1.lora_A.weight`` keys) into those parameters' layout, as PEFT does on load.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from lorakern.config import ALL_LINEAR, LoraConfig
@@ -121,3 +122,62 @@ def _resolve_string(config: LoraConfig, model: nn.Module, mapping: dict[str, str
         if old not in matched and any(config.matches(f"{c}.{old}") for c in containers.get(new, ())):
             matched.add(old)
     return matched
+
+
+# Module names transformers 5 renamed in these models (the v4 name -> the v5 one).
+RENAMED_MODULES: dict[str, dict[str, str]] = {"mixtral": {"block_sparse_moe": "mlp"}, "qwen2_moe": {}}
+_V4_EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<old>[^.]+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+def convert_v4_tensors(model: nn.Module, targets: list, tensors: dict, prefix: str) -> dict:
+    """An adapter file's tensors saved with transformers 4 (one LoRA per expert and
+    projection: ``…experts.3.w1.lora_A.weight``) as LoRA on the transformers 5 parameters,
+    as PEFT converts them on load: per expert, the projections fused into one parameter
+    (w1 and w3 into gate_up_proj) stack their A's ([A_w1; A_w3], rank 2r) and put their
+    B's on a block diagonal; the experts go into LoraParameter's layout (A rows
+    expert-major, B columns rank-major); renamed modules (Mixtral's block_sparse_moe, now
+    mlp) take their new names. `targets`: the planned Targets (the config already rewritten
+    by `convert_moe_config`). Tensors it does not recognise are returned unchanged."""
+    pattern = conversion_pattern(model)
+    if pattern is None:
+        return tensors
+    renames = RENAMED_MODULES[pattern]
+
+    def renamed(key: str) -> str:
+        for old, new in renames.items():
+            key = key.replace(f".{old}.", f".{new}.")
+        return key
+
+    out: dict = {}
+    experts: dict[tuple[str, str], dict[int, dict[str, object]]] = {}
+    originals: dict[tuple[str, str], list[tuple[str, object]]] = {}
+    for key, value in tensors.items():
+        new_key = renamed(key)
+        m = _V4_EXPERT_KEY.match(new_key)
+        if m is None or m["old"] not in TARGET_MAPPING[pattern]:
+            out[new_key] = value
+            continue
+        group = (m["experts"], m["old"])
+        experts.setdefault(group, {}).setdefault(int(m["e"]), {})[m["ab"]] = value
+        originals.setdefault(group, []).append((key, value))
+    if not experts:
+        return tensors if out.keys() == tensors.keys() else out
+    for t in targets:
+        if t.parameter is None or t.parameter not in TARGET_MAPPING[pattern].values():
+            continue
+        olds = FUSED[pattern].get(t.parameter) or [o for o, new in TARGET_MAPPING[pattern].items() if new == t.parameter]
+        owner = prefix + t.owner
+        parts = [experts.get((owner, o)) for o in olds]
+        n = getattr(getattr(t.module, "get_param", lambda: None)(), "shape", None)
+        count = n[0] if n is not None else getattr(t.module, t.parameter).shape[0]
+        if any(p is None or sorted(p) != list(range(count)) or any(len(p[e]) != 2 for e in p) for p in parts):
+            continue  # incomplete: left as the file has it (the load then names the keys)
+        A = torch.stack([torch.cat([p[e]["A"] for p in parts]) for e in range(count)])  # [E, R, in]
+        B = torch.stack([torch.block_diag(*[p[e]["B"] for p in parts]) for e in range(count)])  # [E, out, R]
+        out[f"{prefix}{t.name}.lora_A.weight"] = A.reshape(-1, A.shape[-1])
+        out[f"{prefix}{t.name}.lora_B.weight"] = B.permute(1, 2, 0).reshape(B.shape[1], -1)
+        for o in olds:
+            del experts[(owner, o)]
+    for group in experts:  # not converted: back under the file's own names
+        out.update(originals[group])
+    return out

@@ -388,3 +388,80 @@ def test_grouped_path_is_left_for_what_it_does_not_cover(monkeypatch):
             model(input_ids=ids)
         _eager_experts(model)(input_ids=ids)  # fp64: grouped GEMMs do not take it
     assert len(calls) == 2
+
+
+def _v4_adapter(path, model, container_v4, olds, router, r=2, alpha=4, seed=0):
+    """A transformers-4 style adapter for `model`: one LoRA per expert and old projection
+    name (and the router as a Linear), as PEFT saved them before transformers 5."""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        E, H = experts.gate_up_proj.shape[0], experts.gate_up_proj.shape[2]
+        inter = experts.down_proj.shape[2]
+        for e in range(E):
+            for old in olds:
+                d_in, d_out = (inter, H) if old in ("w2", "down_proj") else (H, inter)
+                key = f"{PREFIX}model.layers.{i}.{container_v4}.experts.{e}.{old}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=g)
+                tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=g) * 0.1
+        if router:
+            key = f"{PREFIX}model.layers.{i}.{container_v4}.gate"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, H, generator=g)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(E, r, generator=g) * 0.1
+    path.mkdir()
+    save_file(tensors, path / "adapter_model.safetensors")
+    targets = list(olds) + (["gate"] if router else [])
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "task_type": "CAUSAL_LM"}))
+
+
+@pytest.mark.parametrize("case", ["mixtral", "mixtral-router", "qwen3_moe"])
+def test_transformers4_moe_adapter_files_load_as_peft_converts_them(case, tmp_path):
+    """A per-expert adapter file from transformers 4 (w1/w3/w2 on Mixtral, gate_proj/up_proj/
+    down_proj on Qwen-MoE, the router as a Linear) loads into the fused expert parameters as
+    PEFT converts it: PEFT's logits, and the saved file is PEFT's transformers-5 format."""
+    if case.startswith("mixtral"):
+        base, container, olds = _mixtral(), "block_sparse_moe", ["w1", "w3", "w2"]
+    else:
+        base, container, olds = _qwen3_moe(), "mlp", ["gate_proj", "up_proj", "down_proj"]
+    _v4_adapter(tmp_path / "v4", base, container, olds, router=case != "mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "v4").eval()
+    ours = lorakern.load_adapter(copy.deepcopy(base), tmp_path / "v4").eval()
+    ids = _ids(7)
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        assert not torch.allclose(want, base(input_ids=ids).logits)
+        assert_close(ours(input_ids=ids).logits, want, 1e-6, case)
+    mine = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    peft_sd = {k.removeprefix(PREFIX).replace(".default.", "."): v for k, v in theirs.state_dict().items() if "lora_" in k}
+    assert {k.replace(".default.", "."): None for k in mine}.keys() == peft_sd.keys()
+    for k, v in mine.items():
+        assert torch.equal(v, peft_sd[k.replace(".default.", ".")]), k
+    lorakern.save_adapter(ours, tmp_path / "v5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "v5").eval()
+    with torch.no_grad():
+        assert_close(again(input_ids=ids).logits, want, 1e-6, "PEFT loads the converted file")
+
+
+def test_transformers4_moe_file_missing_an_expert_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = _mixtral()
+    _v4_adapter(tmp_path / "v4", base, "block_sparse_moe", ["w1", "w3", "w2"], router=False)
+    tensors = load_file(tmp_path / "v4" / "adapter_model.safetensors")
+    del tensors[f"{PREFIX}model.layers.0.block_sparse_moe.experts.3.w3.lora_B.weight"]
+    save_file(tensors, tmp_path / "v4" / "adapter_model.safetensors")
+    model = copy.deepcopy(base)
+    # the fused parameter's keys are missing, the incomplete per-expert keys unexpected
+    with pytest.raises(lorakern.adapters.AdapterLoadError, match=r"missing keys .*experts\.base_layer\.lora_A.*unexpected keys .*block_sparse_moe\.experts"):
+        lorakern.load_adapter(model, tmp_path / "v4")
+    assert not any("lora_" in k for k in model.state_dict())
