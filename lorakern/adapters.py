@@ -16,6 +16,8 @@ A directory holds:
   ``<embedding>.weight`` (``model.embed_tokens.weight``, ``lm_head.weight``,
   ``bert.embeddings.word_embeddings.weight``, ...), ``lm_head.base_layer.weight`` for a
   LoRA-targeted head, ``<module>.original_module.weight`` for a modules_to_save one.
+  Trainable tokens: ``<module>.token_adapter.trainable_tokens_delta`` [n, embedding_dim] (PEFT's
+  key; none for a head tied to the embedding: its rows are the embedding's).
 - ``adapter_config.json``: PEFT's LoRA keys, sorted, indented, ``"peft_type": "LORA"``.
   Scaling is never stored; it is recomputed from r / lora_alpha / the patterns.
 
@@ -58,6 +60,7 @@ from lorakern.embedding import LoraEmbedding
 from lorakern.moe_targets import convert_v4_tensors
 from lorakern.parameter import LoraParameter
 from lorakern.layer import LoraLinear, adapter_dtype
+from lorakern.trainable_tokens import BASE_PREFIX, DELTA_KEY, TrainableTokensWrapper, plan_trainable_tokens, token_layers
 from lorakern.model import (
     LORA_LAYERS,
     AdapterState,
@@ -69,6 +72,7 @@ from lorakern.model import (
     is_bias,
     lora_layers,
     merged_layers,
+    outer_modules,
     plan_modules_to_save,
     plan_targets,
     saved_modules,
@@ -133,6 +137,9 @@ def adapter_state_dict(
         if adapter_name in wrapper.modules_to_save:
             for k, v in wrapper.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{name}.{k}"] = v
+    for name, w in token_layers(model):  # trainable tokens; a head tied to the embedding shares its rows (not saved)
+        if adapter_name in w.token_indices and adapter_name not in w.tied_adapters:
+            out[f"{PREFIX}{name}.{DELTA_KEY}"] = w.trainable_tokens_delta[adapter_name]
     out.update(_embedding_state(model, adapter_name, cfg, save_embedding_layers))
     return out
 
@@ -223,6 +230,8 @@ def _base_of(module: nn.Module) -> nn.Module:
         return module.base_layer
     if isinstance(module, ModulesToSave):
         return module.original_module
+    if isinstance(module, TrainableTokensWrapper):
+        return module.base_layer
     return module
 
 
@@ -303,7 +312,7 @@ def _embedding_state(model: nn.Module, adapter_name: str, config: LoraConfig, sa
     """
     if save_embedding_layers == "auto":
         targeted = _embedding_targeted(model, config)
-        if targeted:
+        if targeted and config.trainable_token_indices is None:  # PEFT: trainable tokens save space, not tables
             warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.", stacklevel=4)
             save = True
         else:
@@ -326,6 +335,10 @@ def _embedding_state(model: nn.Module, adapter_name: str, config: LoraConfig, sa
             entries = [(f"base_layer.{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
         elif isinstance(layer, LORA_LAYERS):
             entries = [(f"base_layer.{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
+        elif isinstance(layer, TrainableTokensWrapper):
+            entries = [(f"{BASE_PREFIX}{k}", v) for k, v in layer.base_layer.state_dict(keep_vars=True).items()]
+            if adapter_name in layer.token_indices:
+                entries.append((DELTA_KEY, layer.trainable_tokens_delta[adapter_name]))
         elif isinstance(layer, ModulesToSave):
             entries = [(f"original_module.{k}", v) for k, v in layer.original_module.state_dict(keep_vars=True).items()]
             if adapter_name in layer.modules_to_save:
@@ -645,7 +658,7 @@ class _Slot(NamedTuple):
     optional: bool = False  # a key the file may omit (embedding weights: saved only on request)
 
 
-def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing: bool, targets, to_save):
+def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing: bool, targets, to_save, tokens=()):
     """{canonical key: _Slot} for loading `config` into `model` (targets / to_save planned
     already), and the names of the saved modules. Changes nothing."""
     exp: dict[str, _Slot] = {}
@@ -702,7 +715,8 @@ def _expected(model: nn.Module, config: LoraConfig, adapter_name: str, existing:
             bias = getattr(base, "bias", None)  # an nn.Embedding has none
             if bias is not None:
                 exp[f"{t.name}.bias"] = _Slot(bias, tuple(bias.shape), t.name, "bias", bias.dtype, bias.device)
-    _expect_embeddings(model, exp, {t.name for t in targets}, set(saved_names))
+    _expect_embeddings(model, exp, {t.name for t in targets}, set(saved_names), {t.name for t in tokens})
+    _expect_tokens(exp, tokens, adapter_name, existing)
     return exp, saved_names
 
 
@@ -723,7 +737,8 @@ def _expect_lora_embedding(exp: dict[str, _Slot], t, adapter_name: str, existing
         exp[f"{t.name}.{what}"] = _Slot(current, shape, t.name, what, *spec)
 
 
-def _expect_embeddings(model: nn.Module, exp: dict[str, _Slot], target_names: set[str], saved_names: set[str]) -> None:
+def _expect_embeddings(model: nn.Module, exp: dict[str, _Slot], target_names: set[str], saved_names: set[str],
+                       token_names: set[str] = frozenset()) -> None:
     """Add optional slots for the embedding weights PEFT saves with save_embedding_layers:
     each floating-point tensor of the base model's input / output embedding module, keyed
     as a model with just this adapter names it: ``<layer>.base_layer.<k>`` where the
@@ -734,10 +749,55 @@ def _expect_embeddings(model: nn.Module, exp: dict[str, _Slot], target_names: se
     saved by bias="all" / "lora_only") keep their slot."""
     for name, module in _embedding_modules(model) or []:
         form = "base_layer." if name in target_names else "original_module." if name in saved_names else ""
+        if not form and (name in token_names or isinstance(module, TrainableTokensWrapper)):
+            form = BASE_PREFIX  # PEFT's key under a trainable-tokens wrapper
         for k, v in _base_of(module).state_dict(keep_vars=True).items():
             ck = _canonical(f"{name}.{form}{k}")
             if v.is_floating_point() and ck not in exp:
                 exp[ck] = _Slot(v, tuple(v.shape), name, "embedding", v.dtype, v.device, optional=True)
+
+
+def _expect_tokens(exp: dict[str, _Slot], tokens, adapter_name: str, existing: bool) -> None:
+    """The slots of trainable tokens: ``<module>.token_adapter.trainable_tokens_delta`` [n, dim]
+    (PEFT's key). A head tied to the input embedding shares its rows: no slot of its own (see
+    `_match`). Refuses a fresh load into a module that holds the adapter already (hotswap_adapter's
+    path: hot-swapping trainable tokens is not implemented)."""
+    for t in tokens:
+        if t.tied_to is not None:
+            continue
+        held = isinstance(t.module, TrainableTokensWrapper) and adapter_name in t.module.token_indices
+        if held and not existing:
+            raise AdapterLoadError(
+                f"module {t.name!r} holds trainable tokens of adapter {adapter_name!r}: replacing them in place "
+                "(hot-swapping) is not implemented; delete the adapter and load the file again"
+            )
+        W = t.base.weight
+        current = t.module.trainable_tokens_delta[adapter_name] if existing else None
+        spec = (current.dtype, current.device) if existing else (adapter_dtype(W), W.device)
+        exp[f"{t.name}.{DELTA_KEY}"] = _Slot(current, (len(t.indices), W.shape[1]), t.name, "trainable_tokens_delta", *spec)
+
+
+def _check_token_agreement(model: nn.Module, adapter_name: str, tokens) -> None:
+    """An existing adapter's trainable tokens must be the file config's: same modules, ids and ties."""
+    have = {n: w for n, w in token_layers(model) if adapter_name in w.token_indices}
+    want = {t.name: t for t in tokens}
+    if set(have) != set(want):
+        raise AdapterLoadError(
+            f"adapter {adapter_name!r} has trainable tokens on {sorted(have)[:5]} in the model, the file's config "
+            f"on {sorted(want)[:5]}"
+        )
+    for name, t in want.items():
+        w = have[name]
+        if w.token_indices[adapter_name] != t.indices or (adapter_name in w.tied_adapters) != (t.tied_to is not None):
+            raise AdapterLoadError(
+                f"module {name!r}: adapter {adapter_name!r} trains token ids {w.token_indices[adapter_name][:8]} in the "
+                f"model, the file's config gives {t.indices[:8]} (tied: {adapter_name in w.tied_adapters} / "
+                f"{t.tied_to is not None})"
+            )
+
+
+def _plan_tokens(model: nn.Module, config: LoraConfig, targets, to_save):
+    return plan_trainable_tokens(model, config, list(outer_modules(model)), {t.name for t in targets}, {n for n, _ in to_save})
 
 
 class _Undo:
@@ -758,6 +818,7 @@ class _Undo:
         self.places = places  # (name, module there now), in the order injection replaces them
         self.layers = [(m, adapter_name in m.held_adapters(), list(m.active_adapters)) for _, m in lora_layers(model)]
         self.wrappers = [(m, adapter_name in m.modules_to_save, m.active_adapter) for _, m in saved_modules(model)]
+        self.tokens = [(m, adapter_name in m.token_indices, list(m.active_adapters)) for _, m in token_layers(model)]
         self.state = getattr(model, "_lorakern", None)
         if isinstance(self.state, AdapterState):
             self.fields = (dict(self.state.configs), list(self.state.active), set(self.state.inference))
@@ -773,6 +834,10 @@ class _Undo:
             if not had and name in wrapper.modules_to_save:
                 del wrapper.modules_to_save[name]
             wrapper.active_adapter = active
+        for w, had, active in self.tokens:
+            if not had and name in w.token_indices:
+                w.delete_adapter(name)
+            w.active_adapters = active
         # Put back the modules injection replaced, the last replaced first (a module wrapped
         # for modules_to_save may contain a LoRA target, replaced before it).
         for place, module in reversed(self.places):
@@ -829,9 +894,11 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
     try:
         targets = plan_targets(model, config)
         to_save = plan_modules_to_save(model, config)
+        tokens = _plan_tokens(model, config, targets, to_save)
         if existing:
             _check_agreement(model, config, adapter_name, targets)
-        exp, saved_names = _expected(model, config, adapter_name, existing, targets, to_save)
+            _check_token_agreement(model, adapter_name, tokens)
+        exp, saved_names = _expected(model, config, adapter_name, existing, targets, to_save, tokens)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, AdapterLoadError):
             raise
@@ -844,6 +911,9 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
     # Saved modules that are embedding layers: PEFT's save_embedding_layers also writes
     # their copy as `<module>.modules_to_save.<k>`, a key its own load ignores.
     embedding_saved = {s.module for s in exp.values() if s.what == "embedding"} & set(saved_names)
+    # A head tied to the input embedding shares its trainable tokens: PEFT writes its key only with
+    # save_embedding_layers; accepted when it equals the embedding's.
+    tied_keys = {f"{t.name}.{DELTA_KEY}": f"{t.tied_to}.{DELTA_KEY}" for t in tokens if t.tied_to is not None}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             unexpected.append(key)
@@ -859,6 +929,11 @@ def _match(model: nn.Module, path, config: LoraConfig, tensors: dict[str, torch.
         # `<module>.modules_to_save.<k>` and `<module>.original_module.<k>`; accept and skip them.
         owner = next((s for s in saved_names if ck.startswith(s + ".modules_to_save.") or ck.startswith(s + ".original_module.")), None)
         if owner is not None and (is_bias(ck) or (owner in embedding_saved and ck.startswith(owner + ".modules_to_save."))):
+            continue
+        if ck in tied_keys:
+            source = tensors.get(PREFIX + tied_keys[ck])
+            if source is not None and not _same(source, value):
+                problems.append(f"{key} and {PREFIX}{tied_keys[ck]} are one tensor of this model (tied) but differ in the file")
             continue
         unexpected.append(key)
     missing = [k for k in exp if k not in found and not exp[k].optional]
@@ -969,6 +1044,8 @@ def _write_values(model: nn.Module, path, adapter_name: str, exp: dict[str, _Slo
             dst = getattr(layers[module_name], what)[adapter_name]
         elif what == "lora_B_bias":
             dst = layers[module_name].lora_B[adapter_name].bias
+        elif what == "trainable_tokens_delta":
+            dst = dict(token_layers(model))[module_name].trainable_tokens_delta[adapter_name]
         elif what == "modules_to_save":
             copy_sd = wrappers[module_name].modules_to_save[adapter_name].state_dict(keep_vars=True)
             dst = copy_sd[ck[len(module_name) + 1:]]
@@ -1050,14 +1127,15 @@ def load_adapter(
     values = _convert(model, path, exp, found)
     if existing:  # an adapter padded by prepare_model_for_compiled_hotswap: rank r in its leading rows / columns
         values = {ck: pad_rank(v, exp[ck]) for ck, v in values.items()}
-    places = [(t.name, t.module) for t in targets] + list(to_save)
+    tokens = _plan_tokens(model, config, targets, to_save)  # checked by _match already
+    places = [(t.name, t.module) for t in targets] + list(to_save) + [(t.name, t.module) for t in tokens]
     overwritten = {id(t): t for t in (exp[ck].current for ck in found) if t is not None}  # tied: once
     undo = _Undo(model, adapter_name, list(overwritten.values()), places)
     try:
         with torch.no_grad():
             if not existing:
                 with torch.random.fork_rng(devices=[]):  # do not consume the caller's RNG
-                    inject_planned(model, config, adapter_name, targets, to_save, inference=not is_trainable)
+                    inject_planned(model, config, adapter_name, targets, to_save, inference=not is_trainable, tokens=tokens)
             _write_values(model, path, adapter_name, exp, values, found)
             if existing:
                 st = adapter_state(model)

@@ -59,7 +59,6 @@ PEFT_FEATURE_OFF: dict[str, Any] = {
     "layer_replication": None,
     "loftq_config": {},
     "megatron_config": None,
-    "trainable_token_indices": None,
     "use_qalora": False,
     "alora_invocation_tokens": None,
     "arrow_config": None,
@@ -103,6 +102,9 @@ class LoraConfig:
             experts' 3-D weights get one delta per expert (lorakern/parameter.py, PEFT's
             semantics). With target_modules None, only these are targeted. Not with
             lora_dropout, use_dora, lora_bias or fan_in_fan_out (as in PEFT).
+        trainable_token_indices: token ids whose embedding rows are trained (PEFT's semantics,
+            lorakern/trainable_tokens.py): a list (the input embedding) or {module name: ids}
+            (suffix match). Ids are ints >= 0, distinct, at least one per module.
 
     Example:
         >>> import lorakern
@@ -128,6 +130,7 @@ class LoraConfig:
     use_dora: bool = False
     lora_bias: bool = False
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -156,6 +159,7 @@ class LoraConfig:
             if isinstance(tp, str) or not isinstance(tp, (list, tuple, set, frozenset)) or not all(isinstance(t, str) and t for t in tp):
                 raise TypeError(f"LoraConfig: target_parameters must be a list of parameter names, got {tp!r}")
             self.target_parameters = sorted(set(tp))
+        self.trainable_token_indices = _token_indices(self.trainable_token_indices)
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -325,6 +329,30 @@ class LoraConfig:
         if unknown:
             warnings.warn(f"adapter config: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
         return cls(**kwargs)
+
+
+def _token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """trainable_token_indices checked and copied: None, a list of ids, or {module name: ids}."""
+    if value is None:
+        return None
+
+    def ids(where: str, v: Any) -> list[int]:
+        if isinstance(v, (str, bytes, dict)) or not isinstance(v, (list, tuple)) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            raise TypeError(f"LoraConfig: trainable_token_indices{where} must be a list of token ids (ints >= 0), got {v!r}")
+        if not v:
+            raise ValueError(f"LoraConfig: trainable_token_indices{where} is empty; give at least one token id (or None)")
+        seen: set[int] = set()
+        dup = sorted({i for i in v if i in seen or seen.add(i)})
+        if dup:
+            raise ValueError(f"LoraConfig: trainable_token_indices{where} repeats ids {dup[:8]}; each id may appear once")
+        return list(v)
+
+    if isinstance(value, dict):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise TypeError(f"LoraConfig: trainable_token_indices as a dict maps module names to ids, got {value!r}")
+        return {k: ids(f"[{k!r}]", v) for k, v in value.items()}
+    return ids("", value)
 
 
 def _names_or_regex(what: str, value: Any) -> list[str] | str | None:

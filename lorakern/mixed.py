@@ -601,6 +601,7 @@ def check_model_names(model: nn.Module, names: Sequence[str], num_beams: int = 1
     Raises before anything runs; returns the row groups."""
     from lorakern.model import adapter_state, lora_layers
     from lorakern.parameter import LoraParameter
+    from lorakern.trainable_tokens import token_layers
 
     state = adapter_state(model)
     groups = RowGroups(names, num_beams)
@@ -621,6 +622,14 @@ def check_model_names(model: nn.Module, names: Sequence[str], num_beams: int = 1
     if params:
         raise NotImplementedError(
             f"adapters {params} put LoRA on parameters (target_parameters): not in a mixed batch (as in PEFT); run them alone"
+        )
+    # a trainable-tokens wrapper applies its active adapter's rows to every row of the batch,
+    # whatever the names say: refused until it selects rows per adapter
+    tokens = sorted({n for _, w in token_layers(model) for n in w.token_indices})
+    if tokens:
+        raise NotImplementedError(
+            f"the model has trainable tokens (trainable_token_indices) of adapters {tokens}: mixed batches with them "
+            "are not implemented; run the adapters one at a time"
         )
     return groups
 

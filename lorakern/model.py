@@ -4,7 +4,8 @@ PEFT's semantics, on the model itself (no wrapper class): `inject` swaps the tar
 nn.Linear / transformers Conv1D layers for `LoraLinear`, nn.Embedding layers for
 `LoraEmbedding` and nn.Conv1d / Conv2d / Conv3d layers for `LoraConv` in place (one generic walk over
 `named_modules()`, parent `setattr`), freezes the base, and wraps `modules_to_save` in
-`ModulesToSave` (a trainable copy per adapter, the original kept). Adapter bookkeeping
+`ModulesToSave` (a trainable copy per adapter, the original kept), and the embeddings of
+`trainable_token_indices` in a `TrainableTokensWrapper` (lorakern/trainable_tokens.py). Adapter bookkeeping
 (configs, active adapters) lives in `model._lorakern`, an `AdapterState`.
 
     >>> import torch, lorakern
@@ -35,6 +36,19 @@ from lorakern.moe_targets import convert_moe_config
 from lorakern.parameter import LoraParameter, innermost
 from lorakern.quantized import QuantLinear
 from lorakern.ops import BACKENDS
+from lorakern.trainable_tokens import (
+    TrainableTokensWrapper,
+    apply_trainable_tokens,
+    check_token_adapters,
+    delete_token_adapter,
+    merge_tokens,
+    merged_tokens,
+    plan_trainable_tokens,
+    set_token_adapters,
+    token_layers,
+    unload_tokens,
+    unmerge_tokens,
+)
 
 COMBINATION_TYPES = ("linear", "cat", "svd")
 # Every LoRA layer class; all speak one protocol (held_adapters, adapter_parameters,
@@ -129,7 +143,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 def merged_layers(model: nn.Module, adapter_name: str) -> list[str]:
     """Dotted names of the layers whose base weight has adapter `adapter_name` merged in."""
-    return [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    return [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters] + merged_tokens(model, adapter_name)
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
@@ -145,7 +159,7 @@ def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(module, (*LORA_LAYERS, ModulesToSave)):
+        if isinstance(module, (*LORA_LAYERS, ModulesToSave, TrainableTokensWrapper)):
             inside.append(name)
         yield name, module
 
@@ -369,8 +383,8 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str
             continue
         if isinstance(module, LORA_LAYERS):
             raise ValueError(f"module {name!r} has LoRA adapters; it cannot also be in modules_to_save")
-        if not isinstance(module, ModulesToSave) and any(isinstance(m, (*LORA_LAYERS, ModulesToSave)) for m in module.modules()):
-            raise ValueError(f"module {name!r} contains LoRA layers or saved modules; it cannot be in modules_to_save")
+        if not isinstance(module, ModulesToSave) and any(isinstance(m, (*LORA_LAYERS, ModulesToSave, TrainableTokensWrapper)) for m in module.modules()):
+            raise ValueError(f"module {name!r} contains LoRA layers, saved modules or trainable tokens; it cannot be in modules_to_save")
         out.append((name, module))
     return out
 
@@ -410,9 +424,10 @@ def inject(
     if taken:
         raise ValueError(f"layers {taken[:4]} already have an adapter named {adapter_name!r}")
     to_save = plan_modules_to_save(model, config)
+    tokens = plan_trainable_tokens(model, config, list(outer_modules(model)), {t.name for t in targets}, {n for n, _ in to_save})
     if backend not in BACKENDS:  # before the model changes
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return inject_planned(model, config, adapter_name, targets, to_save, backend=backend, inference=False)
+    return inject_planned(model, config, adapter_name, targets, to_save, backend=backend, inference=False, tokens=tokens)
 
 
 def inject_planned(
@@ -424,9 +439,11 @@ def inject_planned(
     *,
     backend: str = "auto",
     inference: bool = False,
+    tokens: list | tuple = (),
 ) -> nn.Module:
     """`inject` after planning: put adapter `adapter_name` into `targets` (from
-    `plan_targets`) and wrap `to_save` (from `plan_modules_to_save`). inference=True adds
+    `plan_targets`), wrap `to_save` (from `plan_modules_to_save`) and add the trainable
+    tokens `tokens` (from `plan_trainable_tokens`). inference=True adds
     it frozen (and keeps it frozen on `set_adapter`), as `load_adapter(is_trainable=False)`."""
     _check_targets_not_saved(targets, to_save)
     state = getattr(model, "_lorakern", None)
@@ -479,6 +496,7 @@ def inject_planned(
             module.update(adapter_name)
         else:
             _set_submodule(model, name, ModulesToSave(module, adapter_name).train(module.training))
+    apply_trainable_tokens(model, adapter_name, list(tokens))
     state.configs[adapter_name] = stored
     if inference:
         state.inference.add(adapter_name)
@@ -567,11 +585,13 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
         owners = [n for n in names if n in wrapper.modules_to_save]
         if len(owners) > 1:
             raise ValueError(f"adapters {owners} each have a copy of {wname!r} (modules_to_save); activate only one")
+    check_token_adapters(model, names)
     layers = [layer for _, layer in lora_layers(model)]
-    if any(layer.merged for layer in layers):
+    if any(layer.merged for layer in layers) or merged_tokens(model):
         warnings.warn(UNMERGE_TO_SET_ADAPTER, stacklevel=2)  # once, not once per layer
         for layer in layers:
             layer.unmerge()
+        unmerge_tokens(model)
     for layer in layers:
         layer.set_adapter(names)
         for n in state.inference & set(layer.held_adapters()):
@@ -583,6 +603,7 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
         for n, m in wrapper.modules_to_save.items():
             for p in m.parameters():
                 p.requires_grad_(n in owners and n not in state.inference)
+    set_token_adapters(model, names, state.inference)
     state.active = names
 
 
@@ -602,6 +623,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             del wrapper.modules_to_save[adapter_name]
             if not wrapper.modules_to_save:
                 _set_submodule(model, name, wrapper.original_module)
+    delete_token_adapter(model, adapter_name)
     del state.configs[adapter_name]
     state.inference.discard(adapter_name)
     active = [a for a in state.active if a != adapter_name]
@@ -616,8 +638,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside it the model runs as the base model (merged adapters are
     unmerged on the first forward, as in PEFT; saved modules use their originals)."""
     adapter_state(model)
-    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    layers = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)] + [m for _, m in token_layers(model)]
     before = [m.disable_adapters for m in layers]
+    unmerge_tokens(model)  # a merged row would stay in the base table: put the originals back now
     try:
         for m in layers:
             m.disable_adapters = True
@@ -667,6 +690,8 @@ def add_weighted_adapter(
         raise ValueError("adapters with lora_bias=True cannot be combined (not implemented)")
     if any(c.target_parameters for c in cfgs):
         raise ValueError("adapters with target_parameters (LoRA on expert parameters) cannot be combined (not implemented)")
+    if any(c.trainable_token_indices for c in cfgs):
+        raise ValueError("adapters with trainable_token_indices cannot be combined (not implemented)")
     wrappers = list(saved_modules(model))
     for wname, wrapper in wrappers:
         if sum(a in wrapper.modules_to_save for a in adapters) > 1:
@@ -813,6 +838,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
             "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: "
             f"{no_bias[:8]}; nothing was merged"
         )
+    merge_tokens(model, names, safe_merge, check_only=True)  # overlapping ids, non-finite rows: nothing merged
     if safe_merge:
         bad = []
         for lname, layer in layers:
@@ -826,6 +852,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: 
         todo = [n for n in names if n in layer.held_adapters()]
         if todo:
             layer.merge(todo)
+    merge_tokens(model, names, safe_merge)
 
 
 def _warn_tied_embeddings(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -857,6 +884,7 @@ def unmerge(model: nn.Module) -> None:
     adapter_state(model)
     for _, layer in lora_layers(model):
         layer.unmerge()
+    unmerge_tokens(model)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -877,6 +905,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         unmerge(model)
     for name, layer in reversed(list(lora_layers(model))):  # nested wrappers: innermost first
         _set_submodule(model, name, layer.base_layer)
+    unload_tokens(model)
     for name, wrapper in list(saved_modules(model)):
         active = wrapper.active_adapter
         keep = wrapper.modules_to_save[active] if active in wrapper.modules_to_save else wrapper.original_module
