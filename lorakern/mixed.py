@@ -623,14 +623,9 @@ def check_model_names(model: nn.Module, names: Sequence[str], num_beams: int = 1
         raise NotImplementedError(
             f"adapters {params} put LoRA on parameters (target_parameters): not in a mixed batch (as in PEFT); run them alone"
         )
-    # a trainable-tokens wrapper applies its active adapter's rows to every row of the batch,
-    # whatever the names say: refused until it selects rows per adapter
-    tokens = sorted({n for _, w in token_layers(model) for n in w.token_indices})
-    if tokens:
-        raise NotImplementedError(
-            f"the model has trainable tokens (trainable_token_indices) of adapters {tokens}: mixed batches with them "
-            "are not implemented; run the adapters one at a time"
-        )
+    merged_tokens = [name for name, w in token_layers(model) if w.merged_adapters]
+    if merged_tokens:
+        raise ValueError(MERGED_ERROR.format(layers=merged_tokens[:4]))
     return groups
 
 
@@ -660,9 +655,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: in
     """
     from lorakern.layer import LoraLinear
     from lorakern.model import lora_layers, saved_modules
+    from lorakern.trainable_tokens import token_layers
 
     groups = check_model_names(model, adapter_names, num_beams)
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in lora_layers(model)] + [w for _, w in token_layers(model)]
     wrappers = [w for _, w in saved_modules(model)]
     before_layers = [(layer.__dict__.get("_mixed_adapter_names"), layer.__dict__.get("_mixed_slots")) for layer in layers]
     before_wrappers = [w.__dict__.get("forward") for w in wrappers]

@@ -25,7 +25,8 @@ the embedding's key; a dict that gives that module other ids trains them on thei
 Merging writes the rows into the table, remembering what it overwrote; unmerging puts that
 back, last merge first, so tables shared by several wrappers come back exactly. At most one
 adapter with trainable tokens can be active on a module (PEFT's rule), and the ids merged into
-one module must not overlap.
+one module must not overlap. In a mixed batch (`lorakern.mixed_batch`) each row goes through
+its adapter's rows, as PEFT's mixed-batch forward.
 """
 
 from __future__ import annotations
@@ -162,11 +163,45 @@ class TrainableTokensWrapper(nn.Module):
         return [a for a in self.active_adapters if a in self.token_indices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
+        if groups is not None and not self.disable_adapters:
+            return self._mixed_forward(x, groups)
         running = self._running()
         base = self.base_layer
         if not running:  # disabled, merged (the table holds the rows) or no adapter here
             return base(x)
-        W = self.weight_with(running)
+        return self._lookup(x, self.weight_with(running))
+
+    def _mixed_forward(self, x: torch.Tensor, groups) -> torch.Tensor:
+        """A mixed batch (lorakern.mixed_batch): row b through the table with the rows of
+        adapter groups.names[b] ("__base__", or an adapter without rows here: the table
+        alone), as PEFT's mixed-batch forward of its trainable-tokens wrapper."""
+        if self.merged_adapters:
+            raise ValueError(
+                f"cannot run a mixed batch while trainable tokens of {self.merged_adapters} are merged; unmerge() first"
+            )
+        if x.dim() >= 1:
+            groups = groups.for_rows(x.shape[0])
+        if x.dim() < 1 or x.shape[0] != len(groups):
+            raise ValueError(f"trainable tokens: got {len(groups)} adapter names for input of shape {tuple(x.shape)}")
+        by_table: dict[str, list[int]] = {}
+        for name, members in groups.groups.items():
+            by_table.setdefault(name if name in self.token_indices else "", []).extend(members)
+        out = None
+        for name, members in by_table.items():
+            W = self.weight_with([name] if name else [])
+            if len(by_table) == 1:
+                return self._lookup(x, W)
+            idx = torch.tensor(members, dtype=torch.long, device=x.device)
+            part = self._lookup(x.index_select(0, idx), W)
+            if out is None:
+                out = part.new_zeros((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, idx, part)
+        return out
+
+    def _lookup(self, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """The wrapped module's output with table W in place of its weight."""
+        base = self.base_layer
         if isinstance(base, nn.Linear):  # an output head tied to the embedding
             return F.linear(x, W, base.bias)
         # Not sparse: the gradient goes to the rows through index_copy (PEFT passes the base's flag).

@@ -540,8 +540,30 @@ def test_hotswap_of_trainable_tokens_refused(tmp_path):
     assert_same_state(model, before)
 
 
-def test_mixed_batch_with_trainable_tokens_is_refused():
-    model = lorakern.inject(tiny_llama(False), lorakern.LoraConfig(**cfg("llama-untied", [3, 5])))
-    with pytest.raises(NotImplementedError, match="trainable"):
-        with lorakern.mixed_batch(model, ["default", "__base__"]):
+@pytest.mark.parametrize("kind", ["llama-tied", "llama-untied"])
+def test_mixed_batch_rows_take_their_adapters_tokens_as_peft(kind):
+    """Each row through its adapter's rows (and LoRA), "__base__" rows through the table alone:
+    PEFT's mixed-batch logits (peft_model(..., adapter_names=...)); merged tokens are refused."""
+    base = BUILD[kind]()
+    pm = peft_model(base, kind, [3, 5])
+    pm.add_adapter("b", peft.LoraConfig(**cfg(kind, [5, 7, 9])))
+    perturb(pm)
+    pm.eval()
+    model = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(**cfg(kind, [3, 5])))
+    lorakern.inject(model, lorakern.LoraConfig(**cfg(kind, [5, 7, 9])), adapter_name="b")
+    copy_from_peft(model, pm)
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, VOCAB, (4, 10), generator=g)
+    x[:, :4] = torch.tensor([3, 5, 7, 9])  # every selected id in every row
+    names = ["b", "__base__", "default", "b"]
+    with torch.no_grad():
+        want = pm(input_ids=x, adapter_names=names).logits
+        with lorakern.mixed_batch(model, names):
+            got = model(input_ids=x).logits
+    assert_close(got, want, TOL, "mixed batch")
+    assert not torch.allclose(got[0], got[2]) and not torch.allclose(got[1], got[2])
+    lorakern.merge(model)
+    with pytest.raises(ValueError, match="merged"):
+        with lorakern.mixed_batch(model, names):
             pass
