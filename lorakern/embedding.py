@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, _check_adapter_args, _scaled, adapter_dtype
-from lorakern.mixed import BASE, RowGroups
+from lorakern.mixed import RowGroups, mixed_rows
 from lorakern.ops import ScalarDict
 
 # Weight classes of quantized tables (bitsandbytes); their values are not the table.
@@ -256,26 +256,7 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         """Row b of x through adapter groups.names[b] ("__base__": the base alone). strict:
         every name must be an adapter of this layer; else (mixed_batch, which checked the
         names against the model) a name this layer lacks runs its base alone."""
-        if x.dim() >= 1:
-            groups = groups.for_rows(x.shape[0])  # beam search: the names repeated per beam
-        if x.dim() < 1 or x.shape[0] != len(groups):
-            raise ValueError(
-                f"LoraEmbedding: got {len(groups)} adapter names for ids of shape {tuple(x.shape)}; "
-                "give one name per row (dim 0)"
-            )
-        if self.merged_adapters:
-            raise ValueError(
-                f"cannot run a mixed batch (adapter_names) while adapters {self.merged_adapters} are merged "
-                "into this layer; unmerge() first"
-            )
-        used = groups.adapters()
-        if strict:
-            unknown = [n for n in used if n not in self.lora_embedding_A]
-            if unknown:
-                raise ValueError(
-                    f"no adapter named {unknown} in this layer; it has {self.held_adapters()} (and {BASE!r} for none)"
-                )
-        used = [n for n in used if n in self.lora_embedding_A]
+        groups, used = mixed_rows(self, x, groups, strict, "LoraEmbedding", min_dim=1)
         result = self.base_layer(x)
         if self.disable_adapters or not used:
             return result

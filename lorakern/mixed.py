@@ -130,9 +130,9 @@ def _check_name_list(names) -> list[str]:
     return names
 
 
-def _check_rows(n_names: int, x: torch.Tensor, where: str) -> None:
-    if x.dim() < 2:
-        raise ValueError(f"{where}: a mixed batch needs x of shape [B, ..., K] (row = dim 0), got {tuple(x.shape)}")
+def check_rows(n_names: int, x: torch.Tensor, where: str, min_dim: int = 2) -> None:
+    if x.dim() < min_dim:
+        raise ValueError(f"{where}: a mixed batch needs x with a row dim (dim 0), got shape {tuple(x.shape)}")
     if x.shape[0] != n_names:
         raise ValueError(
             f"{where}: got {n_names} adapter names for a batch of {x.shape[0]} rows; give one name per row "
@@ -336,7 +336,30 @@ def lora_linear_mixed(
 # ---- one layer --------------------------------------------------------------------------
 
 
-def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.Tensor:
+def mixed_rows(layer, x: torch.Tensor, groups: RowGroups, strict: bool, where: str,
+               min_dim: int = 2) -> tuple[RowGroups, list[str]]:
+    """The checks every LoRA layer runs on a mixed batch, and the adapters it uses here:
+    (the groups for x's rows (beam-expanded where num_beams says so), the used adapters this
+    layer holds). Raises on a row count that does not match, on merged adapters, and (strict:
+    the layer's own ``forward(x, adapter_names=...)``) on names the layer does not hold."""
+    if x.dim() >= min_dim:
+        groups = groups.for_rows(x.shape[0])
+    check_rows(len(groups), x, where, min_dim)
+    if layer.merged_adapters:
+        raise ValueError(
+            f"cannot run a mixed batch (adapter_names) while adapters {layer.merged_adapters} are merged "
+            "into this layer; unmerge() first"
+        )
+    held = layer.held_adapters()
+    used = groups.adapters()
+    if strict:
+        unknown = [n for n in used if n not in held]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown} in this layer; it has {held} (and {BASE!r} for none)")
+    return groups, [n for n in used if n in held]
+
+
+def layer_forward(layer, x: torch.Tensor, adapter_names: RowGroups, strict: bool) -> torch.Tensor:
     """LoraLinear.forward for a mixed batch.
 
     strict (``forward(x, adapter_names=...)``): every name must be "__base__" or an adapter
@@ -347,23 +370,7 @@ def layer_forward(layer, x: torch.Tensor, adapter_names, strict: bool) -> torch.
         y = _traced_forward(layer, x)
         if y is not None:
             return y
-    groups = adapter_names if isinstance(adapter_names, RowGroups) else RowGroups(adapter_names)
-    if x.dim() >= 2:
-        groups = groups.for_rows(x.shape[0])
-    _check_rows(len(groups), x, "LoraLinear")
-    if layer.merged_adapters:
-        raise ValueError(
-            f"cannot run a mixed batch (adapter_names) while adapters {layer.merged_adapters} are merged "
-            "into this layer; unmerge() first"
-        )
-    used = groups.adapters()
-    if strict:
-        unknown = [n for n in used if n not in layer.lora_A]
-        if unknown:
-            raise ValueError(
-                f"no adapter named {unknown} in this layer; it has {list(layer.lora_A)} (and {BASE!r} for none)"
-            )
-    used = [n for n in used if n in layer.lora_A]
+    groups, used = mixed_rows(layer, x, adapter_names, strict, "LoraLinear")
     dora = [n for n in used if layer.use_dora.get(n, False)]
     if dora:
         raise NotImplementedError(f"DoRA adapters {dora} in a mixed batch are not implemented; run them alone")
@@ -571,7 +578,7 @@ def _saved_module_forward(wrapper, groups: RowGroups):
         if wrapper.disable_adapters:
             return wrapper.original_module(inp, *args, **kwargs)
         groups_here = groups.for_rows(inp.shape[0]) if inp.dim() >= 2 else groups
-        _check_rows(len(groups_here), inp, "modules_to_save module")
+        check_rows(len(groups_here), inp, "modules_to_save module")
         by_module: dict[int, tuple[nn.Module, list[int]]] = {}
         for name, members in groups_here.groups.items():
             module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module

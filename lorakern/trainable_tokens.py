@@ -42,6 +42,7 @@ from torch import nn
 
 from lorakern.embedding import embedding_unsupported
 from lorakern.layer import adapter_dtype
+from lorakern.mixed import check_rows
 
 DELTA_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's file key, after the module's name
 BASE_PREFIX = "token_adapter.base_layer."  # where the wrapped module's own tensors sit
@@ -182,8 +183,7 @@ class TrainableTokensWrapper(nn.Module):
             )
         if x.dim() >= 1:
             groups = groups.for_rows(x.shape[0])
-        if x.dim() < 1 or x.shape[0] != len(groups):
-            raise ValueError(f"trainable tokens: got {len(groups)} adapter names for input of shape {tuple(x.shape)}")
+        check_rows(len(groups), x, "trainable tokens", min_dim=1)
         by_table: dict[str, list[int]] = {}
         for name, members in groups.groups.items():
             by_table.setdefault(name if name in self.token_indices else "", []).extend(members)
