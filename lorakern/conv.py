@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, _check_adapter_args, _scaled, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, init_is_gaussian, _scaled, adapter_dtype
 from lorakern.mixed import RowGroups, mixed_rows
 from lorakern.ops import ScalarDict
 
@@ -155,16 +155,12 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         """Add (or replace) adapter `adapter_name` and make it the active one (LoraLinear's
         signature). A refused call leaves the layer unchanged; a merged adapter cannot be
         replaced (unmerge first)."""
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
-        _check_adapter_args(r, lora_alpha, lora_dropout)
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout)
         if use_dora is not False:
             raise ValueError("use_dora=True (DoRA) is not implemented for convolution layers in lorakern")
         if not isinstance(lora_bias, bool):
             raise TypeError(f"lora_bias must be a bool, got {lora_bias!r}")
-        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
-        if not (isinstance(init_lora_weights, bool) or gaussian):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        gaussian = init_is_gaussian(init_lora_weights)
         if lora_bias and gaussian:
             raise ValueError("lora_bias=True needs init_lora_weights True or False (as in PEFT), got 'gaussian'")
         if lora_bias and self.base_layer.bias is None:

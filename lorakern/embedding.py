@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, _check_adapter_args, _scaled, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, init_is_gaussian, _scaled, adapter_dtype
 from lorakern.mixed import RowGroups, mixed_rows
 from lorakern.ops import ScalarDict
 
@@ -161,16 +161,12 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         """Add (or replace) adapter `adapter_name` and make it the active one (LoraLinear's
         signature). Everything is checked before anything is registered: a refused call
         leaves the layer unchanged. A merged adapter cannot be replaced (unmerge first)."""
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
-        _check_adapter_args(r, lora_alpha, lora_dropout)
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout)
         if use_dora is not False:
             raise ValueError("use_dora=True (DoRA) is not implemented for embedding layers in lorakern")
         if lora_bias is not False:
             raise ValueError("lora_bias=True is not supported for embedding layers (as in PEFT)")
-        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
-        if not (isinstance(init_lora_weights, bool) or gaussian):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        init_is_gaussian(init_lora_weights)  # validated: True and "gaussian" initialise alike here
         # PEFT's draws, in its order, on the CPU in fp32 (so a seed gives PEFT's values),
         # then moved to the base's device in the adapter dtype (fp32, fp64 on an fp64 base).
         A = torch.randn(r, self.in_features)

@@ -42,6 +42,14 @@ from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_line
 UNMERGE_TO_SET_ADAPTER = "Adapter cannot be set when the model is merged. Unmerging the model first."
 
 
+def init_is_gaussian(init_lora_weights) -> bool:
+    """Whether init_lora_weights asks for "gaussian"; ValueError unless it is True, False or that."""
+    gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
+    if not (isinstance(init_lora_weights, bool) or gaussian):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    return gaussian
+
+
 def _check_adapter_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be an int >= 1, got {r!r}")
@@ -192,6 +200,13 @@ class AdapterLayerMixin:
             return (adapter_names if isinstance(adapter_names, RowGroups) else RowGroups(adapter_names)), True
         groups = self.__dict__.get("_mixed_adapter_names")  # set by lorakern.mixed_batch
         return None if groups is None else (groups, False)
+
+    def _check_new_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float) -> None:
+        """update_layer's first checks: a merged adapter cannot be replaced (unmerge() would then
+        subtract the new weights' delta, not the merged one), and r / alpha / dropout are valid."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
+        _check_adapter_args(r, lora_alpha, lora_dropout)
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
@@ -447,11 +462,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         A merged adapter cannot be replaced (ValueError, layer unchanged): unmerge() would
         then subtract the new weights' delta instead of the merged one, and the base drift.
         """
-        if adapter_name in self.merged_adapters:
-            raise ValueError(
-                f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it"
-            )
-        _check_adapter_args(r, lora_alpha, lora_dropout)
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout)
         if not isinstance(use_dora, bool):
             raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
         if not isinstance(lora_bias, bool):
@@ -461,9 +472,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         if use_dora and self.base_forward:
             raise NotImplementedError("DoRA over a bitsandbytes 8-bit base layer is not implemented yet")
         # Checked before anything is registered, so a bad value leaves the layer unchanged.
-        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
-        if not (isinstance(init_lora_weights, bool) or gaussian):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        gaussian = init_is_gaussian(init_lora_weights)
         if lora_bias and gaussian:
             raise ValueError("lora_bias=True needs init_lora_weights True or False (as in PEFT), got 'gaussian'")
         if lora_bias and getattr(self.base_layer, "bias", None) is None:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lorakern import experts
-from lorakern.layer import AdapterLayerMixin, _check_adapter_args, adapter_dtype
+from lorakern.layer import AdapterLayerMixin, init_is_gaussian, adapter_dtype
 
 
 def innermost(module: nn.Module) -> nn.Module:
@@ -173,18 +173,14 @@ class LoraParameter(AdapterLayerMixin, nn.Module):
     ) -> None:
         """Add (or replace) adapter `adapter_name` and make it the active one (LoraLinear's
         signature). Checked before anything is registered: a refused call changes nothing."""
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
-        _check_adapter_args(r, lora_alpha, lora_dropout)
+        self._check_new_adapter(adapter_name, r, lora_alpha, lora_dropout)
         if lora_dropout != 0.0:
             raise ValueError("LoRA on a parameter (target_parameters) does not work with lora_dropout != 0 (as in PEFT)")
         if use_dora is not False:
             raise ValueError("LoRA on a parameter (target_parameters) does not work with use_dora=True (as in PEFT)")
         if lora_bias is not False:
             raise ValueError("LoRA on a parameter (target_parameters) does not work with lora_bias=True (as in PEFT)")
-        gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
-        if not (isinstance(init_lora_weights, bool) or gaussian):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        gaussian = init_is_gaussian(init_lora_weights)
         w = self.get_param()
         dtype = adapter_dtype(w)
         rank = r * self.num_experts
