@@ -204,13 +204,9 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         mixed = self._mixed_groups(adapter_names)
         if mixed is not None:
             return self._mixed_forward(x, *mixed)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x)
+        active = self._running_adapters()
         result = self.base_layer(x)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.merged_adapters or not active:
+        if not active:
             return result
         out = result
         for name in active:  # summed in the promoted dtype (fp32 adapters), cast once, as PEFT

@@ -208,6 +208,19 @@ class AdapterLayerMixin:
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
         _check_adapter_args(r, lora_alpha, lora_dropout)
 
+    def _running_adapters(self) -> list[str]:
+        """The adapters a plain forward adds: none with adapters disabled (a merged layer is
+        unmerged first, as PEFT does, so disabling gives the base) or merged into the base;
+        else the active adapters this layer holds."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        if self.merged_adapters:
+            return []
+        held = self.held_adapters()
+        return [a for a in self.active_adapters if a in held]
+
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make `adapter_names` the active adapters (those this layer lacks are skipped in forward).
 
@@ -546,12 +559,8 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         mixed = self._mixed_groups(adapter_names)
         if mixed is not None:
             return mixed_batch_forward(self, x, *mixed)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self._base_forward(x)
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.merged_adapters or not active:
+        active = self._running_adapters()
+        if not active:
             return self._base_forward(x)
         if any(self.use_dora.get(a, False) for a in active):
             return self._dora_forward(x, active)

@@ -249,8 +249,8 @@ class LoraParameter(AdapterLayerMixin, nn.Module):
     def forward(self, *args, adapter_names=None, **kwargs):
         if adapter_names is not None:
             raise ValueError("LoRA on a parameter (target_parameters) does not support mixed batches (adapter_names), as in PEFT")
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if self.disable_adapters or self.merged_adapters or not active:
+        active = self._running_adapters()  # disabled: unmerged first, so the base runs
+        if not active:
             return self.base_layer(*args, **kwargs)
         if self.grouped:
             out = self._grouped_forward(args, kwargs)

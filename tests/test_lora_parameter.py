@@ -465,3 +465,16 @@ def test_transformers4_moe_file_missing_an_expert_is_refused(tmp_path):
     with pytest.raises(lorakern.adapters.AdapterLoadError, match=r"missing keys .*experts\.base_layer\.lora_A.*unexpected keys .*block_sparse_moe\.experts"):
         lorakern.load_adapter(model, tmp_path / "v4")
     assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_disable_adapters_after_merge_runs_the_base(moe):
+    """As every LoRA layer (and PEFT's ParamWrapper): a merged layer is unmerged when it runs
+    with adapters disabled, so disable_adapters gives the base model."""
+    name, base, params = moe
+    model = lorakern.inject(copy.deepcopy(base), lorakern.LoraConfig(**_config(params)))
+    ids = _ids(8)
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        lorakern.merge(model)
+        with lorakern.disable_adapters(model):
+            assert_close(model(input_ids=ids).logits, want, 1e-6, name)
