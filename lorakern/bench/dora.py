@@ -25,7 +25,6 @@ product W Aᵀ (one more read of W, 2·N·K·r FLOPs) for the row norms.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import itertools
 import sys
 import warnings
@@ -37,7 +36,7 @@ from torch import nn
 from lorakern.bench.cost import Cost, linear_cost
 from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
-from lorakern.bench.providers import Weights, _Holder, frozen_linear, make_lorakern, peft_available
+from lorakern.bench.providers import Weights, _Holder, available_providers, frozen_linear, make_lorakern
 from lorakern.bench.shapes import modes_for
 from lorakern.bench.timing import measure_ceilings
 from lorakern.layer import LoraLinear
@@ -118,21 +117,7 @@ def build_dora(name: str, w: Weights, dropout: float, magnitude: torch.Tensor) -
 
 def available_dora_providers(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """(runnable, skipped-with-reason) among `names`."""
-    skipped = {}
-    if PEFT_DORA in names:
-        if importlib.util.find_spec("bitsandbytes") is not None:
-            # peft imports bitsandbytes when installed: through qlora.py's importer, which keeps
-            # it from finding lorakern's kernels/ folder as the `kernels` package (and warning)
-            from lorakern.bench.qlora import import_bitsandbytes
-
-            try:
-                import_bitsandbytes()
-            except Exception:  # a broken bitsandbytes: peft_available() says what it can
-                pass
-        ok, why = peft_available()
-        if not ok:
-            skipped[PEFT_DORA] = why
-    return [n for n in names if n not in skipped], skipped
+    return available_providers(names, PEFT_DORA)
 
 
 # --- numbers ----------------------------------------------------------------------------

@@ -43,7 +43,6 @@ targets (targets.py).
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import itertools
 import math
 import sys
@@ -54,7 +53,7 @@ from torch import nn
 
 from lorakern.bench.cost import Cost, linear_cost
 from lorakern.bench.progress import Progress
-from lorakern.bench.providers import Weights, _Holder, frozen_linear, peft_available
+from lorakern.bench.providers import Weights, _Holder, available_providers, frozen_linear
 from lorakern.bench.timing import measure_ceilings
 from lorakern.mixed import lora_linear_looped, lora_linear_mixed
 
@@ -227,21 +226,7 @@ class _Subset:
 
 def available_mixed_providers(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """(runnable, skipped-with-reason) among `names`."""
-    skipped = {}
-    if PEFT in names:
-        if importlib.util.find_spec("bitsandbytes") is not None:
-            # peft imports bitsandbytes when installed: through qlora.py's importer, which keeps
-            # it from finding lorakern's kernels/ folder as the `kernels` package
-            from lorakern.bench.qlora import import_bitsandbytes
-
-            try:
-                import_bitsandbytes()
-            except Exception:  # a broken bitsandbytes: peft_available() says what it can
-                pass
-        ok, why = peft_available()
-        if not ok:
-            skipped[PEFT] = why
-    return [n for n in names if n not in skipped], skipped
+    return available_providers(names, PEFT)
 
 
 # --- numbers --------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ section also has ‖y_lorakern − y_peft‖ / ‖y_peft‖.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import itertools
 import math
 import sys
@@ -219,13 +218,6 @@ def available_moe_providers(names: list[str]) -> tuple[list[str], dict[str, str]
         return [], {n: why for n in names}
     skipped = {}
     if PEFT in names or LK in names:
-        if importlib.util.find_spec("bitsandbytes") is not None:
-            from lorakern.bench.qlora import import_bitsandbytes  # keeps bitsandbytes off lorakern's kernels/
-
-            try:
-                import_bitsandbytes()
-            except Exception:
-                pass
         ok, why = peft_available()
         if not ok:  # lorakern's adapters are copied from PEFT's: both need it
             skipped = {n: why if n == PEFT else f"its adapters are copied from PEFT's: {why}" for n in (PEFT, LK)

@@ -13,6 +13,8 @@ Every provider computes x Wᵀ + s·(D(x) Aᵀ) Bᵀ + bias with the same W, bia
 
 from __future__ import annotations
 
+import importlib.util
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +60,18 @@ class Weights:
 
 
 def peft_available() -> tuple[bool, str]:
-    """(True, version) when peft imports, else (False, reason)."""
+    """(True, version) when peft imports, else (False, reason).
+
+    peft imports bitsandbytes when it is installed: that goes first through qlora.py's
+    importer, which keeps bitsandbytes from finding lorakern's kernels/ folder as the
+    `kernels` package (a broken bitsandbytes is left to peft's import to report)."""
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        from lorakern.bench.qlora import import_bitsandbytes  # qlora imports this module
+
+        try:
+            import_bitsandbytes()
+        except Exception:
+            pass
     try:
         import peft
     except Exception as exc:  # ImportError or a broken install
@@ -208,10 +221,13 @@ def build(name: str, w: Weights, dropout: float) -> nn.Module:
     return BUILDERS[name](w, dropout).train()
 
 
-def available_providers(names: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(runnable, skipped-with-reason) among `names`."""
+def available_providers(names: list[str], peft_provider: str = "peft") -> tuple[list[str], dict[str, str]]:
+    """(runnable, skipped-with-reason) among `names`: `peft_provider` (a suite's PEFT row)
+    needs peft to import."""
+    if peft_provider not in names:
+        return list(names), {}
     ok, why = peft_available()
-    skipped = {"peft": why} if (not ok and "peft" in names) else {}
+    skipped = {} if ok else {peft_provider: why}
     return [n for n in names if n not in skipped], skipped
 
 
