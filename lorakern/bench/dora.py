@@ -24,7 +24,6 @@ product W Aᵀ (one more read of W, 2·N·K·r FLOPs) for the row norms.
 
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import sys
 import warnings
@@ -38,7 +37,6 @@ from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import Weights, _Holder, available_providers, frozen_linear, make_lorakern
 from lorakern.bench.shapes import modes_for
-from lorakern.bench.timing import measure_ceilings
 from lorakern.layer import LoraLinear
 
 BASE, PEFT_DORA, LK_DORA = "base", "peft-dora", "lorakern-dora"
@@ -267,19 +265,14 @@ def run_dora_suite(config, progress: bool = True) -> dict:
     """The DoRA rows `config` asks for (config.suite == "dora"); the results dict has the dense
     suite's keys (rows, memory, e2e = [], targets, ...) plus `dora` (versions, the magnitude
     rule, lorakern-dora / peft-dora per row)."""
-    from lorakern.bench.suite import run_record
+    from lorakern.bench.suite import base_first, run_record, start_run
 
     unknown = [p for p in config.providers if p not in DORA_PROVIDERS]
     if unknown:
         raise ValueError(f"--suite dora providers are {DORA_PROVIDERS}, got {unknown}")
     providers, skipped = available_dora_providers(list(config.providers))
-    if BASE in providers:
-        providers = [BASE] + [p for p in providers if p != BASE]
-    bar = Progress(_count_work(config, providers), enabled=progress)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
-    bar.tick("ceilings: copy bandwidth")
-    bar.tick("ceilings: matmul rate")
+    providers = base_first(providers, BASE)
+    bar, started, ceilings = start_run(config, _count_work(config, providers), progress)
     rows = _layer_rows(config, providers, ceilings, bar)
     memory = _memory_rows(config, providers, bar) if config.memory else []
     bar.close()

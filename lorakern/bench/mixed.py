@@ -42,7 +42,6 @@ targets (targets.py).
 
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import math
 import sys
@@ -54,7 +53,6 @@ from torch import nn
 from lorakern.bench.cost import Cost, linear_cost
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import Weights, _Holder, available_providers, frozen_linear
-from lorakern.bench.timing import measure_ceilings
 from lorakern.mixed import lora_linear_looped, lora_linear_mixed
 
 BASE, PEFT, LOOP, LK, LAYER = "base", "peft", "lorakern-loop", "lorakern", "lorakern-layer"
@@ -350,7 +348,7 @@ def run_mixed_suite(config, progress: bool = True) -> dict:
     """The mixed-batch rows `config` asks for (config.suite == "mixed"); the results dict has
     the dense suite's keys (rows, memory = [], e2e = [], targets, ...) plus `mixed` (the
     adapter counts, the assignment and scaling rules, versions and the per-row ratios)."""
-    from lorakern.bench.suite import run_record
+    from lorakern.bench.suite import base_first, run_record, start_run
 
     unknown = [p for p in config.providers if p not in MIXED_PROVIDERS]
     if unknown:
@@ -359,13 +357,8 @@ def run_mixed_suite(config, progress: bool = True) -> dict:
     if bad:
         raise ValueError(f"adapter counts must be >= 1, got {bad}")
     providers, skipped = available_mixed_providers(list(config.providers))
-    if BASE in providers:
-        providers = [BASE] + [p for p in providers if p != BASE]
-    bar = Progress(_count_work(config, providers), enabled=progress)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
-    bar.tick("ceilings: copy bandwidth")
-    bar.tick("ceilings: matmul rate")
+    providers = base_first(providers, BASE)
+    bar, started, ceilings = start_run(config, _count_work(config, providers), progress)
     rows = _layer_rows(config, providers, ceilings, bar)
     bar.close()
     mixed = {

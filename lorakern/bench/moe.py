@@ -35,7 +35,6 @@ section also has ‖y_lorakern − y_peft‖ / ‖y_peft‖.
 
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import math
 import sys
@@ -48,7 +47,6 @@ from lorakern.bench.cost import Cost
 from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import peft_available
-from lorakern.bench.timing import measure_ceilings
 
 BASE, PEFT, LK = "base", "peft", "lorakern"
 MOE_PROVIDERS = (BASE, PEFT, LK)
@@ -389,7 +387,7 @@ def _versions() -> dict:
 def run_moe_suite(config, progress: bool = True) -> dict:
     """The MoE rows `config` asks for (config.suite == "moe"); the results dict has the dense suite's
     keys (rows, memory, e2e = [], targets, ...) plus `moe` (block, versions, floors and ratios)."""
-    from lorakern.bench.suite import run_record
+    from lorakern.bench.suite import base_first, run_record, start_run
 
     unknown = [p for p in config.providers if p not in MOE_PROVIDERS]
     if unknown:
@@ -397,13 +395,8 @@ def run_moe_suite(config, progress: bool = True) -> dict:
     if any(p > 0 for p in config.dropouts):
         raise ValueError("--suite moe runs at dropout 0 only: LoRA on parameters refuses dropout (as PEFT)")
     providers, skipped = available_moe_providers(list(config.providers))
-    if BASE in providers:
-        providers = [BASE] + [p for p in providers if p != BASE]
-    bar = Progress(_count_work(config, providers), enabled=progress)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
-    bar.tick("ceilings: copy bandwidth")
-    bar.tick("ceilings: matmul rate")
+    providers = base_first(providers, BASE)
+    bar, started, ceilings = start_run(config, _count_work(config, providers), progress)
     rows, section = _layer_rows(config, providers, ceilings, bar) if providers else ([], [])
     memory = _memory_rows(config, providers, bar) if providers else []
     bar.close()

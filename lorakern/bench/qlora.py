@@ -29,7 +29,6 @@ Decode inputs do not require grad (they would keep bitsandbytes off that path).
 
 from __future__ import annotations
 
-import datetime as _dt
 import importlib.util
 import itertools
 import logging
@@ -48,7 +47,6 @@ from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import Weights, _Holder, frozen_linear, peft_available
 from lorakern.bench.shapes import modes_for
-from lorakern.bench.timing import measure_ceilings
 from lorakern.layer import LoraLinear
 from lorakern.quant import dequantize_weight, quantize_weight
 from lorakern.quantized import QuantLinear, quantized_weight
@@ -359,7 +357,7 @@ def run_qlora_suite(config, progress: bool = True) -> dict:
     """The QLoRA rows `config` asks for (config.suite == "qlora"); the results dict has the
     dense suite's keys (rows, memory, e2e, targets, ...) plus `quant` (the format and each
     provider's stored bits per parameter)."""
-    from lorakern.bench.suite import run_record
+    from lorakern.bench.suite import run_record, start_run
 
     unknown = [p for p in config.providers if p not in QLORA_PROVIDERS]
     if unknown:
@@ -373,11 +371,7 @@ def run_qlora_suite(config, progress: bool = True) -> dict:
     if size is not None and not e2e_mod.transformers_available():
         size, e2e_skipped = None, "transformers is not installed (pip install 'lorakern[bench]')"
     total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers) if size else 0)
-    bar = Progress(total, enabled=progress)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
-    bar.tick("ceilings: copy bandwidth")
-    bar.tick("ceilings: matmul rate")
+    bar, started, ceilings = start_run(config, total, progress)
     rows, weights = _layer_rows(config, providers, ceilings, bar)
     memory = _memory_rows(config, providers, bar) if config.memory else []
     e2e_rows = []

@@ -333,11 +333,7 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     if size is not None and not e2e_mod.transformers_available():
         size, e2e_skipped = None, "transformers is not installed (pip install 'lorakern[bench]')"
     total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers, config.e2e_compile) if size else 0)
-    bar = Progress(total, enabled=progress)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
-    bar.tick("ceilings: copy bandwidth")
-    bar.tick("ceilings: matmul rate")
+    bar, started, ceilings = start_run(config, total, progress)
     rows = _layer_rows(config, providers, ceilings, bar)
     memory = _memory_rows(config, providers, bar) if config.memory else []
     e2e_rows = []
@@ -347,6 +343,22 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     bar.close()
     return run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows,
                       vars(size) if size is not None else None, e2e_skipped)
+
+
+def start_run(config, total: int, progress: bool):
+    """Every suite's start: (progress bar over `total` steps, start time, ceilings measured at
+    the run's device, dtype and timer — their two steps ticked)."""
+    bar = Progress(total, enabled=progress)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    ceilings = measure_ceilings(config.device, config.dtype, config.timer)
+    bar.tick("ceilings: copy bandwidth")
+    bar.tick("ceilings: matmul rate")
+    return bar, started, ceilings
+
+
+def base_first(providers: list[str], base: str = "base") -> list[str]:
+    """`providers` with the base row first (the others' ratios are taken against it)."""
+    return [base] + [p for p in providers if p != base] if base in providers else list(providers)
 
 
 def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows, e2e_size, e2e_skipped,
