@@ -687,9 +687,9 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             y = base_gemm(x, bias)
             for name in active:
-                A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
-                p = self.lora_dropout[name] if self.training else 0.0
                 if not self.use_dora.get(name, False):
+                    A, B = _in_dtype(self.lora_A[name].weight, dtype), _in_dtype(self.lora_B[name].weight, dtype)
+                    p = self.lora_dropout[name] if self.training else 0.0
                     y = y + op(x, None, None, A, B, self.scaling[name], dropout_p=p)
                     continue
                 A, B, s, p, m, norm = self._dora_args(name, w, dtype)
