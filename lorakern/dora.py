@@ -16,6 +16,8 @@ per weight version. The norm is a constant for autograd (the paper's §4.3, PEFT
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
     """‖W_n‖² for each row of weight [N, K] (any strides), in fp32 (fp64 for fp64)."""
     return torch.linalg.vector_norm(weight, dim=1, dtype=_acc_dtype(weight.dtype)).square()
+
+
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies a tensor's values for a cache: storage, version, dtype, shape."""
+    return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
+
+
+def cached_row_sq_norms(owner: nn.Module, key: tuple, dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """row_sq_norms(dense()) of a frozen base weight, kept on `owner` (the layer) and
+    recomputed only when `key` changes (`weight_key` of the weight, or of a quantized
+    weight's tensors: merge, load, a cast); `dense` runs only then."""
+    cached = owner.__dict__.get("_dora_row_sq_norms")
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_dora_row_sq_norms"] = (key, row_sq_norms(dense()))
+    return cached[1]
 
 
 @torch.no_grad()

@@ -423,7 +423,6 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         # DoRA (lorakern/dora.py): PEFT's names, a magnitude vector per DoRA adapter.
         self.use_dora: dict[str, bool] = {}
         self.lora_magnitude_vector = nn.ModuleDict()
-        self._row_sq_norms: tuple | None = None  # (weight version key, ‖W_n‖²) for DoRA's norm
         self._dora_merged_norm: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖ at merge time, for unmerge
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -708,18 +707,13 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         if w is None:
             qw = quantized.quantized_weight(self.base_layer)
             wa = quantized_linear(A.to(dtype), qw, None, self.backend).t()  # W Aᵀ [N, r]
-            norm = dora.weight_norm(None, A, B, s, self._quantized_row_sq_norms(qw, dtype), wa)
+            key = ("quantized", dora.weight_key(qw.data), dora.weight_key(qw.absmax), dtype)
+            w_sq = dora.cached_row_sq_norms(self, key, lambda: quant.dequantize_weight(qw, dtype))
+            norm = dora.weight_norm(None, A, B, s, w_sq, wa)
         else:
-            norm = dora.weight_norm(w, A, B, s, self._cached_row_sq_norms(w))
+            norm = dora.weight_norm(w, A, B, s, dora.cached_row_sq_norms(self, dora.weight_key(w), lambda: w))
         p = self.lora_dropout[name] if self.training else 0.0
         return A, B, s, p, self.lora_magnitude_vector[name].weight, norm
-
-    def _quantized_row_sq_norms(self, qw, dtype: torch.dtype) -> torch.Tensor:
-        """‖W_n‖² of a quantized base (dequantised once, then cached until its storage changes)."""
-        key = ("quantized", qw.data.data_ptr(), qw.data._version, qw.absmax.data_ptr(), qw.absmax._version, dtype)
-        if self._row_sq_norms is None or self._row_sq_norms[0] != key:
-            self._row_sq_norms = (key, dora.row_sq_norms(quant.dequantize_weight(qw, dtype)))
-        return self._row_sq_norms[1]
 
     def _base_forward_plus_lora(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """base_layer(x) + the LoRA term (the op with weight=None), as PEFT's bnb 8-bit layer:
@@ -735,13 +729,6 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         if extra is not None:
             lora = lora + extra.to(lora.dtype)
         return y + lora.to(y.dtype)
-
-    def _cached_row_sq_norms(self, w: torch.Tensor) -> torch.Tensor:
-        """‖W_n‖², recomputed only when the base weight changes (merge, load, dtype)."""
-        key = (w.data_ptr(), w._version, w.dtype, w.shape)
-        if self._row_sq_norms is None or self._row_sq_norms[0] != key:
-            self._row_sq_norms = (key, dora.row_sq_norms(w))
-        return self._row_sq_norms[1]
 
     def _quantized_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """QLoRA: x (cast to the base's compute dtype, as bitsandbytes does) through the op

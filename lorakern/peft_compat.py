@@ -211,11 +211,7 @@ def _dora_forward(module: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict)
     magnitude = module.lora_magnitude_vector[name].weight
     w = base.weight.t() if module.fan_in_fan_out else base.weight
     s = float(module.scaling[name])
-    key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-    cached = module.__dict__.get("_lorakern_row_sq")
-    if cached is None or cached[0] != key:  # ‖W_n‖², recomputed when the base weight changes
-        cached = module.__dict__["_lorakern_row_sq"] = (key, dora.row_sq_norms(w))
-    norm = dora.weight_norm(w, A.weight, B.weight, s, cached[1])
+    norm = dora.weight_norm(w, A.weight, B.weight, s, dora.cached_row_sq_norms(module, dora.weight_key(w), lambda: w))
     backend = getattr(module, _PATCHED)
     op = lambda *a, **k: lora_linear(*a, backend=backend, **k)  # noqa: E731
     return dora.dora_forward(op, x, w, base.bias, A.weight, B.weight, s, p if module.training else 0.0, magnitude, norm)
