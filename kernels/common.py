@@ -9,12 +9,13 @@ Triton traps handled here once (DESIGN.md §4):
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import settings
 
 # Rank dimension of A / B / S is padded in registers to a power of two >= 16
 # (tl.dot's minimum) and masked on load; never padded in memory.
@@ -23,7 +24,7 @@ MIN_RANK_PAD = 16
 
 # Triton decides at decoration time (when this package is imported) whether its
 # kernels run in the interpreter, so the switch is read once, here.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRETING = settings.interpret
 
 
 def interpreting() -> bool:

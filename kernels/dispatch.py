@@ -1,75 +1,178 @@
-"""Which variant runs: the more fused one or the less fused one.
+"""Which variant runs, and the whole forward / backward on 2-D tensors built on that choice.
 
-Two choices go through here: the base GEMM (the fused Triton kernel, or cuBLAS + a LoRA
-pass over y / dx) and, for small M, the forward as one launch (shrink inside the GEMM)
-or two. The fused kernels save passes and launches, but a Triton GEMM can lose to
-cuBLAS on some shapes, and dispatch must never pick the slower path (DESIGN.md §3). So
-on CUDA the choice is measured: the first call for a shape bucket times both variants
-on the real inputs (triton.testing.do_bench) and caches the winner.
-LORAKERN_FUSED_GEMM=1 / 0 forces the more / less fused variant everywhere (tests,
-benchmarks); under the interpreter the fused variants run.
+A call has up to three ways to compute the same thing:
+- "fused":   the Triton GEMM with the LoRA term in its epilogue (one pass over y / dx);
+             for small M, the forward in one launch (shrink inside the GEMM);
+- "unfused": cuBLAS's GEMM, then a LoRA pass that adds into its output;
+- "merged":  (dropout 0 only) cuBLAS's GEMM on W + s·B A, built by a small kernel
+             (kernels/merge.py): no pass over y / dx, one read and write of W instead.
+The fused kernels save passes and launches, but a Triton GEMM can lose to cuBLAS on some
+shapes, and dispatch must never pick the slower path (DESIGN.md §3). So on CUDA the
+choice is measured: the first call for a shape bucket times every candidate on the real
+inputs (triton.testing.do_bench) and `DISPATCH` keeps the winner. Under the interpreter
+the fused variants run. LORAKERN_FUSED_GEMM (lorakern.settings) forces one variant.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
-from .common import interpreting
+from .. import settings
+from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
+from .common import has_dropout, interpreting, rank_pad, traced
+from .dequant import dequantize_weight
+from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
+from .qgemm import dequant_matmul
+from .shrink import lora_shrink
 
-# key -> (fused ms, unfused ms) as measured; the choice is fused ms < unfused ms.
-_times: dict[tuple, tuple[float, float]] = {}
+FUSED, UNFUSED, MERGED = "fused", "unfused", "merged"
+_FORCED = {"1": FUSED, "0": UNFUSED, "merged": MERGED}
 
 
-def fused_gemm_override() -> bool | None:
-    value = os.environ.get("LORAKERN_FUSED_GEMM", "auto")
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"LORAKERN_FUSED_GEMM must be auto, 0 or 1, got {value!r}")
-    return None if value == "auto" else value == "1"
+class Dispatcher:
+    """Measures each call's candidates once per key on CUDA and remembers the fastest.
 
-
-def prefer_fused(
-    key: tuple, fused: Callable[[], object], unfused: Callable[[], object], device: torch.device, traced: bool = False
-) -> bool:
-    """True when the fused variant should run for `key`; measures both once on CUDA.
-
-    traced: the inputs are FakeTensors (torch.compile tracing the triton_op), so nothing
-    can be timed: a key not measured before takes cuBLAS.
+    `choose(key, candidates, device)` returns a candidate's name. The key holds what
+    changes the ranking (M bucket, N, K, rank pad, dropout on/off, dtype, device); the
+    candidates are name -> zero-argument function running that variant on the real
+    inputs (timing one writes only its own outputs).
     """
-    forced = fused_gemm_override()
-    if forced is not None:
-        return forced
-    if interpreting() or device.type != "cuda":
-        return True
-    if key not in _times:
-        if traced or torch.cuda.is_current_stream_capturing():
-            return False  # cannot time while tracing or inside a CUDA graph capture: cuBLAS, not cached
-        _times[key] = _measure(fused, unfused)
-    t_fused, t_unfused = _times[key]
-    return t_fused < t_unfused
+
+    def __init__(self) -> None:
+        # key -> {candidate name: best ms}
+        self._times: dict[tuple, dict[str, float]] = {}
+
+    def choose(self, key: tuple, candidates: dict[str, Callable[[], object]], device: torch.device,
+               is_traced: bool = False) -> str:
+        """The candidate to run for `key`. is_traced: the inputs are FakeTensors (torch.compile
+        tracing the triton_op), so nothing can be timed: a key not measured before takes
+        the unfused variant (cuBLAS), uncached."""
+        forced = _FORCED.get(settings.fused_gemm)
+        if forced is not None:
+            return forced if forced in candidates else UNFUSED
+        if interpreting() or device.type != "cuda":
+            return FUSED
+        times = self._times.get(key)
+        if times is None:
+            if is_traced or torch.cuda.is_current_stream_capturing():
+                return UNFUSED  # cannot time while tracing or inside a CUDA graph capture
+            times = self._times[key] = self._measure(candidates)
+        return min(times, key=times.get)
+
+    @staticmethod
+    def _measure(candidates: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Best ms of each candidate over two alternating rounds: a single do_bench per
+        variant once ranked them opposite to their steady-state kernel times (H200,
+        2026-11-26, benchmarks/NOTES.md), so no first measurement is trusted alone."""
+        from triton.testing import do_bench
+
+        times: dict[str, float] = {}
+        for _ in range(2):
+            for name, fn in candidates.items():
+                ms = do_bench(fn, warmup=5, rep=20)
+                times[name] = min(ms, times.get(name, ms))
+        return times
+
+    def reset(self) -> None:
+        """Forget every measurement (the next call of each key measures again)."""
+        self._times.clear()
+
+    def choices(self) -> dict[tuple, str]:
+        """key -> the chosen candidate, for every key measured so far."""
+        return {key: min(times, key=times.get) for key, times in self._times.items()}
+
+    def times(self) -> dict[tuple, dict[str, float]]:
+        """key -> {candidate: best ms}, the measurements behind each choice."""
+        return {key: dict(times) for key, times in self._times.items()}
 
 
-def _measure(fused: Callable[[], object], unfused: Callable[[], object]) -> tuple[float, float]:
-    """(fused ms, unfused ms). Two alternating rounds, each variant's best kept: a single
-    do_bench per variant once ranked them opposite to their steady-state kernel times
-    (H200, 2026-11-26, benchmarks/NOTES.md), so the first measurement of either is not
-    trusted alone."""
-    from triton.testing import do_bench
-
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for _ in range(2):
-        for is_fused, fn in ((True, fused), (False, unfused)):
-            times[is_fused].append(do_bench(fn, warmup=5, rep=20))
-    return min(times[True]), min(times[False])
+DISPATCH = Dispatcher()
 
 
-def recorded_choices() -> dict[tuple, bool]:
-    """The measured choices so far (key -> fused?), for benchmarks."""
-    return {key: t_fused < t_unfused for key, (t_fused, t_unfused) in _times.items()}
+# --- the whole forward / backward, variants chosen by DISPATCH ---------------------------
+
+# Up to this many rows the shrink runs inside the kernel that adds the B-projection
+# (each column of programs recomputes S from x, which only pays while x is small).
+ONEPASS_MAX_M = 64
 
 
-def recorded_times() -> dict[tuple, tuple[float, float]]:
-    """The times behind each measured choice (key -> (fused ms, unfused ms))."""
-    return dict(_times)
+def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
+    """y = x Wᵀ + s·S Bᵀ + bias [M, N] from S, by the faster of the fused and cuBLAS variants."""
+    M, K = x.shape
+    args = (x, weight, bias, S, lora_B, scaling)
+    if weight is None:  # the LoRA term alone: nothing to fuse it with
+        return lora_forward_unfused(*args)
+    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), x.dtype, x.device)
+    candidates = {FUSED: lambda: lora_forward_fused(*args), UNFUSED: lambda: lora_forward_unfused(*args)}
+    return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))]()
+
+
+def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
+    """dx = dY W + D(dS A) [M, K], by the faster of the fused and cuBLAS variants."""
+    M, N = dy.shape
+    args = (dy, weight, dS, lora_A, p, seed)
+    if weight is None:  # the LoRA term alone
+        return lora_backward_dx(*args, fused=False)
+    # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
+    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), has_dropout(p), dy.dtype, dy.device)
+    candidates = {FUSED: lambda: lora_backward_dx(*args, fused=True), UNFUSED: lambda: lora_backward_dx(*args, fused=False)}
+    return candidates[DISPATCH.choose(key, candidates, dy.device, traced(dy))]()
+
+
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32).
+
+    scaling, p, seed: float, float, int; or one DeviceScalars as all three (values the
+    host does not read: torch.compile's traced path).
+
+    Small M (decode): one launch (`lora_forward_onepass`, the base GEMM in Triton) or two
+    (cuBLAS's GEMM, then one pass computing S and adding s·S Bᵀ), whichever measures
+    faster. Larger M, and while torch.compile traces: the shrink kernel, then the GEMM.
+    """
+    M, K = x.shape
+    args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    if M <= ONEPASS_MAX_M and weight is not None and not traced(x):
+        key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), has_dropout(p), x.dtype, x.device)
+        candidates = {FUSED: lambda: lora_forward_onepass(*args),
+                      UNFUSED: lambda: lora_forward_onepass(*args, cublas_base=True)}
+        return candidates[DISPATCH.choose(key, candidates, x.device)]()
+    S = lora_shrink(x, lora_A, p, seed)
+    return lora_forward(x, weight, bias, S, lora_B, scaling), S
+
+
+def qlora_linear_forward(x, qtensors, meta, bias, lora_A, lora_B, scaling, p, seed):
+    """Forward over a quantized weight on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32).
+
+    qtensors: (data, absmax, code, offset, nested_absmax, nested_code) as
+    `dequantize_weight` takes them; meta: (quant_type, blocksize, nested_blocksize, N, K).
+    Small M (decode): the faster, as measured, of (a) `dequant_matmul` reading the
+    quantized weight in its K loop, then one pass adding s·S Bᵀ, and (b) the dense
+    weight dequantised into a temporary, then the dense forward. Larger M: (b).
+    """
+    quant_type, blocksize, nested_blocksize, n, k = meta
+    M = x.shape[0]
+
+    def dequantised():
+        weight = dequantize_weight(*qtensors, quant_type, blocksize, nested_blocksize, (n, k), x.dtype)
+        return lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+
+    def fused():
+        y = dequant_matmul(x, *qtensors, quant_type, blocksize, nested_blocksize, (n, k), bias)
+        return lora_forward_onepass(x, None, None, lora_A, lora_B, scaling, p, seed, base=y)
+
+    if M > ONEPASS_MAX_M or traced(x):
+        return dequantised()
+    key = ("qfwd1", quant_type, m_bucket(M), n, k, rank_pad(lora_A.shape[0]), has_dropout(p), x.dtype, x.device)
+    candidates = {FUSED: fused, UNFUSED: dequantised}
+    return candidates[DISPATCH.choose(key, candidates, x.device)]()
+
+
+def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs):
+    """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB)."""
+    need_x, need_a, need_b = needs
+    dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling)
+    dx = lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) if need_x else None
+    dA = lora_backward_da(dS, x, lora_A, p, seed) if need_a else None
+    return dx, dA, (dB if need_b else None)

@@ -8,12 +8,12 @@ B cast to x's dtype in registers.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from .common import (
     cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, load_scaling, mma, next_pow2, rank_pad,
     scalar_args, wrap_triton,
@@ -52,7 +52,7 @@ def gemm_configs(cols: str, reduction: str) -> list[triton.Config]:
     """
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, cols: 32, reduction: 64, "GROUP_M": 4}, num_warps=4)]
-    tiles = GEMM_TILES if os.environ.get("LORAKERN_AUTOTUNE", "1") != "0" else [SINGLE_TILE]
+    tiles = GEMM_TILES if settings.autotune else [SINGLE_TILE]
     return [
         triton.Config({"BLOCK_M": bm, cols: bc, reduction: br, "GROUP_M": 8}, num_warps=w, num_stages=st)
         for bm, bc, br, w, st in tiles

@@ -21,12 +21,12 @@ other call takes `kernel[grid](**args)` unchanged. LORAKERN_FAST_LAUNCH=0 turns 
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import triton
 
+from .. import settings
 from .common import interpreting
 
 # Triton versions whose internals (JITFunction.device_caches' binder, CompiledKernel.run's
@@ -35,7 +35,7 @@ _CHECKED_TRITON = ("3.6.",)
 
 
 def _direct_supported() -> bool:
-    if interpreting() or os.environ.get("LORAKERN_FAST_LAUNCH", "1") == "0":
+    if interpreting() or not settings.fast_launch:
         return False
     if not triton.__version__.startswith(_CHECKED_TRITON):
         return False

@@ -17,12 +17,12 @@ split: each split writes fp32 partials, summed (+ bias, cast) by PyTorch afterwa
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from .common import cast, cdiv, check_device, common_meta, interpreting, mma, wrap_triton
 from .launch import launch
 
@@ -41,7 +41,7 @@ MAX_SPLIT_K = 16
 def qgemm_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4)]
-    tiles = QGEMM_TILES if os.environ.get("LORAKERN_AUTOTUNE", "1") != "0" else QGEMM_TILES[:1]
+    tiles = QGEMM_TILES if settings.autotune else QGEMM_TILES[:1]
     return [triton.Config({"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bn, bk, w, st in tiles]
 

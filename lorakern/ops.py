@@ -40,14 +40,13 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
 from types import ModuleType
 
 import torch
 
-from lorakern import reference
+from lorakern import reference, settings
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = settings.BACKENDS
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # float64 runs on the reference backend only (for gradcheck and as an fp64 oracle).
 REFERENCE_ONLY_DTYPES = (torch.float64,)
@@ -71,8 +70,8 @@ def triton_available() -> tuple[bool, str]:
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return settings.interpret
 
 
 def _kernels() -> ModuleType:
@@ -86,9 +85,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("LORAKERN_BACKEND", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(f"LORAKERN_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        backend = settings.backend
     if backend == "auto":
         use_triton = device.type == "cuda" and dtype in SUPPORTED_DTYPES and triton_available()[0]
         return "triton" if use_triton else "reference"
@@ -472,10 +469,7 @@ def use_triton_op() -> bool:
     """Whether traced Triton-backend calls take lorakern.triton_ops (the compiler sees the
     kernels) rather than the opaque custom op: yes when Triton compiles its kernels (not
     the interpreter) and torch has triton_op, unless LORAKERN_TRITON_OP=0."""
-    value = os.environ.get("LORAKERN_TRITON_OP", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"LORAKERN_TRITON_OP must be 0 or 1, got {value!r}")
-    return value == "1" and _HAS_TRITON_OP and not interpreting()
+    return settings.triton_op and _HAS_TRITON_OP and not interpreting()
 
 
 def _plain(*tensors) -> bool:

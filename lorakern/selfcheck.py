@@ -10,11 +10,11 @@ Triton's interpreter (small shapes only: it is slow).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
+from lorakern import settings
 from lorakern.ops import lora_linear
 
 # The correctness bar (DESIGN.md §5), in one place: the tests use it too.
@@ -100,7 +100,7 @@ def check_case(M, K, N, r, p, has_bias, dtype, device) -> tuple[float, float, bo
 def run_selfcheck(print_fn: Callable[[str], None] = print) -> bool:
     """Run every case, print a table, return True when all pass."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device == "cpu" and not settings.interpret:
         raise RuntimeError("on a machine without CUDA, set TRITON_INTERPRET=1 before importing lorakern")
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
     print_fn(f"lorakern check on {where}: Triton backend vs reference, forward + grads of x, A, B, bias")

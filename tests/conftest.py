@@ -80,6 +80,29 @@ def _seed():
 # Fixtures of the model / adapter / interop modules.
 
 
+@pytest.fixture
+def switches(monkeypatch):
+    """Set lorakern's environment switches for one test, as if set before import:
+    ``switches(LORAKERN_BACKEND="reference", TRITON_INTERPRET=None)`` sets (None: unsets)
+    the variables and re-reads lorakern.settings (ValueError on a bad value, settings
+    unchanged). Both the environment and the settings are restored after the test."""
+    from lorakern import settings
+
+    saved = {name: getattr(settings, name) for name in settings.read({})}
+
+    def apply(**env):
+        for name, value in env.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        settings.reload()
+
+    yield apply
+    for name, value in saved.items():
+        setattr(settings, name, value)
+
+
 @pytest.fixture(scope="module")
 def quiet_warnings():
     """transformers and PEFT warn about tiny random configs; those tests do not check

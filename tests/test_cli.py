@@ -27,8 +27,8 @@ def _finite_positive(value) -> bool:
 # ---- info -----------------------------------------------------------------------------
 
 
-def test_info_names_device_versions_and_backend_choice(capsys, monkeypatch):
-    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+def test_info_names_device_versions_and_backend_choice(capsys, switches):
+    switches(LORAKERN_BACKEND=None)
     assert cli.main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     lines = dict(line.split(None, 1) for line in out.splitlines() if line.split(None, 1)[0] in ("device", "torch"))
@@ -42,8 +42,8 @@ def test_info_names_device_versions_and_backend_choice(capsys, monkeypatch):
     assert ("compiled" if compiled_mask_generator() else "numpy") in mask_line
 
 
-def test_info_reports_env_override(capsys, monkeypatch):
-    monkeypatch.setenv("LORAKERN_BACKEND", "reference")
+def test_info_reports_env_override(capsys, switches):
+    switches(LORAKERN_BACKEND="reference")
     assert cli.main(["info", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "LORAKERN_BACKEND=reference overrides auto" in out
@@ -52,11 +52,11 @@ def test_info_reports_env_override(capsys, monkeypatch):
 # ---- check ------------------------------------------------------------------------------
 
 
-def test_check_runs_the_selfcheck_in_a_fresh_interpreter(capfd, monkeypatch):
+def test_check_runs_the_selfcheck_in_a_fresh_interpreter(capfd, switches):
     """Without TRITON_INTERPRET in the environment, `check` on CPU re-runs itself with it set."""
     if torch.cuda.is_available():
         pytest.skip("the interpreter re-run is the CPU path")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    switches(TRITON_INTERPRET=None)
     assert cli.main(["check"]) == 0
     out = capfd.readouterr().out
     assert "PASS" in out and "FAIL" not in out

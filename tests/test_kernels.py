@@ -241,28 +241,45 @@ def test_fp32_dot_precision_follows_torch_setting():
 
 
 def test_fused_gemm_override_is_validated(monkeypatch):
-    from lorakern.kernels.dispatch import fused_gemm_override
+    from lorakern import settings
 
     monkeypatch.setenv("LORAKERN_FUSED_GEMM", "yes")
+    before = settings.fused_gemm
     with pytest.raises(ValueError, match="LORAKERN_FUSED_GEMM"):
-        fused_gemm_override()
+        settings.reload()
+    assert settings.fused_gemm == before  # a bad value changes nothing
     monkeypatch.setenv("LORAKERN_FUSED_GEMM", "0")
-    assert fused_gemm_override() is False
+    assert settings.read()["fused_gemm"] == "0"
+
+
+def test_forced_variant(monkeypatch):
+    """LORAKERN_FUSED_GEMM forces a variant; "merged" falls back to cuBLAS where a call
+    cannot take it (dropout on), never to the fused GEMM."""
+    from lorakern import settings
+    from lorakern.kernels.dispatch import Dispatcher
+
+    d, cuda = Dispatcher(), torch.device("cuda")
+    both = {"fused": None, "unfused": None}
+    for value, want, want_both in (("1", "fused", "fused"), ("0", "unfused", "unfused"), ("merged", "merged", "unfused")):
+        monkeypatch.setattr(settings, "fused_gemm", value)
+        assert d.choose(("k",), {**both, "merged": None}, cuda) == want
+        assert d.choose(("k",), both, cuda) == want_both
+    assert d.times() == {}  # forced choices measure nothing
 
 
 def test_measured_dispatch_alternates_keeps_each_best_and_caches(monkeypatch):
-    """The CUDA branch of prefer_fused, driven on CPU with a scripted timer: two
-    alternating rounds (fused, unfused, fused, unfused), each variant's best time
-    compared, the choice and times recorded once per key."""
+    """The CUDA branch of Dispatcher.choose, driven on CPU with a scripted timer: two
+    alternating rounds over the candidates, each candidate's best time compared, the
+    choice and times recorded once per key; reset() forgets them."""
     import triton.testing
 
+    from lorakern import settings
     from lorakern.kernels import dispatch
 
-    monkeypatch.delenv("LORAKERN_FUSED_GEMM", raising=False)
+    monkeypatch.setattr(settings, "fused_gemm", "auto")
     monkeypatch.setattr(dispatch, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(dispatch, "_times", {})
-    order, script = [], {"fused": [5.0, 1.0], "unfused": [2.0, 1.5]}
+    order, script = [], {"fused": [5.0, 1.0], "unfused": [2.0, 1.5], "merged": [1.2, 3.0]}
 
     def fake_bench(fn, warmup, rep):
         name = fn()
@@ -270,14 +287,21 @@ def test_measured_dispatch_alternates_keeps_each_best_and_caches(monkeypatch):
         return script[name].pop(0)
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
-    cuda = torch.device("cuda")
+    d, cuda = dispatch.Dispatcher(), torch.device("cuda")
+    candidates = {name: (lambda name=name: name) for name in ("fused", "unfused", "merged")}
     key = ("fwd", 8192, 4096, 4096)
-    # One round alone would pick unfused (5.0 > 2.0); the best of two says fused (1.0 < 1.5).
-    assert dispatch.prefer_fused(key, lambda: "fused", lambda: "unfused", cuda) is True
-    assert order == ["fused", "unfused", "fused", "unfused"]
-    assert dispatch.recorded_times()[key] == (1.0, 1.5) and dispatch.recorded_choices()[key] is True
-    assert dispatch.prefer_fused(key, lambda: "fused", lambda: "unfused", cuda) is True
-    assert len(order) == 4  # cached: no second measurement
+    # One round alone would pick merged (1.2); the best of two says fused (1.0).
+    assert d.choose(key, candidates, cuda) == "fused"
+    assert order == ["fused", "unfused", "merged"] * 2
+    assert d.times()[key] == {"fused": 1.0, "unfused": 1.5, "merged": 1.2} and d.choices()[key] == "fused"
+    assert d.choose(key, candidates, cuda) == "fused"
+    assert len(order) == 6  # cached: no second measurement
+    # Traced inputs or an unmeasured key inside a capture: cuBLAS, nothing timed or cached.
+    assert d.choose(("other",), candidates, cuda, is_traced=True) == "unfused" and len(order) == 6
+    d.reset()
+    assert d.times() == {}
+    script.update({"fused": [9.0, 9.0], "unfused": [2.0, 2.0], "merged": [1.0, 1.0]})
+    assert d.choose(key, candidates, cuda) == "merged" and len(order) == 12
 
 
 @pytest.mark.parametrize("r", [100, 128], ids=lambda r: f"r{r}")

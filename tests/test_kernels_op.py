@@ -102,9 +102,9 @@ def test_op_leading_dims_and_strides(layout, dtype):
 
 
 @params("fused", ["1", "0"], ids=["fused-gemm", "cublas-gemm"])
-def test_op_both_gemm_variants(monkeypatch, fused):
+def test_op_both_gemm_variants(fused, switches):
     """LORAKERN_FUSED_GEMM forces either base-GEMM variant; both are exact to the reference."""
-    monkeypatch.setenv("LORAKERN_FUSED_GEMM", fused)
+    switches(LORAKERN_FUSED_GEMM=fused)
     dev, dtype = KERNEL_DEVICE, torch.float16
     K, N, M, r = 40, 27, 65, 16
     x, W = randn(M, K, dtype=dtype, device=dev), randn(N, K, dtype=dtype, device=dev)
@@ -226,8 +226,8 @@ def test_triton_backward_saves_no_mask_and_no_extra_activation():
 @params("dtype", DTYPES, ids=DTYPE_IDS.get)
 @params("shape", [(1, 4096, 4096, 16), (257, 1000, 1030, 7), (2048, 4096, 1024, 64)], ids=lambda s: "x".join(map(str, s)))
 @params("fused", ["1", "0"], ids=["fused-gemm", "cublas-gemm"])
-def test_op_cuda_large(dtype, shape, fused, monkeypatch):
-    monkeypatch.setenv("LORAKERN_FUSED_GEMM", fused)
+def test_op_cuda_large(dtype, shape, fused, switches):
+    switches(LORAKERN_FUSED_GEMM=fused)
     M, K, N, r = shape
     dev = "cuda"
     x, W = randn(M, K, dtype=dtype, device=dev), randn(N, K, dtype=dtype, device=dev, scale=K**-0.5)

@@ -305,51 +305,50 @@ CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # only a device object: resolve_backend needs no GPU
 
 
-def test_auto_on_cpu_is_reference(monkeypatch):
-    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+def test_auto_on_cpu_is_reference(switches):
+    switches(LORAKERN_BACKEND=None)
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         assert ops.resolve_backend("auto", CPU, dtype) == "reference"
 
 
-def test_auto_on_cuda_is_triton_for_supported_dtypes(monkeypatch):
-    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+def test_auto_on_cuda_is_triton_for_supported_dtypes(switches):
+    switches(LORAKERN_BACKEND=None)
     if not ops.triton_available()[0]:
         pytest.skip("needs triton importable")
     assert ops.resolve_backend("auto", CUDA, torch.bfloat16) == "triton"
     assert ops.resolve_backend("auto", CUDA, torch.float64) == "reference"
 
 
-def test_env_overrides_auto_only(monkeypatch):
-    monkeypatch.setenv("LORAKERN_BACKEND", "reference")
+def test_env_overrides_auto_only(switches):
+    switches(LORAKERN_BACKEND="reference")
     assert ops.resolve_backend("auto", CUDA, torch.float16) == "reference"
-    monkeypatch.setenv("LORAKERN_BACKEND", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    switches(LORAKERN_BACKEND="triton")
+    switches(TRITON_INTERPRET="1")
     assert ops.resolve_backend("auto", CPU, torch.float32) == "triton"
     # An explicit backend= wins over the environment.
     assert ops.resolve_backend("reference", CPU, torch.float32) == "reference"
 
 
-def test_env_bad_value(monkeypatch):
-    monkeypatch.setenv("LORAKERN_BACKEND", "cuda-please")
+def test_env_bad_value(switches):
     with pytest.raises(ValueError, match=r"LORAKERN_BACKEND.*'cuda-please'"):
-        ops.resolve_backend("auto", CPU, torch.float32)
+        switches(LORAKERN_BACKEND="cuda-please")
 
 
-def test_triton_on_cpu_needs_interpreter(monkeypatch):
+def test_triton_on_cpu_needs_interpreter(switches):
     if not ops.triton_available()[0]:
         pytest.skip("needs triton importable")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    switches(TRITON_INTERPRET=None)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.resolve_backend("triton", CPU, torch.float32)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    switches(TRITON_INTERPRET="0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.resolve_backend("triton", CPU, torch.float32)
     # The same through the env override and through lora_linear itself.
-    monkeypatch.setenv("LORAKERN_BACKEND", "triton")
+    switches(LORAKERN_BACKEND="triton")
     x, w, b, A, B = make_inputs((3,), 8, 5, 2)
     with pytest.raises(RuntimeError, match="backend='reference' on CPU"):
         lora_linear(x, w, b, A, B, 1.0)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    switches(TRITON_INTERPRET="1")
     assert ops.resolve_backend("triton", CPU, torch.float32) == "triton"
 
 
@@ -373,13 +372,13 @@ class _Spy:
 
 @pytest.mark.parametrize("env", [None, "reference", "triton"])
 @pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
-def test_lora_linear_runs_the_resolved_backend(monkeypatch, env, backend):
+def test_lora_linear_runs_the_resolved_backend(monkeypatch, env, backend, switches):
     """The op really calls the implementation resolve_backend names (kernels replaced by a spy)."""
     if env is None:
-        monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+        switches(LORAKERN_BACKEND=None)
     else:
-        monkeypatch.setenv("LORAKERN_BACKEND", env)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+        switches(LORAKERN_BACKEND=env)
+    switches(TRITON_INTERPRET="1")
     kern_spy, ref_spy = _Spy(), _Spy()
     monkeypatch.setattr(ops, "_kernels", kern_spy.module)
     monkeypatch.setattr(ops, "reference", ref_spy.module())

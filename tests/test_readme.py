@@ -18,11 +18,11 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, tmp_path, monkeypatch):
+def test_readme_block_runs(index, tmp_path, monkeypatch, switches):
     code = BLOCKS[index]
     if code.startswith("# fragment"):
         pytest.skip("a fragment of a distributed script (needs a process group)")
     monkeypatch.chdir(tmp_path)  # blocks that save write here
-    monkeypatch.delenv("LORAKERN_BACKEND", raising=False)
+    switches(LORAKERN_BACKEND=None)
     exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "__readme__"})
     assert os.getcwd() == str(tmp_path)

@@ -248,13 +248,13 @@ def _params():
 
 
 @pytest.mark.parametrize(("case", "layout", "dtype", "p"), _params())
-def test_launcher_result_is_independent_of_layout(case: Case, layout: str, dtype: torch.dtype, p: float, monkeypatch):
+def test_launcher_result_is_independent_of_layout(case: Case, layout: str, dtype: torch.dtype, p: float, switches):
     """Each tensor argument alone in `layout`, then all of them at once: bit-identical
     outputs to the call on contiguous arguments (see _rtol for cuBLAS's operands).
 
     LORAKERN_FUSED_GEMM=1: on CUDA, lora_linear_forward/backward run their Triton GEMMs
     (as under the interpreter) rather than the measured choice, which may be cuBLAS."""
-    monkeypatch.setenv("LORAKERN_FUSED_GEMM", "1")
+    switches(LORAKERN_FUSED_GEMM="1")
     tensors = make_inputs(dtype, constant=layout == "expanded")
     want = case.run(tensors, p)
     names = [a for a in case.args if layout != "expanded" or a in EXPANDABLE]
@@ -339,7 +339,7 @@ def _layer(base: nn.Linear, backend: str, random_ab: bool):
 
 @pytest.mark.parametrize("M_rows", [37, 101], ids=lambda m: f"M{m}")  # one-pass and two-pass forward
 @pytest.mark.parametrize("bias_layout", ["strided", "expanded"])
-def test_layer_with_noncontiguous_bias(bias_layout, M_rows, monkeypatch):
+def test_layer_with_noncontiguous_bias(bias_layout, M_rows, switches):
     """LoraLinear on the Triton backend over an nn.Linear whose bias Parameter is a
     step-2 slice or a stride-0 expansion.
 
@@ -348,7 +348,7 @@ def test_layer_with_noncontiguous_bias(bias_layout, M_rows, monkeypatch):
     forward and every gradient match the reference backend (on CPU, same bias layout).
     LORAKERN_FUSED_GEMM=1: the Triton GEMMs, which read the bias themselves, also on CUDA
     (the cuBLAS variant hands the bias to F.linear)."""
-    monkeypatch.setenv("LORAKERN_FUSED_GEMM", "1")
+    switches(LORAKERN_FUSED_GEMM="1")
     W, b = torch.randn(LAYER_N, LAYER_K), torch.randn(LAYER_N)
     bias = _noncontiguous_bias(bias_layout, b, KERNEL_DEVICE)
     base = _with_bias(W, bias)

@@ -184,10 +184,9 @@ def test_lorakern_triton_op_0_compiles_the_opaque_op_instead():
     assert graph["opaque_lora_op"] > 0 and graph["kernels"] == [] and graph["device_scalars"] == 0
 
 
-def test_lorakern_triton_op_must_be_0_or_1(monkeypatch):
-    monkeypatch.setenv("LORAKERN_TRITON_OP", "yes")
+def test_lorakern_triton_op_must_be_0_or_1(switches):
     with pytest.raises(ValueError, match="LORAKERN_TRITON_OP"):
-        ops.use_triton_op()
+        switches(LORAKERN_TRITON_OP="yes")
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import lorakern
+from lorakern import settings
 from lorakern.ops import resolve_backend, triton_available
 from lorakern.reference import compiled_mask_generator
 
@@ -83,9 +84,9 @@ def git_commit() -> str | None:
 
 def auto_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """(backend, why): what backend="auto" resolves to for `dtype` tensors on `device`, and the reason."""
-    env = os.environ.get("LORAKERN_BACKEND")
+    env = settings.backend
     chosen = resolve_backend("auto", device, dtype)
-    if env and env != "auto":
+    if env != "auto":
         return chosen, f"LORAKERN_BACKEND={env} overrides auto"
     ok, triton_why = triton_available()
     if device.type != "cuda":

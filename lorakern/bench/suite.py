@@ -387,14 +387,15 @@ def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_
 
 
 def _dispatch_choices() -> list[dict]:
-    """Which GEMM variant lorakern's measured dispatch picked per shape bucket (CUDA runs only)."""
+    """Which variant lorakern's measured dispatch picked per shape bucket, with every
+    candidate's time (CUDA runs only: elsewhere nothing is measured)."""
     import sys
 
     dispatch = sys.modules.get("lorakern.kernels.dispatch")
     if dispatch is None:
         return []
-    choices = dispatch.recorded_choices()
+    choices = dispatch.DISPATCH.choices()
     return [
-        {"key": [str(k) for k in key], "fused": choices[key], "fused_ms": t_fused, "unfused_ms": t_unfused}
-        for key, (t_fused, t_unfused) in dispatch.recorded_times().items()
+        {"key": [str(k) for k in key], "chosen": choices[key], "ms": times}
+        for key, times in dispatch.DISPATCH.times().items()
     ]
