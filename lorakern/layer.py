@@ -34,7 +34,8 @@ from torch import nn
 
 from lorakern import dora, quant, quantized
 from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
-from lorakern.ops import BACKENDS, ScalarDict, forward_core, lora_linear, resolve_backend
+from lorakern.op_core import forward_core
+from lorakern.ops import BACKENDS, ScalarDict, lora_linear, resolve_backend
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
 
@@ -587,7 +588,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
 
     def _inference_forward(self, x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor | None:
         """One adapter, nothing to differentiate, no dropout (inference, decode): the op's own
-        no-autograd forward (`ops.forward_core`, the same numbers) without its per-call
+        no-autograd forward (`op_core.forward_core`, the same numbers) without its per-call
         argument handling, which this layer's construction already guarantees (shapes,
         devices, scalars; ~10 µs a call on one CPU core, more than the LoRA math at decode).
         None when the general path must run: autocast, x not in the weight's dtype, a

@@ -43,7 +43,8 @@ from torch import nn
 
 from lorakern import quantized, reference
 from lorakern.mixed_ops import lora_linear_segmented, scalar_vectors, stack_adapters, token_segments
-from lorakern.ops import _check_devices, check_inputs, lora_linear, resolve_backend, rows, unrows
+from lorakern.op_core import check_devices, check_inputs, rows, unrows
+from lorakern.ops import lora_linear, resolve_backend
 from lorakern.qops import quantized_linear
 
 BASE = "__base__"
@@ -320,7 +321,7 @@ def lora_linear_mixed(
     if not used or (len(used) == 1 and -1 not in rows) or not _fused(x, backend):
         return _looped(x, weight, bias, lora_As, lora_Bs, scalings, rows, dropout_ps, out_features, backend)
     for i in used:  # the single-adapter op's checks: shapes, dtypes, devices, values
-        _check_devices(x, weight, bias, lora_As[i], lora_Bs[i])
+        check_devices(x, weight, bias, lora_As[i], lora_Bs[i])
         check_inputs(x, weight, bias, lora_As[i], lora_Bs[i], scalings[i], dropout_ps[i])
     if weight is None and bias is not None:
         raise ValueError("bias must be None when weight is None (the LoRA term alone)")

@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakern import reference
-from lorakern.ops import (
-    SECOND_ORDER_ERROR, _autocast_inputs, _autocast_off, _base_grads, draw_seed, rows, unrows,
-)
+from lorakern.op_core import SECOND_ORDER_ERROR, autocast_inputs, autocast_off, base_grads, draw_seed, rows, unrows
 
 
 def _implementation(backend: str):
@@ -79,7 +77,7 @@ class MixedLoraFunction(torch.autograd.Function):
             dx = dy @ weight if weight is not None else dy.new_zeros(x.shape)
             impl.sgmv_expand(dx, dS, A.transpose(1, 2), seg, inv_keep, p, ctx.seed)
         if need_w or need_bias:
-            dW, dbias = _base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
+            dW, dbias = base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
         return dx, dW, dbias, dA, dB, None, None, None, None, None, None
 
 
@@ -137,8 +135,8 @@ def lora_linear_segmented(
     scale, inv_keep, p = vectors
     if seed is None:
         seed = draw_seed() if p is not None else 0
-    x, weight, bias, A, B = _autocast_inputs(x, weight, bias, A, B)
-    with _autocast_off(x.device.type):
+    x, weight, bias, A, B = autocast_inputs(x, weight, bias, A, B)
+    with autocast_off(x.device.type):
         y = MixedLoraFunction.apply(rows(x), weight, bias, A, B, scale, inv_keep, p, seg, seed, backend)
     return unrows(y, x)
 

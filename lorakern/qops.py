@@ -20,23 +20,11 @@ from __future__ import annotations
 import torch
 
 from lorakern import quant
-from lorakern.ops import (
-    SECOND_ORDER_ERROR,
-    _autocast_inputs,
-    _autocast_off,
-    _backward_core,
-    _check_devices,
-    _eager_seed,
-    forward_core,
-    _scalar_tensors,
-    check_inputs,
-    eager_scalars,
-    lora_linear_bwd,
-    lora_linear_fwd,
-    resolve_backend,
-    rows,
-    unrows,
+from lorakern.op_core import (
+    SECOND_ORDER_ERROR, autocast_inputs, autocast_off, backward_core, check_devices, check_inputs, forward_core,
+    rows, scalar_tensors, scalar_values, unrows,
 )
+from lorakern.ops import lora_linear_bwd, lora_linear_fwd, resolve_backend
 from lorakern.quant import QuantizedWeight
 
 # The QuantizedWeight's tensors, in the order they travel as Function / op arguments.
@@ -86,7 +74,7 @@ def _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, s: float, p: float, 
                              s, p, seed, backend)
     from lorakern import kernels
 
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         y, S = kernels.qlora_linear_forward(rows(x), qtensors, meta, bias, lora_A, lora_B, s, p, seed)
     return unrows(y, x), S
 
@@ -111,8 +99,8 @@ class QuantLoraLinearFunction(torch.autograd.Function):
     """Autograd of the quantized op (eager and traced): ``apply(x, bias, lora_A, lora_B,
     scaling, dropout_p, seed, backend, meta, *quantized tensors)``.
 
-    scaling / dropout_p / seed are Python numbers eagerly, CPU tensors when traced (as
-    for the dense op's registered form). Saved: x, S, the seed and the quantized
+    scaling / dropout_p / seed are `scalar_values`' Python numbers eagerly (the seed
+    resolved), CPU tensors when traced (as for the dense op's registered form). Saved: x, S, the seed and the quantized
     tensors (the layer's own storage, not copies).
     """
 
@@ -124,7 +112,6 @@ class QuantLoraLinearFunction(torch.autograd.Function):
             y, S, seed = lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
             ctx.save_for_backward(x, lora_A, lora_B, S, scaling, dropout_p, seed, *qtensors)
         else:
-            seed = _eager_seed(seed, dropout_p)
             y, S = _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
             ctx.save_for_backward(x, lora_A, lora_B, S, *qtensors)
             ctx.scalars = (scaling, dropout_p, seed)
@@ -151,7 +138,7 @@ class QuantLoraLinearFunction(torch.autograd.Function):
                 )
                 dx, dA, dB = (dx if need_x else None), (dA if need_a else None), (dB if need_b else None)
             else:
-                dx, dA, dB = _backward_core(
+                dx, dA, dB = backward_core(
                     dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend, (need_x, need_a, need_b),
                 )
         if need_bias:
@@ -232,22 +219,21 @@ def lora_linear_quantized(
     """
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a lorakern.quant.QuantizedWeight, got {type(qweight).__name__}")
-    _check_devices(x, None, bias, lora_A, lora_B)
+    check_devices(x, None, bias, lora_A, lora_B)
     if isinstance(x, torch.Tensor) and qweight.device != x.device:
         raise ValueError(f"the quantized weight is on {qweight.device}, x on {x.device}")
-    x, _, bias, lora_A, lora_B = _autocast_inputs(x, None, bias, lora_A, lora_B)
+    x, _, bias, lora_A, lora_B = autocast_inputs(x, None, bias, lora_A, lora_B)
     if isinstance(x, torch.Tensor) and isinstance(bias, torch.Tensor) and bias.dtype != x.dtype and x.is_floating_point():
         bias = bias.to(x.dtype)  # bitsandbytes casts the bias to the compute dtype too
     # Shapes and dtypes checked as for a dense weight of qweight's shape (a meta tensor: no memory).
     dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
-    check_inputs(x, torch.empty(qweight.shape, dtype=dtype, device="meta"), bias, lora_A, lora_B, scaling, dropout_p)
+    check_inputs(x, torch.empty(qweight.shape, dtype=dtype, device="meta"), bias, lora_A, lora_B, scaling, dropout_p, seed)
     backend = resolve_backend(backend, x.device, x.dtype)
     meta, qtensors = _meta(qweight), _tensors(qweight)
     if torch.compiler.is_compiling():
-        scaling, dropout_p, seed = _scalar_tensors(scaling, dropout_p, seed)
+        scaling, dropout_p, seed = scalar_tensors(scaling, dropout_p, seed)
         return QuantLoraLinearFunction.apply(x, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, meta, *qtensors)
-    scaling, dropout_p, seed = eager_scalars(scaling, dropout_p, seed)
+    scaling, dropout_p, seed = scalar_values(scaling, dropout_p, seed)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
-        seed = _eager_seed(seed, dropout_p)
         return _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
     return QuantLoraLinearFunction.apply(x, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, meta, *qtensors)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lorakern
-from lorakern import ops
+from lorakern import op_core, ops
 from tests.conftest import requires_cuda
 from tests.utils import RTOL, assert_close
 
@@ -102,7 +102,7 @@ def test_autocast_functional_keeps_fp32_adapters_in_the_op(monkeypatch):
     A = torch.randn(R, K, requires_grad=True)
     B = torch.randn(N, R, requires_grad=True)
     seen = {}
-    real = ops._implementation
+    real = op_core.implementation
 
     class Spy:
         def __init__(self, backend):
@@ -115,7 +115,7 @@ def test_autocast_functional_keeps_fp32_adapters_in_the_op(monkeypatch):
         def lora_linear_backward(self, *args):
             return self.impl.lora_linear_backward(*args)
 
-    monkeypatch.setattr(ops, "_implementation", Spy)
+    monkeypatch.setattr(op_core, "implementation", Spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lorakern.lora_linear(x, W, b, A, B, 0.5, dropout_p=0.2, seed=7)
     assert seen == dict(x=torch.bfloat16, weight=torch.bfloat16, bias=torch.bfloat16,

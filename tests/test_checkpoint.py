@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lorakern import ops
+from lorakern import op_core, ops
 from tests.conftest import backend_device, requires_cuda
 from tests.training_utils import K, tiny_lora_model
 from tests.utils import RTOL, assert_close
@@ -29,7 +29,7 @@ class _SeedSpy:
     def __init__(self, monkeypatch):
         self.fwd: list[int] = []
         self.bwd: list[int] = []
-        real = ops._implementation
+        real = op_core.implementation
         spy = self
 
         class Impl:
@@ -44,7 +44,7 @@ class _SeedSpy:
                 spy.bwd.append(args[-2])
                 return self.impl.lora_linear_backward(*args)
 
-        monkeypatch.setattr(ops, "_implementation", Impl)
+        monkeypatch.setattr(op_core, "implementation", Impl)
 
 
 def _grads(model, x, *, use_reentrant=None, per_layer=False, preserve_rng_state=True, seed=21):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from lorakern import ops
+from lorakern import op_core, ops
 from tests.conftest import backend_device, requires_cuda
 from tests.training_utils import K, lora_layers, tiny_lora_model, train_step
 from tests.utils import RTOL, assert_close
@@ -88,14 +88,14 @@ def test_opcheck_forward_op_draws_seed_from_generator():
     y2, _, s2 = ops.lora_linear_fwd(*args)
     assert int(s1) == int(s2) and torch.equal(y1, y2)
     torch.manual_seed(5)
-    assert int(s1) == ops.draw_seed()
+    assert int(s1) == op_core.draw_seed()
     y3, _, s3 = ops.lora_linear_fwd(*args)  # generator moved on: new seed, new mask
     assert int(s3) != int(s1) and not torch.equal(y3, y1)
     # Dropout off: no draw, seed 0, generator untouched.
     args[6] = torch.tensor(0.0, dtype=torch.float64)
     torch.manual_seed(5)
     _, _, s0 = ops.lora_linear_fwd(*args)
-    assert int(s0) == 0 and ops.draw_seed() == int(s1)
+    assert int(s0) == 0 and op_core.draw_seed() == int(s1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -271,8 +271,8 @@ def test_train_mode_dropout_is_reproducible_with_manual_seed():
 
 def test_train_mode_uses_the_ops_seeded_mask_in_forward_and_backward():
     """Training-mode output and adapter grads equal the naive formula with the mask of the seed
-    the op draws (ops.draw_seed after the same torch.manual_seed)."""
-    from lorakern import ops, reference
+    the op draws (op_core.draw_seed after the same torch.manual_seed)."""
+    from lorakern import op_core, reference
 
     p = 0.4
     layer = make_layer(r=3, lora_alpha=6, lora_dropout=p, init_lora_weights=False).train()
@@ -282,7 +282,7 @@ def test_train_mode_uses_the_ops_seeded_mask_in_forward_and_backward():
     y = layer(x)
     y.backward(dy)
     torch.manual_seed(99)
-    seed = ops.draw_seed()
+    seed = op_core.draw_seed()
     A = layer.lora_A["default"].weight.detach().double().requires_grad_()
     B = layer.lora_B["default"].weight.detach().double().requires_grad_()
     x64 = x.double()

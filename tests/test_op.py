@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lorakern
-from lorakern import lora_linear, ops, reference
+from lorakern import lora_linear, op_core, ops, reference
 from tests.conftest import backend_device
 from tests.utils import RTOL, assert_close
 
@@ -380,8 +380,8 @@ def test_lora_linear_runs_the_resolved_backend(monkeypatch, env, backend, switch
         switches(LORAKERN_BACKEND=env)
     switches(TRITON_INTERPRET="1")
     kern_spy, ref_spy = _Spy(), _Spy()
-    monkeypatch.setattr(ops, "_kernels", kern_spy.module)
-    monkeypatch.setattr(ops, "reference", ref_spy.module())
+    monkeypatch.setattr(op_core, "_kernels", kern_spy.module)
+    monkeypatch.setattr(op_core, "reference", ref_spy.module())
     x, w, b, A, B = make_inputs((4,), 8, 6, 2)
     A.requires_grad_()
     y = lora_linear(x, w, b, A, B, 1.0, backend=backend)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lorakern
-from lorakern import ops
+from lorakern import op_core
 from tests.conftest import KERNEL_DEVICE, requires_cuda, requires_triton
 from tests.utils import RTOL, assert_close
 
@@ -65,7 +65,7 @@ def test_traced_ops_equal_the_eager_triton_path_bit_for_bit(case, dt, p):
     eager = _value_and_grads(
         lambda: lorakern.lora_linear(x, W, b, A, B, 0.7, dropout_p=p, seed=77, backend="triton"), inputs, dy
     )
-    s, q, seed = ops._scalar_tensors(0.7, p, 77)
+    s, q, seed = op_core.scalar_tensors(0.7, p, 77)
     traced = _value_and_grads(lambda: t.lora_linear_traced(x, W, b, A, B, s, q, seed, p > 0.0), inputs, dy)
     for i, (e, r) in enumerate(zip(eager, traced)):
         assert e.dtype == r.dtype and e.shape == r.shape
@@ -77,7 +77,7 @@ def test_traced_ops_match_the_reference():
     t = _triton_ops()
     x, W, b, A, B = _inputs(torch.bfloat16)
     dy = torch.randn(2, 9, N, dtype=torch.bfloat16, device=KERNEL_DEVICE)
-    s, q, seed = ops._scalar_tensors(0.7, 0.25, 5)
+    s, q, seed = op_core.scalar_tensors(0.7, 0.25, 5)
     got = _value_and_grads(lambda: t.lora_linear_traced(x, W, b, A, B, s, q, seed, True), (x, W, b, A, B), dy)
     cpu = [v.detach().cpu().requires_grad_() for v in (x, W, b, A, B)]
     want = _value_and_grads(
@@ -92,7 +92,7 @@ def test_dropout_on_with_p_zero_is_the_identity():
     is 0 the masked kernels must keep every element: equal to the unmasked launch."""
     t = _triton_ops()
     x, W, b, A, B = _inputs(torch.float32)
-    s, q, seed = ops._scalar_tensors(0.7, 0.0, None)
+    s, q, seed = op_core.scalar_tensors(0.7, 0.0, None)
     on = t.lora_linear_traced(x, W, b, A, B, s, q, seed, True)
     off = t.lora_linear_traced(x, W, b, A, B, s, q, seed, False)
     assert torch.equal(on, off)
@@ -102,16 +102,16 @@ def test_device_scalars_draws_the_eager_seed_and_validates():
     """seed None: drawn from torch's CPU generator only when p > 0, the draw eager mode
     makes (so compiled and eager masks agree); bad p or seed raise before any launch."""
     t = _triton_ops()
-    s, q, _ = ops._scalar_tensors(0.5, 0.2, None)
+    s, q, _ = op_core.scalar_tensors(0.5, 0.2, None)
     torch.manual_seed(3)
     values, seed = t.device_scalars(s, q, None, torch.device(KERNEL_DEVICE))
     torch.manual_seed(3)
-    assert int(seed) == ops.draw_seed()
+    assert int(seed) == op_core.draw_seed()
     assert values.tolist() == pytest.approx([0.5, 0.2, 1 / 0.8], rel=1e-7)
     assert values.dtype == torch.float32 and seed.dtype == torch.int64
     torch.manual_seed(3)
     _, seed0 = t.device_scalars(s, torch.tensor([0.0], dtype=torch.float64), None, torch.device(KERNEL_DEVICE))
-    assert int(seed0) == 0 and ops.draw_seed() == int(seed)  # p = 0 drew nothing
+    assert int(seed0) == 0 and op_core.draw_seed() == int(seed)  # p = 0 drew nothing
     with pytest.raises(ValueError, match="dropout_p"):
         t.device_scalars(s, torch.tensor([1.0], dtype=torch.float64), None, torch.device(KERNEL_DEVICE))
     with pytest.raises(ValueError, match="seed"):
@@ -120,7 +120,7 @@ def test_device_scalars_draws_the_eager_seed_and_validates():
 
 def test_opcheck_device_scalars():
     t = _triton_ops()
-    s, q, seed = ops._scalar_tensors(0.5, 0.2, 9)
+    s, q, seed = op_core.scalar_tensors(0.5, 0.2, 9)
     torch.library.opcheck(t.device_scalars, (s, q, seed, torch.device(KERNEL_DEVICE)))
 
 
@@ -197,7 +197,7 @@ def test_lorakern_triton_op_must_be_0_or_1(switches):
 def test_opcheck_traced_triton_ops(p):
     t = _triton_ops()
     x, W, b, A, B = _inputs(torch.bfloat16)
-    values, seed = t.device_scalars(*ops._scalar_tensors(0.7, p, 11), x.device)
+    values, seed = t.device_scalars(*op_core.scalar_tensors(0.7, p, 11), x.device)
     torch.library.opcheck(t.lora_linear_fwd_triton, (x, W, b, A, B, values, seed, p > 0.0))
     y, S = t.lora_linear_fwd_triton(x, W, b, A, B, values, seed, p > 0.0)
     dy = torch.randn_like(y)
