@@ -7,12 +7,9 @@ import sys
 import warnings
 from pathlib import Path
 
-# The repo root must not be on sys.path: its kernels/ folder (installed as lorakern.kernels)
-# would answer `import kernels`, the name of the Hugging Face kernels package that
-# bitsandbytes and transformers probe for. `python -m pytest` puts the cwd there; drop it
-# and serve the helpers' `from tests.x import ...` from this folder instead.
+# The helpers' `from tests.x import ...` is served from this folder whether or not the
+# repo root is on sys.path (`python -m pytest` puts it there, the `pytest` script does not).
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 if "tests" not in sys.modules:
     _spec = importlib.machinery.ModuleSpec("tests", None, is_package=True)
     _spec.submodule_search_locations = [str(ROOT / "tests")]

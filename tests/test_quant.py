@@ -417,13 +417,14 @@ def test_linear4bit_cpu_forward_repacks(quant_type):
 
 
 def test_repo_kernels_folder_is_not_the_kernels_package():
-    """The repo's kernels/ is lorakern.kernels only: as a bare `kernels` it would shadow the
-    Hugging Face kernels package that bitsandbytes and transformers probe for
-    (tests/conftest.py keeps the repo root off sys.path)."""
-    folder = ROOT / "kernels"
+    """The kernels live in lorakern/kernels/, importable only as lorakern.kernels: a
+    top-level kernels/ folder in the repo would answer a bare `import kernels` whenever the
+    repo root is on sys.path (`python -m ...` from a checkout), shadowing the Hugging Face
+    kernels package that bitsandbytes and transformers probe for."""
+    assert not (ROOT / "kernels").exists()
     spec = importlib.util.find_spec("kernels")
     if spec is not None:
         places = [spec.origin, *(spec.submodule_search_locations or [])]
-        assert not any(p and Path(p).resolve().is_relative_to(folder) for p in places), places
+        assert not any(p and Path(p).resolve().is_relative_to(ROOT) for p in places), places
     ours = importlib.util.find_spec("lorakern.kernels")
-    assert Path(ours.origin).resolve().is_relative_to(folder)
+    assert Path(ours.origin).resolve().is_relative_to(ROOT / "lorakern" / "kernels")

@@ -63,8 +63,8 @@ def peft_available() -> tuple[bool, str]:
     """(True, version) when peft imports, else (False, reason).
 
     peft imports bitsandbytes when it is installed: that goes first through qlora.py's
-    importer, which keeps bitsandbytes from finding lorakern's kernels/ folder as the
-    `kernels` package (a broken bitsandbytes is left to peft's import to report)."""
+    importer, which mutes bitsandbytes' import-time warnings (a broken bitsandbytes is
+    left to peft's import to report)."""
     if importlib.util.find_spec("bitsandbytes") is not None:
         from lorakern.bench.qlora import import_bitsandbytes  # qlora imports this module
 

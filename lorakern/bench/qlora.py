@@ -29,14 +29,12 @@ Decode inputs do not require grad (they would keep bitsandbytes off that path).
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
 import math
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -62,26 +60,10 @@ QUANT_TYPE, BLOCKSIZE, DOUBLE_QUANT = "nf4", 64, True
 
 
 def import_bitsandbytes():
-    """`import bitsandbytes`, without letting it find lorakern's kernels/ folder as `kernels`.
-
-    bitsandbytes' CPU backend tries `from kernels import get_kernel` (the Hugging Face
-    kernels package) at import; with the repository root on sys.path (`python -m ...` run
-    from a checkout) that name resolves to lorakern's own kernels/ folder, which then gets
-    imported a second time under a foreign name. Here the name answers "not installed"
-    instead, which is what bitsandbytes falls back on anyway; its warning about it is muted.
-    """
+    """`import bitsandbytes`, its warning that the Hugging Face `kernels` package is not
+    installed (its CPU backend probes for it) muted."""
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
-    hide = False
-    if "kernels" not in sys.modules:
-        try:
-            spec = importlib.util.find_spec("kernels")
-        except (ImportError, ValueError):
-            spec = None
-        own = Path(__file__).resolve().parents[2] / "kernels"
-        hide = spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == own
-    if hide:
-        sys.modules["kernels"] = None  # `import kernels` raises ImportError
     log = logging.getLogger("bitsandbytes")
     level = log.level
     log.setLevel(logging.ERROR)
@@ -89,8 +71,6 @@ def import_bitsandbytes():
         import bitsandbytes
     finally:
         log.setLevel(level)
-        if hide and sys.modules.get("kernels", 0) is None:
-            del sys.modules["kernels"]
     return bitsandbytes
 
 
