@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
+from lorakern.bench.cost import ROOFLINE_NOTE, ROOFLINE_TOLERANCE
 from lorakern.bench.providers import PROVIDERS, Weights, build, peft_available
 from lorakern.bench.suite import BenchConfig, run_suite
+from lorakern.bench.timing import CPU_NOISY_SPREAD
 
 CPU = torch.device("cpu")
 
@@ -48,8 +50,17 @@ def test_suite_tiny(benchmark):
     results = benchmark.pedantic(run_suite, args=(config,), kwargs={"progress": False}, rounds=1, iterations=1)
     assert results["rows"] and results["memory"]
     for row in results["rows"]:
-        for field in ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "ratio_to_base", "roofline_frac"):
+        for field in ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "ratio_to_base"):
             assert math.isfinite(row[field]) and row[field] > 0, (field, row)
+        if row["roofline_frac"] is None:  # blanked: above the measured ceilings
+            assert row["roofline_note"] == ROOFLINE_NOTE and row["roofline_frac_measured"] > ROOFLINE_TOLERANCE
+        else:
+            assert 0 < row["roofline_frac"] <= ROOFLINE_TOLERANCE, row
+        assert row["noisy"] == (row["p80_ms"] / row["p20_ms"] > CPU_NOISY_SPREAD), row
+    assert results["noise"]["noisy_rows"] == sum(r["noisy"] for r in results["rows"])
+    c = results["ceilings"]
+    assert c["copy_GBps"] == max(c["copy_stream_GBps"], c["read_stream_GBps"]) > 0
+    assert c["threads"] == torch.get_num_threads() and c["matmul_n"] in c["matmul_sizes"]
     for m in results["memory"]:
         assert m["saved_bytes"] >= 0
     assert {r["provider"] for r in results["rows"]} == set(results["providers"])

@@ -3,6 +3,22 @@
 The counts are the minimum work of the math, the same for every provider, so TFLOP/s,
 GB/s and roofline fractions compare how close each implementation gets to one limit.
 Elementwise work (scaling, dropout, bias) is not counted as FLOPs.
+
+Bytes are DRAM traffic with the caches cold at the start of each call (the timers flush
+them): every operand read once per pass that needs it and every result written once.
+decode (inference, M <= 16) is a single pass: x, W, A, B, bias read and y written; the
+rank-r intermediate x Aᵀ is M·r values that stay on chip and is not counted, so decode's
+bytes are no more than any implementation must move. fwd+bwd counts W (and x for the LoRA
+dA) twice, once per pass; when W fits in the last-level cache the backward's read may hit
+it, so a memory-bound fwd+bwd row on a small shape could beat this count; the suites'
+fwd+bwd rows (M > 16 on the presets' shapes) are compute-bound, where bytes do not count.
+A/B are counted at `adapter_elem` bytes for every LoRA provider (the suites pass 4, PEFT's
+fp32 adapters): in bf16 runs at most r·(K + N)·2 bytes more than a provider with bf16
+adapters moves, under 2 % of W's bytes at r = 16 on the Llama-3-8B shapes.
+
+A measured time below the roofline time (`roofline_frac` above 1) is impossible: it means a
+ceiling was under-measured. `mark_impossible_rooflines` blanks such fractions (above
+ROOFLINE_TOLERANCE, which leaves room for timer jitter) and notes why.
 """
 
 from __future__ import annotations
@@ -10,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MODES = ("fwd", "fwd+bwd", "decode")
+# A roofline fraction up to this is kept (timer jitter on a row at the ceiling); above it the
+# ceiling, not the row, is wrong.
+ROOFLINE_TOLERANCE = 1.05
+ROOFLINE_NOTE = "above ceiling: ceiling under-measured"
 
 
 @dataclass(frozen=True)
@@ -48,3 +68,18 @@ def linear_cost(
         if lora:
             nbytes += x_b + 2 * s_b + 2 * ab_b  # x again for dA; S out and in; dA, dB out + A, B in
     return Cost(flops, nbytes)
+
+
+def mark_impossible_rooflines(rows: list[dict], tolerance: float = ROOFLINE_TOLERANCE) -> int:
+    """Rows whose `roofline_frac` is above `tolerance` get `roofline_frac` None and
+    `roofline_note` ROOFLINE_NOTE (the measured fraction kept as `roofline_frac_measured`);
+    returns how many."""
+    n = 0
+    for row in rows:
+        frac = row.get("roofline_frac")
+        if frac is not None and frac > tolerance:
+            row["roofline_frac_measured"] = frac
+            row["roofline_frac"] = None
+            row["roofline_note"] = ROOFLINE_NOTE
+            n += 1
+    return n

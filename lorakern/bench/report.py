@@ -1,4 +1,12 @@
-"""Results to files: results.json, results.csv (+ memory.csv, e2e.csv), results.md and PNG plots."""
+"""Results to files: results.json, results.csv (+ memory.csv, e2e.csv), results.md and PNG plots.
+
+Timing tables mark a noisy row (p80/p20 above the timer's limit after re-measuring,
+timing.py) with `*` after its median, and a roofline fraction the suite blanked because it
+was above the measured ceilings (cost.py) with `–†`; a legend under the table says what the
+marks mean, only when one is used. The run's warnings head results.md. The ratio plots draw
+each provider's p20–p80 band (the row's p20 and p80 over the base row's median) around its
+median ratio and mark noisy points with a cross.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +16,22 @@ import json
 import math
 from pathlib import Path
 
+from lorakern.bench.cost import ROOFLINE_TOLERANCE
+
 ROW_COLUMNS = (
     "provider", "mode", "K", "N", "M", "r", "dtype", "dropout", "median_ms", "p20_ms", "p80_ms", "reps",
-    "tflops", "gbps", "ratio_to_base", "roofline_frac", "rel_err", "agrees", "bits_per_param",
+    "tflops", "gbps", "ratio_to_base", "roofline_frac", "rel_err", "agrees", "bits_per_param", "noisy", "roofline_note",
 )
+NOTE_COLUMNS = ("noisy", "roofline_note")
 MIXED_ROW_COLUMNS = ROW_COLUMNS[:2] + ("phase",) + ROW_COLUMNS[2:6] + ("adapters", "distinct") + ROW_COLUMNS[6:12] + (
-    "tokens_per_s", "base_ms") + ROW_COLUMNS[12:18]
-MOE_ROW_COLUMNS = ROW_COLUMNS[:6] + ("experts", "top_k", "hit_experts") + ROW_COLUMNS[6:18] + ("extra_bytes",)
+    "tokens_per_s", "base_ms") + ROW_COLUMNS[12:18] + NOTE_COLUMNS
+MOE_ROW_COLUMNS = (ROW_COLUMNS[:6] + ("experts", "top_k", "hit_experts") + ROW_COLUMNS[6:18] + ("extra_bytes",)
+                   + NOTE_COLUMNS)
 MEMORY_COLUMNS = ("provider", "K", "N", "M", "r", "dtype", "dropout", "saved_bytes", "peak_bytes", "weight_bytes")
 E2E_COLUMNS = (
     "provider", "size", "params", "trainable_params", "tokens_per_step", "step_ms_median", "step_ms_p20",
     "step_ms_p80", "tokens_per_s", "peak_bytes", "saved_bytes", "loss_first", "loss_last", "compiled",
-    "first_step_ms",
+    "first_step_ms", "noisy",
 )
 PROVIDER_STYLE = {
     "base": ("black", "--"), "eager": ("tab:orange", "-"), "addmm": ("tab:green", "-"),
@@ -72,8 +84,40 @@ def _err_cell(row: dict) -> str:
     return cell if row["agrees"] is not False else f"**{cell} MISMATCH**"
 
 
+NOISY_MARK, ABOVE_CEILING_MARK = "*", "–†"
+
+
+def _median_cell(row: dict) -> str:
+    return _fmt(row["median_ms"]) + (NOISY_MARK if row.get("noisy") else "")
+
+
+def _roofline_cell(row: dict) -> str:
+    return ABOVE_CEILING_MARK if row.get("roofline_note") else _fmt(row.get("roofline_frac"), 2)
+
+
+def marks_legend(results: dict, rows: list[dict], remeasured: bool = True) -> str:
+    """The lines under a timing table that explain its marks ("" when it has none);
+    `remeasured`: the table's rows were re-measured when noisy (the end-to-end steps are not)."""
+    lines = []
+    if any(r.get("noisy") for r in rows):
+        noise = results.get("noise") or {}
+        limit = f" above {noise['spread_limit']:g}" if noise.get("spread_limit") else " above the timer's limit"
+        again = f" after up to {noise['remeasures']} re-measurements" if remeasured and noise.get("remeasures") else ""
+        lines.append(f"`{NOISY_MARK}` noisy: p80/p20{limit}{again}; kept, but left out of the target verdicts.")
+    notes = sorted({r["roofline_note"] for r in rows if r.get("roofline_note")})
+    if notes:
+        lines.append(f"`{ABOVE_CEILING_MARK}` roofline fraction not shown ({'; '.join(notes)}): the row ran faster "
+                     "than the ceilings measured at the start allow, so a ceiling, not the row, is wrong.")
+    return "\n\n".join(lines)
+
+
+def _with_legend(table: str, results: dict, rows: list[dict], remeasured: bool = True) -> str:
+    legend = marks_legend(results, rows, remeasured)
+    return table + ("\n\n" + legend if legend else "")
+
+
 def timing_table(results: dict) -> str:
-    """Markdown: one row per measurement, grouped by shape and mode."""
+    """Markdown: one row per measurement, grouped by shape and mode; the marks' legend under it."""
     if results.get("config", {}).get("suite") == "mixed":
         return mixed_timing_table(results)
     header = ["mode", "K×N", "M", "r", "p", "provider", "median ms", "p20–p80 ms", "TFLOP/s", "GB/s",
@@ -83,10 +127,10 @@ def timing_table(results: dict) -> str:
                                                    r["r"], r["M"], r["dropout"], order.get(r["provider"], 99)))
     body = [[
         r["mode"], f"{r['K']}×{r['N']}", str(r["M"]), str(r["r"]), _fmt(r["dropout"], 2), r["provider"],
-        _fmt(r["median_ms"]), f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["tflops"]), _fmt(r["gbps"], 2),
-        _fmt(r["ratio_to_base"]), _fmt(r["roofline_frac"], 2), _err_cell(r),
+        _median_cell(r), f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}", _fmt(r["tflops"]), _fmt(r["gbps"], 2),
+        _fmt(r["ratio_to_base"]), _roofline_cell(r), _err_cell(r),
     ] for r in rows]
-    return _table(header, body)
+    return _with_legend(_table(header, body), results, rows)
 
 
 def memory_table(results: dict) -> str:
@@ -108,11 +152,12 @@ def memory_table(results: dict) -> str:
 def e2e_table(results: dict) -> str:
     header = ["provider", "model", "params", "tokens/step", "step ms (median)", "p20–p80 ms", "tokens/s",
               "peak MiB", "saved MiB", "first loss", "first step ms"]
-    body = [[e["provider"], e["size"], f"{e['params'] / 1e6:.1f}M", str(e["tokens_per_step"]), _fmt(e["step_ms_median"]),
+    body = [[e["provider"], e["size"], f"{e['params'] / 1e6:.1f}M", str(e["tokens_per_step"]),
+             _fmt(e["step_ms_median"]) + (NOISY_MARK if e.get("noisy") else ""),
              f"{_fmt(e['step_ms_p20'])}–{_fmt(e['step_ms_p80'])}", _fmt(e["tokens_per_s"], 4), _mib(e["peak_bytes"]),
              _mib(e["saved_bytes"]), _fmt(e["loss_first"], 5), _fmt(e.get("first_step_ms"))]
             for e in results["e2e"]]
-    return _table(header, body)
+    return _with_legend(_table(header, body), results, results["e2e"], remeasured=False)
 
 
 def quant_table(results: dict) -> str:
@@ -161,11 +206,11 @@ def mixed_timing_table(results: dict) -> str:
                                                    r["r"], r["M"], r["adapters"], order.get(r["provider"], 99)))
     body = [[
         r["mode"], r["phase"], f"{r['K']}×{r['N']}", str(r["M"]), str(r["r"]), str(r["adapters"] or "–"),
-        str(r["distinct"] or "–"), r["provider"], _fmt(r["median_ms"]), f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}",
-        _fmt(r["tokens_per_s"], 4), _fmt(r["ratio_to_base"]), _fmt(r["gbps"], 2), _fmt(r["roofline_frac"], 2),
+        str(r["distinct"] or "–"), r["provider"], _median_cell(r), f"{_fmt(r['p20_ms'])}–{_fmt(r['p80_ms'])}",
+        _fmt(r["tokens_per_s"], 4), _fmt(r["ratio_to_base"]), _fmt(r["gbps"], 2), _roofline_cell(r),
         _err_cell(r),
     ] for r in rows]
-    return _table(header, body)
+    return _with_legend(_table(header, body), results, rows)
 
 
 def mixed_table(results: dict) -> str:
@@ -188,6 +233,24 @@ def targets_table(results: dict) -> str:
     return _table(header, body)
 
 
+def _ceilings_text(c: dict) -> str:
+    """The ceilings line: bandwidth (and the copy and read streams it is the best of) and matmul rate."""
+    bandwidth = f"memory bandwidth {c['copy_GBps']:.1f} GB/s"
+    if c.get("read_stream_GBps") is not None:
+        bandwidth += (f" (the better of a copy, {c['copy_stream_GBps']:.1f} GB/s, and a read, "
+                      f"{c['read_stream_GBps']:.1f} GB/s)")
+    matmul = f"{c['dtype']} matmul {c['matmul_TFLOPs']:.3f} TFLOP/s (n={c['matmul_n']}"
+    if c.get("matmul_sizes") and len(c["matmul_sizes"]) > 1:
+        matmul += f", the faster of n = {', '.join(str(n) for n in c['matmul_sizes'])}"
+    matmul += ")"
+    how = []
+    if c.get("repeats"):
+        how.append(f"best of {c['repeats']} measurements each")
+    if c.get("threads") is not None:
+        how.append(f"{c['threads']} CPU thread{'s' if c['threads'] != 1 else ''}")
+    return f"{bandwidth}, {matmul}" + (f"; {', '.join(how)}" if how else "")
+
+
 def to_markdown(results: dict) -> str:
     """The whole run as a Markdown report."""
     c = results["ceilings"]
@@ -208,15 +271,18 @@ def to_markdown(results: dict) -> str:
         "",
         f"Timer: {results['timer']}.",
         "",
-        f"Ceilings measured at the start: copy {c['copy_GBps']:.1f} GB/s, {c['dtype']} matmul "
-        f"{c['matmul_TFLOPs']:.3f} TFLOP/s (n={c['matmul_n']}). `roofline` = ideal time at these ceilings / measured "
-        f"time; `× base` = median / the frozen {'experts block' if moe else 'nn.Linear'}'s median (same shape, mode); "
+        f"Ceilings measured at the start: {_ceilings_text(c)}. `roofline` = ideal time at these ceilings / measured "
+        f"time (`{ABOVE_CEILING_MARK}` where that is above {ROOFLINE_TOLERANCE:g}: the ceiling was under-measured); "
+        f"`× base` = median / the frozen {'experts block' if moe else 'nn.Linear'}'s median (same shape, mode); "
+        f"`{NOISY_MARK}` after a median = noisy row, left out of the targets; "
         "`rel err` = ‖y − y_fp64‖/‖y_fp64‖.",
         "",
         "Modes: `fwd` = training forward (autograd recording, W frozen); `fwd+bwd` = forward + backward; "
         "`decode` = inference forward (torch.inference_mode) at M ≤ 16"
         + (" (mixed-batch and MoE rows: at every M)." if mixed or moe else "."),
     ]
+    if results.get("warnings"):
+        parts[4:4] = ["**Warnings**", "", *[f"- {w}" for w in results["warnings"]], ""]
     if quant:
         v = quant.get("versions", {})
         parts += ["", f"QLoRA rows: base weights {quant['quant_type'].upper()}, blocksize {quant['blocksize']}"
@@ -287,12 +353,24 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _band(row: dict) -> tuple[float, float]:
+    """The row's p20 and p80 over the base row's median: ratio_to_base · p20/median and · p80/median."""
+    ratio, median = row["ratio_to_base"], row["median_ms"]
+    if not median or row.get("p20_ms") is None or row.get("p80_ms") is None:
+        return ratio, ratio
+    return ratio * row["p20_ms"] / median, ratio * row["p80_ms"] / median
+
+
 def plot_ratios(results: dict, mode: str, path: Path) -> bool:
-    """Ratio to base vs tokens, one panel per (K, N, r), one line per provider. False if nothing to plot."""
+    """Ratio to base vs tokens, one panel per (K, N, r), one line per provider, its p20–p80 band
+    (the row's p20 and p80 over the base row's median) shaded; noisy rows marked with a cross.
+    False if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     rows = [r for r in results["rows"] if r["mode"] == mode and r["ratio_to_base"] is not None and r["dropout"] == 0.0]
     panels = sorted({(r["K"], r["N"], r["r"]) for r in rows})
@@ -300,15 +378,24 @@ def plot_ratios(results: dict, mode: str, path: Path) -> bool:
         return False
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.8), squeeze=False)
+    any_noisy = False
     for ax, (K, N, r) in zip(axes.flat, panels):
         for provider in results["providers"]:
-            pts = sorted((row["M"], row["ratio_to_base"]) for row in rows
-                         if (row["K"], row["N"], row["r"], row["provider"]) == (K, N, r, provider))
-            if not pts:
+            mine = [row for row in rows if (row["K"], row["N"], row["r"], row["provider"]) == (K, N, r, provider)]
+            mine.sort(key=lambda row: row["M"])
+            if not mine:
                 continue
             color, style = PROVIDER_STYLE.get(provider, ("gray", "-"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=4, color=color, label=provider)
+            Ms = [row["M"] for row in mine]
+            ax.plot(Ms, [row["ratio_to_base"] for row in mine], style, marker="o", ms=4, color=color, label=provider)
+            lo, hi = zip(*(_band(row) for row in mine))
+            ax.fill_between(Ms, lo, hi, color=color, alpha=0.15, lw=0)
+            noisy = [row for row in mine if row.get("noisy")]
+            if noisy:
+                any_noisy = True
+                ax.plot([row["M"] for row in noisy], [row["ratio_to_base"] for row in noisy], "x", ms=9, mew=2,
+                        color=color)
         ax.set_xscale("log", base=2)
         ax.set_title(f"K={K} N={N} r={r}", fontsize=10)
         ax.set_xlabel("tokens M")
@@ -317,11 +404,19 @@ def plot_ratios(results: dict, mode: str, path: Path) -> bool:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=len(labels), fontsize=9)
+    handles.append(Patch(color="gray", alpha=0.3, lw=0))
+    labels.append("p20–p80 / base median")
+    if any_noisy:
+        handles.append(Line2D([], [], marker="x", ls="none", color="gray", ms=8, mew=2))
+        labels.append("noisy row")
+    height = fig.get_figheight()  # title (2 lines) above the panels, legend below them
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
     m = results["machine"]
     fig.suptitle(f"{mode}: time relative to frozen nn.Linear (lower is better), dropout 0 — {m['card']} "
-                 f"({m['device']}), {results['config']['dtype']}", fontsize=11, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+                 f"({m['device']}), {results['config']['dtype']}\nshaded band: each row's p20–p80 over the base "
+                 "row's median" + ("; × = noisy row (p80/p20 above the timer's limit)" if any_noisy else ""),
+                 fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.4 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

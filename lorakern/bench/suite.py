@@ -9,6 +9,12 @@
   memory    saved-activation bytes (and CUDA peak) of fwd+bwd, dropout 0 and 0.1
   e2e       Llama training step, lorakern vs PEFT
   targets   the issue's measured targets, evaluated on these rows (targets.py)
+  noise     the spread limit (p80/p20) above which rows are noisy, re-measurements, counts
+  warnings  what a reader must know before trusting the numbers (also printed once, stderr)
+Every timed row (and e2e row) carries `noisy`: its p80/p20 stayed above the timer's limit
+after re-measuring (timing.py); noisy rows are kept but left out of target verdicts. A row
+whose roofline fraction is above cost.ROOFLINE_TOLERANCE gets `roofline_frac` None and a
+`roofline_note` (the ceiling was under-measured, cost.py).
 With suite="qlora" the rows, memory and e2e entries are the QLoRA ones instead (qlora.py:
 bf16 base vs bitsandbytes 4-bit base vs PEFT QLoRA vs lorakern QLoRA), plus `quant`.
 With suite="dora" they are the DoRA ones (dora.py: base vs PEFT's DoRA vs lorakern's DoRA
@@ -29,20 +35,29 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from lorakern.bench import e2e as e2e_mod
-from lorakern.bench.cost import MODES, linear_cost
+from lorakern.bench.cost import MODES, ROOFLINE_NOTE, ROOFLINE_TOLERANCE, linear_cost, mark_impossible_rooflines
 from lorakern.bench.machine import machine_info
 from lorakern.bench.memory import module_memory
 from lorakern.bench.progress import Progress
 from lorakern.bench.providers import PROVIDERS, Weights, available_providers, build, trainable
 from lorakern.bench.shapes import DECODE_MAX_M, PRESETS, modes_for
 from lorakern.bench.targets import evaluate_targets
-from lorakern.bench.timing import TimerSpec, measure_ceilings, time_many, timer_description
+from lorakern.bench.timing import (
+    NOISY_REMEASURES,
+    TimerSpec,
+    flag_noisy,
+    measure_ceilings,
+    noisy_spread,
+    time_many,
+    timer_description,
+)
 
 # Max relative error vs fp64 for the providers to count as computing the same thing (DESIGN.md §5).
 AGREE_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -364,7 +379,11 @@ def base_first(providers: list[str], base: str = "base") -> list[str]:
 def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows, e2e_size, e2e_skipped,
                **extra) -> dict:
     """One run's results.json dict (every suite's: the dense, QLoRA, DoRA, mixed and MoE ones), targets
-    evaluated; `extra` adds suite-specific sections."""
+    evaluated; `extra` adds suite-specific sections. Rows are checked first (`check_rows`: noisy
+    flags, impossible rooflines) and its warnings printed once, to stderr."""
+    noise, warnings = check_rows(config.device.type, ceilings, rows, e2e_rows)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     results = {
         "machine": machine_info(config.device, config.dtype),
         "config": config.as_dict(),
@@ -380,10 +399,40 @@ def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_
         "e2e_size": e2e_size,
         "e2e_skipped": e2e_skipped,
         "dispatch": _dispatch_choices(),
+        "noise": noise,
+        "warnings": warnings,
         **extra,
     }
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def check_rows(device_type: str, ceilings: dict, rows: list[dict], e2e_rows: list[dict]) -> tuple[dict, list[str]]:
+    """Flag noisy rows and e2e rows (`noisy`), blank impossible roofline fractions; returns the
+    results' `noise` section and the run's warnings (one line each)."""
+    limit = noisy_spread(device_type)
+    n_noisy = flag_noisy(rows, device_type)
+    n_noisy_e2e = flag_noisy(e2e_rows, device_type, "step_ms_p20", "step_ms_p80")
+    n_above = mark_impossible_rooflines(rows)
+    warnings = []
+    if n_noisy:
+        warnings.append(f"{n_noisy} of {len(rows)} timed rows stayed noisy (p80/p20 > {limit:g}) after up to "
+                        f"{NOISY_REMEASURES} re-measurements: marked * and left out of the target verdicts "
+                        "(is the machine shared or busy?)")
+    if n_noisy_e2e:
+        warnings.append(f"{n_noisy_e2e} of {len(e2e_rows)} end-to-end rows have noisy step times "
+                        f"(p80/p20 > {limit:g}): marked * and left out of the target verdicts")
+    if n_above:
+        warnings.append(f"{n_above} row(s) ran faster than the measured ceilings allow (roofline fraction > "
+                        f"{ROOFLINE_TOLERANCE:g}): the ceilings were under-measured; those fractions are not shown "
+                        f"({ROOFLINE_NOTE})")
+    threads = ceilings.get("threads")
+    if device_type != "cuda" and threads is not None and threads != torch.get_num_threads():
+        warnings.append(f"ceilings were measured with {threads} CPU threads, the rows with {torch.get_num_threads()}: "
+                        "roofline fractions compare different machines")
+    noise = {"spread_limit": limit, "remeasures": NOISY_REMEASURES, "noisy_rows": n_noisy,
+             "noisy_e2e_rows": n_noisy_e2e, "roofline_above_ceiling": n_above}
+    return noise, warnings
 
 
 def _dispatch_choices() -> list[dict]:
