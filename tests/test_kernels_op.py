@@ -101,15 +101,28 @@ def test_op_leading_dims_and_strides(layout, dtype):
     run_op_case(x, W, bias, A, B, 2.0, 0.1, dy, dtype)
 
 
-@params("fused", ["1", "0"], ids=["fused-gemm", "cublas-gemm"])
-def test_op_both_gemm_variants(fused, switches):
-    """LORAKERN_FUSED_GEMM forces either base-GEMM variant; both are exact to the reference."""
+@params("p", [0.0, 0.1], ids=lambda p: f"p{p}")
+@params("fused", ["1", "0", "merged"], ids=["fused-gemm", "cublas-gemm", "merged-weight"])
+def test_op_every_gemm_variant(fused, p, switches, monkeypatch):
+    """LORAKERN_FUSED_GEMM forces each variant of the large-M forward and of dx (the merged
+    weight only where dropout is off; with dropout it falls back to cuBLAS + pass); each
+    is within DESIGN §5 of the fp64 oracle on the output and every gradient."""
+    from lorakern.kernels import dispatch
+
     switches(LORAKERN_FUSED_GEMM=fused)
+    ran = []
+    for name in ("lora_forward_merged", "lora_backward_dx_merged", "lora_forward_fused", "lora_forward_unfused"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
     dev, dtype = KERNEL_DEVICE, torch.float16
-    K, N, M, r = 40, 27, 65, 16
+    K, N, M, r = 40, 27, 65, 16  # M > ONEPASS_MAX_M: the large-M path
     x, W = randn(M, K, dtype=dtype, device=dev), randn(N, K, dtype=dtype, device=dev)
+    bias = randn(N, dtype=dtype, device=dev)
     A, B = randn(r, K, dtype=torch.float32, device=dev), randn(N, r, dtype=torch.float32, device=dev)
-    run_op_case(x, W, None, A, B, 0.5, 0.1, randn(M, N, dtype=dtype, device=dev), dtype)
+    run_op_case(x, W, bias, A, B, 0.5, p, randn(M, N, dtype=dtype, device=dev), dtype)
+    merged = fused == "merged" and p == 0.0
+    assert ("lora_forward_merged" in ran) == merged and ("lora_backward_dx_merged" in ran) == merged
+    assert ("lora_forward_fused" in ran) == (fused == "1")
 
 
 # ------------------------------------------------------------------ dropout
@@ -225,7 +238,7 @@ def test_triton_backward_saves_no_mask_and_no_extra_activation():
 @requires_cuda
 @params("dtype", DTYPES, ids=DTYPE_IDS.get)
 @params("shape", [(1, 4096, 4096, 16), (257, 1000, 1030, 7), (2048, 4096, 1024, 64)], ids=lambda s: "x".join(map(str, s)))
-@params("fused", ["1", "0"], ids=["fused-gemm", "cublas-gemm"])
+@params("fused", ["1", "0", "merged"], ids=["fused-gemm", "cublas-gemm", "merged-weight"])
 def test_op_cuda_large(dtype, shape, fused, switches):
     switches(LORAKERN_FUSED_GEMM=fused)
     M, K, N, r = shape
@@ -233,7 +246,8 @@ def test_op_cuda_large(dtype, shape, fused, switches):
     x, W = randn(M, K, dtype=dtype, device=dev), randn(N, K, dtype=dtype, device=dev, scale=K**-0.5)
     bias = randn(N, dtype=dtype, device=dev)
     A, B = randn(r, K, dtype=torch.float32, device=dev, scale=K**-0.5), randn(N, r, dtype=torch.float32, device=dev)
-    run_op_case(x, W, bias, A, B, 2.0, 0.1, randn(M, N, dtype=dtype, device=dev), dtype)
+    p = 0.0 if fused == "merged" else 0.1  # the merged weight exists only without dropout
+    run_op_case(x, W, bias, A, B, 2.0, p, randn(M, N, dtype=dtype, device=dev), dtype)
 
 
 @requires_cuda

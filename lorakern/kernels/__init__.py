@@ -3,8 +3,8 @@
 Each launcher has the signature and math of the function of the same name in
 `lorakern.reference`, which is its oracle; the quantized-weight launchers'
 (`dequantize_weight`, `dequant_matmul`) oracle is `lorakern.quant.dequantize_weight`.
-This module only re-exports: the kernels live in forward / backward / shrink / sgmv /
-dequant / qgemm, the choice between variants and the whole forward / backward in
+This module only re-exports: the kernels live in forward / backward / shrink / merge /
+sgmv / dequant / qgemm, the choice between variants and the whole forward / backward in
 dispatch.
 """
 
@@ -18,6 +18,7 @@ from .dispatch import (
     qlora_linear_forward,
 )
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
+from .merge import lora_backward_dx_merged, lora_forward_merged, lora_merged_weight
 from .qgemm import dequant_matmul
 from .shrink import lora_shrink
 
@@ -31,6 +32,9 @@ __all__ = [
     "lora_backward_dx",
     "lora_backward_dx_auto",
     "lora_backward_da",
+    "lora_merged_weight",
+    "lora_forward_merged",
+    "lora_backward_dx_merged",
     "lora_linear_forward",
     "lora_linear_backward",
     "qlora_linear_forward",

@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, dequant, forward, qgemm, sgmv, shrink
+from . import backward, dequant, forward, merge, qgemm, sgmv, shrink
 from .common import dot_precision
 
 # Hopper: 227 KiB of shared memory per block at most.
@@ -70,14 +70,27 @@ def _signature(fn, dtype, adapter_dtype, constexprs: dict) -> dict[str, str]:
     return sig
 
 
+def _blocks(cfg: dict) -> dict:
+    """A launcher's config without num_warps: the kernel's constexpr block sizes."""
+    return {k: v for k, v in cfg.items() if k != "num_warps"}
+
+
 def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles: bool, in_memory: bool = False):
     """(label, kernel, constexprs, num_warps, num_stages) for one dtype pair; in_memory:
     scalars loaded from DeviceScalars (the traced triton_op path)."""
     common = {"UPCAST": False, "PRECISION": dot_precision(dtype), "R_PAD": r_pad, "SCALARS_IN_MEMORY": in_memory}
-    yield "shrink", shrink._lora_shrink_kernel, {**common, "BLOCK_M": 64, "BLOCK_K": 128, "HAS_DROPOUT": True}, 4, 3
-    for block_m, block_n, warps in ((64, 128, 4), (128, 64, 8), (256, 64, 8)):  # backward._dsdb_config
-        yield f"dsdb {block_m}x{block_n}", backward._lora_bwd_dsdb_kernel, {**common, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, 3
-    yield "dA", backward._lora_bwd_da_kernel, {**common, "BLOCK_M": 64, "BLOCK_K": 128, "HAS_DROPOUT": True}, 4, 3
+    # Launch settings come from the launchers' own config functions (one source), at
+    # Llama-sized arguments; the dS/dB pass's row block depends on r and dY's dtype.
+    cfg = shrink._config(4096)
+    yield "shrink", shrink._lora_shrink_kernel, {**common, **_blocks(cfg), "HAS_DROPOUT": True}, cfg["num_warps"], 3
+    dsdb = {tuple(c.items()): c for c in (backward._dsdb_config(8192, r, 2) for r in (16, 64, 128))}
+    for cfg in dsdb.values():
+        yield (f"dsdb {cfg['BLOCK_M']}x{cfg['BLOCK_N']}", backward._lora_bwd_dsdb_kernel, {**common, **_blocks(cfg)},
+               cfg["num_warps"], 3)
+    cfg = backward._da_config()
+    yield "dA", backward._lora_bwd_da_kernel, {**common, **_blocks(cfg), "HAS_DROPOUT": True}, cfg["num_warps"], 3
+    tile = merge.MERGE_TILE  # W + s·B A for the merged-weight variant (dropout 0)
+    yield "merge", merge._lora_merge_kernel, {**common, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"]}, tile["num_warps"], 3
     tiles = forward.GEMM_TILES if all_tiles else [forward.SINGLE_TILE]
     for (bm, bc, br, warps, stages), fuse in itertools.product(tiles, (False, True)):
         yield (
@@ -88,11 +101,11 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
             warps, stages,
         )
     # The accumulate variant (cuBLAS wrote x Wᵀ + bias; forward.lora_forward_unfused's tile).
+    cfg = forward.accumulate_config("BLOCK_N", "BLOCK_K")
     yield (
-        "fwd 64x128x64 add", forward._lora_fwd_kernel,
-        {**common, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "HAS_BIAS": False,
-         "FUSE_SHRINK": False, "HAS_DROPOUT": False, "HAS_BASE": False},
-        4, 3,
+        f"fwd {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} add", forward._lora_fwd_kernel,
+        {**common, **_blocks(cfg), "HAS_BIAS": False, "FUSE_SHRINK": False, "HAS_DROPOUT": False, "HAS_BASE": False},
+        cfg["num_warps"], 3,
     )
     # The small-M accumulate variant that also computes S (lora_forward_onepass, cublas_base=True).
     tile = forward._SMALL_M_ACCUMULATE
@@ -172,13 +185,14 @@ def _sgmv_cases():
     rank pad 16 and 64, with and without dropout, both row blocks; the other dtype pairs
     once (rank pad 16, dropout, 16-row blocks)."""
     seg = {"order_ptr": "*i64", "start_ptr": "*i64", "count_ptr": "*i64", "scale_ptr": "*fp32", "p_ptr": "*fp32", "seed": "i64"}
-    runs = [((torch.bfloat16, torch.float32), r_pad, dropout, (16, 64)) for r_pad in (16, 64) for dropout in (False, True)]
-    runs += [(pair, 16, True, (16,)) for pair in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    block_ms = sorted({sgmv._block_m(M) for M in (16, 4096)})  # decode and prefill segments
+    runs = [((torch.bfloat16, torch.float32), r_pad, dropout, block_ms) for r_pad in (16, 64) for dropout in (False, True)]
+    runs += [(pair, 16, True, block_ms[:1]) for pair in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                                                   (torch.float32, torch.float32))]
     for (dtype, adt), r_pad, dropout, block_ms in runs:
         meta = {"UPCAST": False, "PRECISION": dot_precision(dtype), "HAS_DROPOUT": dropout}
         label = f"x={str(dtype)[6:]} A={str(adt)[6:]} r_pad={r_pad}{' p' if dropout else ''}"
-        for block_m in block_ms:  # sgmv._block_m
+        for block_m in block_ms:
             consts = {**meta, "BLOCK_M": block_m, "BLOCK_K": 128, "R_PAD": r_pad}
             sig = {"x_ptr": _PTR[dtype], "w_ptr": _PTR[adt], "out_ptr": "*fp32", **seg}
             sig.update(dict.fromkeys(("K", "R", "stride_xm", "stride_xk", "stride_wa", "stride_wr", "stride_wk",

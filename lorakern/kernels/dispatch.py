@@ -24,6 +24,7 @@ from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
 from .common import has_dropout, interpreting, rank_pad, traced
 from .dequant import dequantize_weight
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
+from .merge import lora_backward_dx_merged, lora_forward_merged
 from .qgemm import dequant_matmul
 from .shrink import lora_shrink
 
@@ -98,26 +99,34 @@ DISPATCH = Dispatcher()
 ONEPASS_MAX_M = 64
 
 
-def lora_forward(x, weight, bias, S, lora_B, scaling) -> torch.Tensor:
-    """y = x Wᵀ + s·S Bᵀ + bias [M, N] from S, by the faster of the fused and cuBLAS variants."""
+def lora_forward(x, weight, bias, S, lora_B, scaling, merged: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """y = x Wᵀ + s·S Bᵀ + bias [M, N] from S, by the fastest of the fused and cuBLAS
+    variants, and `merged` (the merged-weight forward, given by callers that know dropout
+    is off and hold lora_A) when given."""
     M, K = x.shape
     args = (x, weight, bias, S, lora_B, scaling)
     if weight is None:  # the LoRA term alone: nothing to fuse it with
         return lora_forward_unfused(*args)
-    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), x.dtype, x.device)
     candidates = {FUSED: lambda: lora_forward_fused(*args), UNFUSED: lambda: lora_forward_unfused(*args)}
+    if merged is not None:
+        candidates[MERGED] = merged
+    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), MERGED in candidates, x.dtype, x.device)
     return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))]()
 
 
-def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) -> torch.Tensor:
-    """dx = dY W + D(dS A) [M, K], by the faster of the fused and cuBLAS variants."""
+def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """dx = dY W + D(dS A) [M, K], by the fastest of the fused and cuBLAS variants, and
+    `merged` (dY (W + s·B A), dropout 0) when given."""
     M, N = dy.shape
     args = (dy, weight, dS, lora_A, p, seed)
     if weight is None:  # the LoRA term alone
         return lora_backward_dx(*args, fused=False)
-    # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
-    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), has_dropout(p), dy.dtype, dy.device)
     candidates = {FUSED: lambda: lora_backward_dx(*args, fused=True), UNFUSED: lambda: lora_backward_dx(*args, fused=False)}
+    if merged is not None:
+        candidates[MERGED] = merged
+    # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
+    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), has_dropout(p), MERGED in candidates,
+           dy.dtype, dy.device)
     return candidates[DISPATCH.choose(key, candidates, dy.device, traced(dy))]()
 
 
@@ -129,7 +138,8 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
 
     Small M (decode): one launch (`lora_forward_onepass`, the base GEMM in Triton) or two
     (cuBLAS's GEMM, then one pass computing S and adding s·S Bᵀ), whichever measures
-    faster. Larger M, and while torch.compile traces: the shrink kernel, then the GEMM.
+    faster. Larger M, and while torch.compile traces: the shrink kernel, then the GEMM
+    (fused, cuBLAS + pass, or with dropout 0 cuBLAS on W + s·B A: `lora_forward`).
     """
     M, K = x.shape
     args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
@@ -139,7 +149,10 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
                       UNFUSED: lambda: lora_forward_onepass(*args, cublas_base=True)}
         return candidates[DISPATCH.choose(key, candidates, x.device)]()
     S = lora_shrink(x, lora_A, p, seed)
-    return lora_forward(x, weight, bias, S, lora_B, scaling), S
+    merged = None
+    if weight is not None and not has_dropout(p):  # W + s·B A is the whole term only without a mask
+        merged = lambda: lora_forward_merged(x, weight, bias, lora_A, lora_B, scaling)  # noqa: E731
+    return lora_forward(x, weight, bias, S, lora_B, scaling, merged), S
 
 
 def qlora_linear_forward(x, qtensors, meta, bias, lora_A, lora_B, scaling, p, seed):
@@ -173,6 +186,11 @@ def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, nee
     """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB)."""
     need_x, need_a, need_b = needs
     dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling)
-    dx = lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed) if need_x else None
+    dx = None
+    if need_x:
+        merged = None
+        if weight is not None and not has_dropout(p):
+            merged = lambda: lora_backward_dx_merged(dy, weight, lora_A, lora_B, scaling)  # noqa: E731
+        dx = lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged)
     dA = lora_backward_da(dS, x, lora_A, p, seed) if need_a else None
     return dx, dA, (dB if need_b else None)
