@@ -78,8 +78,15 @@ def _run(inputs: dict, backend: str, dtype: torch.dtype, p: float, dy: torch.Ten
     return y.detach(), grads
 
 
-def check_case(M, K, N, r, p, has_bias, dtype, device) -> tuple[float, float, bool]:
-    """(worst Triton error vs fp64, PyTorch's own worst error, passed)."""
+def check_case(M, K, N, r, p, has_bias, dtype, device) -> tuple[float, float, bool, str]:
+    """(worst Triton error vs fp64, PyTorch's error on that output, passed, its name).
+
+    Each output (y and every gradient) is judged on its own bound: within RTOL and no
+    worse than twice PyTorch's error on the same output, the fp32 floor scaled by that
+    output's condition number (‖Σ|terms|‖ / ‖Σ terms‖, from the fp64 reference on the
+    inputs' absolute values: the op is multilinear with positive scale and dropout
+    factors). Without it a K = 4096 fp32 dot (condition ~ √K) failed a bound meant for
+    well-conditioned sums (H200, 2026-11-30)."""
     g = torch.Generator().manual_seed(M * 31 + K)
     mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)  # noqa: E731
     inputs = {
@@ -90,11 +97,20 @@ def check_case(M, K, N, r, p, has_bias, dtype, device) -> tuple[float, float, bo
     y_t, g_t = _run(inputs, "triton", dtype, p, dy)
     y_r, g_r = _run(inputs, "reference", dtype, p, dy)
     y_64, g_64 = _run(inputs, "reference", torch.float64, p, dy)
-    ours = max([_rel(y_t, y_64)] + [_rel(g_t[k], g_64[k]) for k in g_64])
-    torch_err = max([_rel(y_r, y_64)] + [_rel(g_r[k], g_64[k]) for k in g_64])
-    finite = torch.isfinite(y_t).all().item() and all(torch.isfinite(v).all().item() for v in g_t.values())
-    passed = finite and ours <= error_bound(dtype, torch_err)
-    return ours, torch_err, passed
+    abs_inputs = {k: None if v is None else v.abs() for k, v in inputs.items()}
+    y_abs, g_abs = _run(abs_inputs, "reference", torch.float64, p, dy.abs())
+    outputs = {"y": (y_t, y_r, y_64, y_abs), **{f"d{k}": (g_t[k], g_r[k], g_64[k], g_abs[k]) for k in g_64}}
+    worst, passed = None, True
+    for name, (ours_t, torch_t, oracle, abs_oracle) in outputs.items():
+        ours, torch_err = _rel(ours_t, oracle), _rel(torch_t, oracle)
+        den = oracle.norm().item()
+        cond = max(1.0, abs_oracle.norm().item() / den) if den else 1.0
+        bound = error_bound(dtype, torch_err, cond)
+        finite = bool(torch.isfinite(ours_t).all().item())
+        passed &= finite and ours <= bound
+        if worst is None or ours / bound > worst[0]:
+            worst = (ours / bound, ours, torch_err, name)
+    return worst[1], worst[2], passed, worst[3]
 
 
 def run_selfcheck(print_fn: Callable[[str], None] = print) -> bool:
@@ -104,15 +120,17 @@ def run_selfcheck(print_fn: Callable[[str], None] = print) -> bool:
         raise RuntimeError("on a machine without CUDA, set TRITON_INTERPRET=1 before importing lorakern")
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter)"
     print_fn(f"lorakern check on {where}: Triton backend vs reference, forward + grads of x, A, B, bias")
-    print_fn(f"{'M':>6} {'K':>6} {'N':>6} {'r':>3} {'p':>5} {'bias':>5} {'dtype':>9} {'err vs fp64':>12} {'torch err':>10}  result")
+    print_fn("each output (y, dx, dA, dB, dbias) against its own bound; the one closest to its bound is shown")
+    print_fn(f"{'M':>6} {'K':>6} {'N':>6} {'r':>3} {'p':>5} {'bias':>5} {'dtype':>9} {'output':>6} {'err vs fp64':>12} "
+             f"{'torch err':>10}  result")
     all_ok = True
     for M, K, N, r, p, has_bias in CUDA_CASES if device == "cuda" else CPU_CASES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            err, torch_err, ok = check_case(M, K, N, r, p, has_bias, dtype, device)
+            err, torch_err, ok, output = check_case(M, K, N, r, p, has_bias, dtype, device)
             all_ok &= ok
             print_fn(
                 f"{M:>6} {K:>6} {N:>6} {r:>3} {p:>5} {str(has_bias):>5} {str(dtype).removeprefix('torch.'):>9} "
-                f"{err:>12.2e} {torch_err:>10.2e}  {'PASS' if ok else 'FAIL'}"
+                f"{output:>6} {err:>12.2e} {torch_err:>10.2e}  {'PASS' if ok else 'FAIL'}"
             )
     print_fn("all passed" if all_ok else "SOME CASES FAILED")
     return all_ok

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lorakern import cli
+from lorakern import cli, settings
 from lorakern.bench.cost import linear_cost
 from lorakern.bench.memory import saved_activation_bytes
 from lorakern.bench.providers import PROVIDERS, Weights, build, peft_available
@@ -74,6 +74,22 @@ def test_error_bound_scales_only_the_fp32_floor_with_the_condition_number():
     # Half precision: accumulation is fp32, so a moderate cond leaves the dtype's floor as is.
     for dt in (torch.float16, torch.bfloat16):
         assert error_bound(dt, 0.0, cond=50.0) == ERROR_FLOOR[dt]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or settings.interpret), reason="needs a GPU or TRITON_INTERPRET=1")
+def test_check_judges_each_output_and_names_the_failing_one(monkeypatch):
+    """check_case bounds every output on its own (with its condition number): a dA off by
+    1e-3 fails in fp32 and is the output named, while the same case passes untouched."""
+    from lorakern.kernels import dispatch
+    from lorakern.selfcheck import check_case
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = (130, 64, 96, 16, 0.1, True, torch.float32, device)
+    assert check_case(*case)[2]
+    real = dispatch.lora_backward_da
+    monkeypatch.setattr(dispatch, "lora_backward_da", lambda *a, **k: real(*a, **k) * 1.001)
+    err, _, passed, output = check_case(*case)
+    assert not passed and output == "dA" and err > 5e-4
 
 
 # ---- argument handling ------------------------------------------------------------------
