@@ -110,10 +110,17 @@ speed)
         tests/test_launch.py tests/test_kernels.py \
         -k "launch or (onepass and M16 and r16 and bf16)" > "$OUT/pytest-cuda-speed.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-speed.txt"
+    # The merged-weight variant (new 2026-12-01, never run on a GPU): its tf32 dot with
+    # half-precision W and the op with it forced, bf16 only (a few compiles).
+    [ "${SPEED_TESTS:-1}" = 0 ] || LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 45 "$PY" -m pytest -q --tb=short --show-capture=no \
+        -p no:cacheprovider tests/test_merged_variant.py tests/test_kernels_op.py -k "(test_merged_variant and bf16) or every_gemm_variant" \
+        > "$OUT/pytest-cuda-merged.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-merged.txt"
     headline_bench
     timeout -s INT "${SPEED_PROFILE_S:-45}" "$PY" benchmarks/profile_gpu.py "$OUT/profile.txt" > /dev/null 2>&1
     echo "profile rc=$?"
     tail -n 8 "$OUT/pytest-cuda-speed.txt" 2>/dev/null
+    tail -n 4 "$OUT/pytest-cuda-merged.txt" 2>/dev/null
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | grep -A12 "^| target"; done
     grep "===\|^decode graphed" "$OUT/profile.txt"
     ;;
