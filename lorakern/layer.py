@@ -603,7 +603,8 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             return None
         bias = self.base_layer.bias
         backend = resolve_backend(self.backend, x.device, x.dtype)
-        return forward_core(x, w, bias, _in_dtype(A, w.dtype), _in_dtype(B, w.dtype), self.scaling[name], 0.0, 0, backend)[0]
+        A, B = _in_dtype(A, w.dtype), _in_dtype(B, w.dtype)
+        return forward_core(x, w, bias, A, B, self.scaling[name], 0.0, 0, backend, need_S=False)[0]
 
     def _lora_bias_sum(self, active: list[str]) -> torch.Tensor | None:
         """Σ s_i·b_i over the active adapters with lora_bias, in fp32 (fp64 adapters: fp64),

@@ -188,12 +188,14 @@ def unrows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._unsafe_view(t, (*like.shape[:-1], t.shape[-1]))
 
 
-def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str):
-    """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x))."""
+def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int, backend: str,
+                 need_S: bool = True):
+    """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x)); with
+    need_S=False (no backward will run) S may be None."""
     with autocast_off(x.device.type):
-        y, S = implementation(backend).lora_linear_forward(
-            rows(x), weight, bias, lora_A, lora_B, s, p, seed
-        )
+        args = (rows(x), weight, bias, lora_A, lora_B, s, p, seed)
+        impl = implementation(backend)
+        y, S = impl.lora_linear_forward(*args) if need_S else impl.lora_linear_forward(*args, need_S=False)
     return unrows(y, x), S
 
 

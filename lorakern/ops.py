@@ -376,5 +376,5 @@ def lora_linear(
     ):
         # Nothing to differentiate (inference, decode): the same forward without the
         # autograd.Function's bookkeeping (~15 µs a call on CPU).
-        return forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
+        return forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, need_S=False)[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)

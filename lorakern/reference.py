@@ -294,8 +294,9 @@ def lora_backward_da(
     return _as(dA, lora_A.dtype)
 
 
-def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
-    """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32)."""
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, need_S: bool = True):
+    """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32). need_S is the
+    kernels' signature (their merged variant may skip S); here S is needed for y anyway."""
     S = lora_shrink(x, lora_A, p, seed)
     return lora_forward(x, weight, bias, S, lora_B, scaling), S
 

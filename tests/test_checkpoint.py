@@ -36,9 +36,9 @@ class _SeedSpy:
             def __init__(self, backend):
                 self.impl = real(backend)
 
-            def lora_linear_forward(self, *args):
+            def lora_linear_forward(self, *args, **kwargs):  # kwargs: need_S (no-grad calls)
                 spy.fwd.append(args[-1])
-                return self.impl.lora_linear_forward(*args)
+                return self.impl.lora_linear_forward(*args, **kwargs)
 
             def lora_linear_backward(self, *args):
                 spy.bwd.append(args[-2])

@@ -125,6 +125,30 @@ def test_op_every_gemm_variant(fused, p, switches, monkeypatch):
     assert ("lora_forward_fused" in ran) == (fused == "1")
 
 
+@params("fused", ["1", "0", "merged"], ids=["fused-gemm", "cublas-gemm", "merged-weight"])
+def test_inference_merged_weight_skips_the_shrink(fused, switches, monkeypatch):
+    """No autograd, dropout 0, large M: S is not needed, so the merged-weight variant runs
+    without the shrink kernel (the others still need S for y); y within DESIGN §5 of
+    the fp64 oracle either way."""
+    from lorakern import op_core
+    from lorakern.kernels import dispatch
+
+    switches(LORAKERN_FUSED_GEMM=fused)
+    shrinks = []
+    real = dispatch.lora_shrink
+    monkeypatch.setattr(dispatch, "lora_shrink", lambda *a: shrinks.append(1) or real(*a))
+    dev, dtype = KERNEL_DEVICE, torch.bfloat16
+    K, N, M, r = 40, 27, 65, 16
+    x, W, bias = randn(M, K, dtype=dtype, device=dev), randn(N, K, dtype=dtype, device=dev), randn(N, dtype=dtype, device=dev)
+    A, B = randn(r, K, dtype=torch.float32, device=dev), randn(N, r, dtype=torch.float32, device=dev)
+    with torch.no_grad():
+        y = lorakern.lora_linear(x, W, bias, A, B, 0.5, backend="triton")
+    assert bool(shrinks) == (fused != "merged")
+    y_ref = op_core.forward_core(x, W, bias, A, B, 0.5, 0.0, 0, "reference")[0]
+    y_64 = op_core.forward_core(x.double(), W.double(), bias.double(), A.double(), B.double(), 0.5, 0.0, 0, "reference")[0]
+    check_against_oracle(y, y_ref, y_64, dtype, "y")
+
+
 # ------------------------------------------------------------------ dropout
 
 

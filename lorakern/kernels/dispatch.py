@@ -130,8 +130,12 @@ def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged: Callable[[], 
     return candidates[DISPATCH.choose(key, candidates, dy.device, traced(dy))]()
 
 
-def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
+def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, need_S: bool = True):
     """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32).
+
+    need_S=False (inference: nothing will run the backward): S may come back None, so
+    with dropout 0 at larger M the merged-weight variant skips the shrink altogether;
+    the candidates are then timed with their shrink included.
 
     scaling, p, seed: float, float, int; or one DeviceScalars as all three (values the
     host does not read: torch.compile's traced path).
@@ -148,10 +152,17 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed):
         candidates = {FUSED: lambda: lora_forward_onepass(*args),
                       UNFUSED: lambda: lora_forward_onepass(*args, cublas_base=True)}
         return candidates[DISPATCH.choose(key, candidates, x.device)]()
-    S = lora_shrink(x, lora_A, p, seed)
     merged = None
     if weight is not None and not has_dropout(p):  # W + s·B A is the whole term only without a mask
         merged = lambda: lora_forward_merged(x, weight, bias, lora_A, lora_B, scaling)  # noqa: E731
+    if merged is not None and not need_S:
+        def with_shrink(variant):
+            return lambda: variant(x, weight, bias, lora_shrink(x, lora_A, p, seed), lora_B, scaling)
+
+        candidates = {FUSED: with_shrink(lora_forward_fused), UNFUSED: with_shrink(lora_forward_unfused), MERGED: merged}
+        key = ("fwd-noS", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), x.dtype, x.device)
+        return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))](), None
+    S = lora_shrink(x, lora_A, p, seed)
     return lora_forward(x, weight, bias, S, lora_B, scaling, merged), S
 
 
