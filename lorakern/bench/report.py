@@ -182,6 +182,15 @@ def dora_table(results: dict) -> str:
     return _table(header, body)
 
 
+def thin_table(results: dict) -> str:
+    """Markdown: per thin kernel row, its time, ideal bytes, GB/s and fraction of the copy ceiling."""
+    header = ["kernel", "K×N", "M", "r", "p", "median ms", "MiB", "GB/s", "of copy"]
+    body = [[d["kernel"], f"{d['K']}×{d['N']}", str(d["M"]), str(d["r"]), _fmt(d["dropout"], 2),
+             _fmt(d["median_ms"]) + ("*" if d.get("noisy") else ""), _mib(d["bytes"]), _fmt(d["gbps"], 1),
+             _fmt(d["copy_frac"], 2)] for d in results["thin_kernels"]]
+    return _table(header, body)
+
+
 def moe_table(results: dict) -> str:
     """Markdown (MoE runs): per (mode, H×I, M, r), the three providers' times, lorakern / PEFT, the bytes
     W_eff adds per call and the floors at the run's ceilings (base, planned grouped GEMM, as implemented)."""
@@ -331,6 +340,9 @@ def to_markdown(results: dict) -> str:
     if quant and quant.get("weights"):
         parts += ["", "## Stored base weights", "", quant_table(results)]
     parts += ["", "## Layer timings", "", timing_table(results)]
+    if results.get("thin_kernels"):
+        parts += ["", "## Thin LoRA kernels alone (ideal bytes / median time; `of copy` = fraction of the measured "
+                  "copy GB/s; lorakern/bench/thin.py lists what each moves)", "", thin_table(results)]
     if results["memory"]:
         parts += ["", "## Memory of fwd+bwd (saved activations exclude parameters; peak is CUDA only)", "",
                   memory_table(results)]

@@ -8,6 +8,7 @@
             GB/s, ratio to base, fraction of roofline, relative error vs fp64
   memory    saved-activation bytes (and CUDA peak) of fwd+bwd, dropout 0 and 0.1
   e2e       Llama training step, lorakern vs PEFT
+  thin_kernels  (CUDA) each thin LoRA kernel alone at the largest M: ms, ideal bytes, GB/s, fraction of copy (thin.py)
   targets   the issue's measured targets, evaluated on these rows (targets.py)
   noise     the spread limit (p80/p20) above which rows are noisy, re-measurements, counts
   warnings  what a reader must know before trusting the numbers (also printed once, stderr)
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from lorakern.bench import e2e as e2e_mod
+from lorakern.bench import thin
 from lorakern.bench.cost import MODES, ROOFLINE_NOTE, ROOFLINE_TOLERANCE, linear_cost, mark_impossible_rooflines
 from lorakern.bench.machine import machine_info
 from lorakern.bench.memory import module_memory
@@ -347,9 +349,15 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     e2e_skipped = None
     if size is not None and not e2e_mod.transformers_available():
         size, e2e_skipped = None, "transformers is not installed (pip install 'lorakern[bench]')"
+    # The thin kernels alone (GB/s vs the copy ceiling): CUDA only, where they are what runs.
+    thin_on = config.device.type == "cuda" and "lorakern" in providers and any(m != "decode" for m in config.modes)
+    thin_M = max(config.tokens)
     total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers, config.e2e_compile) if size else 0)
+    total += thin.count(config.kn, config.ranks, config.dropouts) if thin_on else 0
     bar, started, ceilings = start_run(config, total, progress)
     rows = _layer_rows(config, providers, ceilings, bar)
+    thin_rows = thin.thin_rows(config.kn, thin_M, config.ranks, config.dropouts, config.dtype, config.device,
+                               config.timer, ceilings["copy_GBps"], bar.tick) if thin_on else []
     memory = _memory_rows(config, providers, bar) if config.memory else []
     e2e_rows = []
     if size is not None and e2e_providers:
@@ -357,7 +365,7 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
                                     compile=config.e2e_compile)
     bar.close()
     return run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows,
-                      vars(size) if size is not None else None, e2e_skipped)
+                      vars(size) if size is not None else None, e2e_skipped, thin_kernels=thin_rows)
 
 
 def start_run(config, total: int, progress: bool):

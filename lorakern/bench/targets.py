@@ -149,7 +149,26 @@ def _gpu_targets(results: dict) -> list[dict]:
                            _faster_detail(ratios, n_noisy)))
     out.extend(_saved_target(results, "lorakern", "lorakern"))
     out.extend(_e2e_targets(results, tokens_limit=1.25))
+    out.extend(_thin_target(results))
     return out
+
+
+def _thin_target(results: dict) -> list[dict]:
+    """The slowest thin LoRA kernel at M = 8192 (thin.py), as a fraction of the copy ceiling."""
+    from lorakern.bench.thin import TARGET_COPY_FRACTION
+
+    rows = [r for r in results.get("thin_kernels", []) if r["M"] == HEADLINE_M and r.get("copy_frac") is not None]
+    if not rows:
+        return []
+    name = "every thin LoRA kernel at M=8192: GB/s / measured copy GB/s (lowest)"
+    clean = [r for r in rows if not r.get("noisy")]
+    n_noisy = len(rows) - len(clean)
+    if not clean:
+        return [_target(name, None, TARGET_COPY_FRACTION, ">=", _all_noisy(n_noisy))]
+    low = min(clean, key=lambda r: r["copy_frac"])
+    return [_target(name, low["copy_frac"], TARGET_COPY_FRACTION, ">=",
+                    f"lowest of {_rows_word(len(clean))}{_excluded(n_noisy)}: {low['kernel']} K={low['K']} "
+                    f"N={low['N']} r={low['r']} p={low['dropout']}")]
 
 
 def _saved_target(results: dict, provider: str, reference: str) -> list[dict]:
