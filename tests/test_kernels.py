@@ -304,6 +304,32 @@ def test_measured_dispatch_alternates_keeps_each_best_and_caches(monkeypatch):
     assert d.choose(key, candidates, cuda) == "merged" and len(order) == 12
 
 
+def test_measured_dispatch_skips_a_candidate_that_fails(monkeypatch):
+    """A candidate that raises while timed (a kernel this card or Triton cannot compile)
+    never wins and does not break the call; the unfused one (cuBLAS + pass) must run."""
+    import triton.testing
+
+    from lorakern import settings
+    from lorakern.kernels import dispatch
+
+    monkeypatch.setattr(settings, "fused_gemm", "auto")
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    calls = []
+
+    def broken():
+        calls.append("fused")
+        raise RuntimeError("no such instruction on this card")
+
+    d, cuda = dispatch.Dispatcher(), torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="'fused' variant failed"):
+        assert d.choose(("k",), {"fused": broken, "unfused": lambda: 2.0, "merged": lambda: 3.0}, cuda) == "unfused"
+    assert calls == ["fused"] and d.times()[("k",)]["fused"] == float("inf")
+    with pytest.raises(RuntimeError):
+        d.choose(("k2",), {"unfused": broken}, cuda)
+
+
 @pytest.mark.parametrize("r", [100, 128], ids=lambda r: f"r{r}")
 def test_ranks_above_64(r):
     """Ranks past the test grid pad to the next power of two in registers."""
