@@ -4,7 +4,7 @@ PEFT's target_parameters (and lorakern's reference path, lorakern/parameter.py) 
 experts module with its parameter replaced by W + ΔW: every forward writes and reads a
 new [E, out, in] weight (for Mixtral-8x7B's experts, GBs per layer) and backward keeps it.
 Here the LoRA term is applied to each expert's own token rows instead, as the SGMV kernels
-do for adapters (kernels/sgmv.py), with the experts in place of adapters:
+do for adapters (lorakern/kernels/sgmv.py), with the experts in place of adapters:
 
     y_e = x_e W_eᵀ + s·(x_e A_eᵀ) B_eᵀ        for the rows x_e routed to expert e
 

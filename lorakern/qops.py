@@ -3,7 +3,7 @@
     y = x dequant(Wq)ᵀ + s · (D(x) Aᵀ) Bᵀ + bias
 
 The weight is dequantised into a transient dense tensor in x's dtype (on CUDA by the
-Triton kernel in kernels/dequant.py, elsewhere by lorakern.quant), the same op as the
+Triton kernel in lorakern/kernels/dequant.py, elsewhere by lorakern.quant), the same op as the
 dense path runs on it, and the dense tensor is dropped: the backward dequantises again
 for dx = dY W + D(dS A). So the only things saved for the backward are what the dense
 path saves (x, S, the seed) plus references to the quantized storage — never a dense

@@ -18,7 +18,7 @@ Formats (each bit-compatible with bitsandbytes 0.50, checked in tests/test_quant
 
 Dequantisation computes code[q] · absmax in fp32 and casts once to the compute dtype,
 as bitsandbytes does, so both give the same bits. `dequantize` here is the reference
-(the CPU path and the oracle of kernels/dequant.py).
+(the CPU path and the oracle of lorakern/kernels/dequant.py).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> 
     """The weight [N, K] in `dtype` (default qw.dtype): code[q] · absmax in fp32, cast once.
 
     The reference implementation (plain PyTorch): what runs on CPU and the oracle of the
-    Triton kernel in kernels/dequant.py.
+    Triton kernel in lorakern/kernels/dequant.py.
     """
     dtype = qw.dtype if dtype is None else dtype
     n, k = qw.shape

@@ -315,7 +315,7 @@ def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, nee
     return dx, dA, (dB if need_b else None)
 
 
-# ---- mixed batches: one adapter per row (the SGMV kernels of kernels/sgmv.py) ----------
+# ---- mixed batches: one adapter per row (the SGMV kernels of lorakern/kernels/sgmv.py) ----------
 # Adapters stacked and zero-padded to the largest rank R: A [n, R, K], B [n, N, R].
 # seg = (order, starts, counts) from `segments`: adapter a owns the rows
 # order[starts[a] : starts[a] + counts[a]]. Dropout keeps element (m, k) by the

@@ -1,4 +1,4 @@
-"""kernels/dequant.py against lorakern.quant.dequantize_weight, bit for bit.
+"""lorakern/kernels/dequant.py against lorakern.quant.dequantize_weight, bit for bit.
 
 On a machine without a GPU these run in Triton's interpreter (tests/conftest.py).
 """

@@ -1,6 +1,6 @@
 """Every kernel compiles for Hopper (sm_90) with the real Triton compiler and ptxas,
 on this machine, without a GPU: the interpreter cannot catch compiler-only errors
-or tiles that do not fit shared memory (kernels/aot.py)."""
+or tiles that do not fit shared memory (lorakern/kernels/aot.py)."""
 
 import os
 import subprocess

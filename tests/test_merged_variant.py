@@ -1,4 +1,4 @@
-"""The merged-weight variant (kernels/merge.py, dropout 0): W′ = W + s·B A by one Triton
+"""The merged-weight variant (lorakern/kernels/merge.py, dropout 0): W′ = W + s·B A by one Triton
 kernel, then cuBLAS for y = x W′ᵀ + bias and dx = dY W′.
 
 W′ is checked against an fp64 oracle element by element (rounded once: within half an

@@ -1,4 +1,4 @@
-"""kernels/qgemm.py (fused dequantise-GEMM) against x @ lorakern.quant.dequantize_weight(qw, x.dtype)ᵀ.
+"""lorakern/kernels/qgemm.py (fused dequantise-GEMM) against x @ lorakern.quant.dequantize_weight(qw, x.dtype)ᵀ.
 
 The oracle multiplies in fp64 the weight the reference dequantises and rounds to x's
 dtype; the kernel must match it within DESIGN.md §5's tolerance and no worse than twice

@@ -67,7 +67,7 @@ def test_quantized_op_dropout_matches_dense_op(backend):
     B = torch.randn(24, 4, device=dev, requires_grad=True)
     y = lora_linear_quantized(x, qw, None, A, B, 0.5, dropout_p=0.3, seed=11, backend=backend)
     y2 = lorakern.lora_linear(x, W, None, A, B, 0.5, dropout_p=0.3, seed=11, backend=backend)
-    # Triton at small M reads the 4-bit weight in its K loop (kernels/qgemm.py): the same
+    # Triton at small M reads the 4-bit weight in its K loop (lorakern/kernels/qgemm.py): the same
     # mask and math, another fp32 summation order. The reference is the dense op exactly.
     tol = 0.0 if backend == "reference" else RTOL[torch.float32]
     assert_close(y, y2, tol, "y")

@@ -1,4 +1,4 @@
-"""The mixed-batch (SGMV) kernels and the fused mixed op (kernels/sgmv.py, lorakern/mixed_ops.py).
+"""The mixed-batch (SGMV) kernels and the fused mixed op (lorakern/kernels/sgmv.py, lorakern/mixed_ops.py).
 
 Kernels against their reference functions and an fp64 oracle (in Triton's interpreter
 on CPU, on the GPU when there is one); the fused op against the per-adapter loop
