@@ -110,10 +110,11 @@ speed)
         tests/test_launch.py tests/test_kernels.py \
         -k "launch or (onepass and M16 and r16 and bf16)" > "$OUT/pytest-cuda-speed.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-speed.txt"
-    # The merged-weight variant (new 2026-12-01, never run on a GPU): its tf32 dot with
-    # half-precision W and the op with it forced, bf16 only (a few compiles).
+    # The merged-weight and TMA variants (new 2026-12-01, never run on a GPU, TMA never on
+    # Triton 3.6): the kernels and the op with each forced, bf16 only (a few compiles).
     [ "${SPEED_TESTS:-1}" = 0 ] || LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 45 "$PY" -m pytest -q --tb=short --show-capture=no \
-        -p no:cacheprovider tests/test_merged_variant.py tests/test_kernels_op.py -k "(test_merged_variant and bf16) or every_gemm_variant" \
+        -p no:cacheprovider tests/test_merged_variant.py tests/test_kernels_op.py tests/test_tma_gemm.py \
+        -k "(test_merged_variant and bf16) or every_gemm_variant or forced_tma or (test_tma_gemm and bf16 and M130 and r16)" \
         > "$OUT/pytest-cuda-merged.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-merged.txt"
     headline_bench

@@ -5,10 +5,11 @@
                              before lorakern (or anything that imports Triton) is imported.
     LORAKERN_BACKEND         auto | triton | reference: what backend="auto" resolves to
                              (auto: Triton for CUDA tensors, the reference otherwise).
-    LORAKERN_FUSED_GEMM      auto | 1 | 0 | merged: the measured dispatch (auto), or one
-                             variant forced everywhere: 1 the fused Triton GEMMs, 0 cuBLAS
-                             plus a LoRA pass, merged cuBLAS on W + s·B A where a call can
-                             take it (dropout 0; cuBLAS plus a LoRA pass elsewhere).
+    LORAKERN_FUSED_GEMM      auto | 1 | 0 | merged | tma: the measured dispatch (auto), or
+                             one variant forced everywhere: 1 the fused Triton GEMMs, 0
+                             cuBLAS plus a LoRA pass, merged cuBLAS on W + s·B A, tma the
+                             persistent TMA forward GEMM — the last two where a call can
+                             take them (else cuBLAS plus a LoRA pass).
     LORAKERN_AUTOTUNE        1 | 0: 0 keeps one GEMM tile (the CUDA tests set it).
     LORAKERN_FAST_LAUNCH     1 | 0: 0 sends every launch through Triton's own launcher.
     LORAKERN_TRITON_OP       1 | 0: 0 makes torch.compile trace the opaque custom op
@@ -48,7 +49,7 @@ def read(env: Mapping[str, str] = os.environ) -> dict:
         # Triton treats any other value as off; so does lorakern.
         "interpret": env.get("TRITON_INTERPRET", "0") == "1",
         "backend": _choice(env, "LORAKERN_BACKEND", "auto", BACKENDS),
-        "fused_gemm": _choice(env, "LORAKERN_FUSED_GEMM", "auto", ("auto", "1", "0", "merged")),
+        "fused_gemm": _choice(env, "LORAKERN_FUSED_GEMM", "auto", ("auto", "1", "0", "merged", "tma")),
         "autotune": _choice(env, "LORAKERN_AUTOTUNE", "1", ("1", "0")) == "1",
         "fast_launch": _choice(env, "LORAKERN_FAST_LAUNCH", "1", ("1", "0")) == "1",
         "triton_op": _choice(env, "LORAKERN_TRITON_OP", "1", ("1", "0")) == "1",

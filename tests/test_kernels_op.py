@@ -125,6 +125,25 @@ def test_op_every_gemm_variant(fused, p, switches, monkeypatch):
     assert ("lora_forward_fused" in ran) == (fused == "1")
 
 
+@params("N", [40, 27], ids=["N40", "N27"])
+def test_op_forced_tma_forward(N, switches, monkeypatch):
+    """LORAKERN_FUSED_GEMM=tma runs the persistent TMA forward where its layout fits (N·2
+    bytes a multiple of 16) and cuBLAS + pass where not; output and every gradient within
+    DESIGN §5 of the fp64 oracle."""
+    from lorakern.kernels import dispatch
+
+    switches(LORAKERN_FUSED_GEMM="tma")
+    ran = []
+    real = dispatch.lora_forward_tma
+    monkeypatch.setattr(dispatch, "lora_forward_tma", lambda *a: ran.append(1) or real(*a))
+    dev, dtype = KERNEL_DEVICE, torch.bfloat16
+    K, M, r = 40, 65, 16
+    x, W = randn(M, K, dtype=dtype, device=dev), randn(N, K, dtype=dtype, device=dev)
+    A, B = randn(r, K, dtype=torch.float32, device=dev), randn(N, r, dtype=torch.float32, device=dev)
+    run_op_case(x, W, randn(N, dtype=dtype, device=dev), A, B, 0.5, 0.1, randn(M, N, dtype=dtype, device=dev), dtype)
+    assert bool(ran) == (N == 40)
+
+
 @params("fused", ["1", "0", "merged"], ids=["fused-gemm", "cublas-gemm", "merged-weight"])
 def test_inference_merged_weight_skips_the_shrink(fused, switches, monkeypatch):
     """No autograd, dropout 0, large M: S is not needed, so the merged-weight variant runs

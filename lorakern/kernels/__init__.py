@@ -4,7 +4,7 @@ Each launcher has the signature and math of the function of the same name in
 `lorakern.reference`, which is its oracle; the quantized-weight launchers'
 (`dequantize_weight`, `dequant_matmul`) oracle is `lorakern.quant.dequantize_weight`.
 This module only re-exports: the kernels live in forward / backward / shrink / merge /
-sgmv / dequant / qgemm, the choice between variants and the whole forward / backward in
+tma / sgmv / dequant / qgemm, the choice between variants and the whole forward / backward in
 dispatch.
 """
 
@@ -21,6 +21,7 @@ from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfu
 from .merge import lora_backward_dx_merged, lora_forward_merged, lora_merged_weight
 from .qgemm import dequant_matmul
 from .shrink import lora_shrink
+from .tma import lora_forward_tma, tma_supported
 
 __all__ = [
     "lora_shrink",
@@ -35,6 +36,8 @@ __all__ = [
     "lora_merged_weight",
     "lora_forward_merged",
     "lora_backward_dx_merged",
+    "lora_forward_tma",
+    "tma_supported",
     "lora_linear_forward",
     "lora_linear_backward",
     "qlora_linear_forward",

@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, dequant, forward, merge, qgemm, sgmv, shrink
+from . import backward, dequant, forward, merge, qgemm, sgmv, shrink, tma
 from .common import dot_precision
 
 # Hopper: 227 KiB of shared memory per block at most.
@@ -100,6 +100,11 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
              "FUSE_SHRINK": fuse, "HAS_DROPOUT": fuse, "HAS_BASE": True},
             warps, stages,
         )
+    if dtype != torch.float32:  # the persistent TMA forward: fp16 / bf16 only (fp32 exceeds shared memory)
+        bm, bn, bk, warps, stages, subtile = tma.HOPPER_TILE
+        yield (f"fwd tma {bm}x{bn}x{bk}", tma._lora_fwd_tma_kernel,
+               {**common, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": tma.GROUP_M, "NUM_SMS": 132,
+                "EPILOGUE_SUBTILE": subtile, "HAS_BIAS": True}, warps, stages)
     # The accumulate variant (cuBLAS wrote x Wᵀ + bias; forward.lora_forward_unfused's tile).
     cfg = forward.accumulate_config("BLOCK_N", "BLOCK_K")
     yield (

@@ -5,7 +5,9 @@ A call has up to three ways to compute the same thing:
              for small M, the forward in one launch (shrink inside the GEMM);
 - "unfused": cuBLAS's GEMM, then a LoRA pass that adds into its output;
 - "merged":  (dropout 0 only) cuBLAS's GEMM on W + s·B A, built by a small kernel
-             (kernels/merge.py): no pass over y / dx, one read and write of W instead.
+             (kernels/merge.py): no pass over y / dx, one read and write of W instead;
+- "tma":     (forward, sm_90, fp16 / bf16, TMA-able layouts) the fused GEMM as a
+             persistent kernel reading x / W through TMA descriptors (kernels/tma.py).
 The fused kernels save passes and launches, but a Triton GEMM can lose to cuBLAS on some
 shapes, and dispatch must never pick the slower path (DESIGN.md §3). So on CUDA the
 choice is measured: the first call for a shape bucket times every candidate on the real
@@ -29,9 +31,10 @@ from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfu
 from .merge import lora_backward_dx_merged, lora_forward_merged
 from .qgemm import dequant_matmul
 from .shrink import lora_shrink
+from .tma import lora_forward_tma, tma_supported
 
-FUSED, UNFUSED, MERGED = "fused", "unfused", "merged"
-_FORCED = {"1": FUSED, "0": UNFUSED, "merged": MERGED}
+FUSED, UNFUSED, MERGED, TMA = "fused", "unfused", "merged", "tma"
+_FORCED = {"1": FUSED, "0": UNFUSED, "merged": MERGED, "tma": TMA}
 
 
 class Dispatcher:
@@ -126,8 +129,17 @@ def lora_forward(x, weight, bias, S, lora_B, scaling, merged: Callable[[], torch
     candidates = {FUSED: lambda: lora_forward_fused(*args), UNFUSED: lambda: lora_forward_unfused(*args)}
     if merged is not None:
         candidates[MERGED] = merged
-    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), MERGED in candidates, x.dtype, x.device)
+    if _tma_candidate(x, weight):
+        candidates[TMA] = lambda: lora_forward_tma(*args)
+    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), MERGED in candidates, TMA in candidates,
+           x.dtype, x.device)
     return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))]()
+
+
+def _tma_candidate(x, weight) -> bool:
+    """Whether the TMA kernel competes for this forward: its layouts fit, and the inputs are
+    real (under torch.compile tracing, who supplies its descriptors' scratch is unchecked)."""
+    return not traced(x) and tma_supported(x, weight)[0]
 
 
 def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -176,7 +188,10 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, need_
             return lambda: variant(x, weight, bias, lora_shrink(x, lora_A, p, seed), lora_B, scaling)
 
         candidates = {FUSED: with_shrink(lora_forward_fused), UNFUSED: with_shrink(lora_forward_unfused), MERGED: merged}
-        key = ("fwd-noS", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), x.dtype, x.device)
+        if _tma_candidate(x, weight):
+            candidates[TMA] = with_shrink(lora_forward_tma)
+        key = ("fwd-noS", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), TMA in candidates, x.dtype,
+               x.device)
         return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))](), None
     S = lora_shrink(x, lora_A, p, seed)
     return lora_forward(x, weight, bias, S, lora_B, scaling, merged), S
