@@ -506,3 +506,27 @@ def test_device_scalars_must_not_be_mixed_with_values():
     for p, seed, scaling in ((0.2, mem, None), (mem, 7, None), (0.2, 7, mem), (mem, mem, 0.5)):
         with pytest.raises(TypeError, match="DeviceScalars"):
             scalar_args(p, seed, scaling)
+
+
+@pytest.mark.parametrize("shapes", [((3, 5, 7), (4, 2, 9)), ((1, 40, 16), (130, 16, 33)), ((2, 0, 4), (5, 3, 3))],
+                         ids=["small", "one-vs-many", "empty"])
+def test_sum_partials_sums_both_stacks_in_one_launch(shapes):
+    """The backward's dB and dA partials [P, ...] summed in fp32 and cast once, in one launch;
+    equal to torch's sum up to fp32 reassociation, NaN-poisoned outputs fully written."""
+    from lorakern.kernels.backward import sum_partials
+
+    (a_shape, b_shape) = shapes
+    a = torch.randn(*a_shape, device=KERNEL_DEVICE)
+    b = torch.randn(*b_shape, device=KERNEL_DEVICE)
+    out_a, out_b = sum_partials(a, torch.bfloat16, b, torch.float32)
+    assert out_a.dtype == torch.bfloat16 and out_a.shape == a_shape[1:]
+    assert out_b.dtype == torch.float32 and out_b.shape == b_shape[1:]
+    in_order = torch.zeros(a_shape[1:], device=KERNEL_DEVICE)
+    for part in a:  # the kernel's order: partial 0, 1, ... added in fp32, then one rounding
+        in_order += part
+    torch.testing.assert_close(out_a, in_order.to(torch.bfloat16), rtol=0, atol=0)
+    # Summed in order in fp32: within the recursive-summation bound (P - 1)·u·Σ|terms| of the exact sum.
+    bound = (b.shape[0] - 1) * 2**-24 * b.double().abs().sum(0)
+    assert ((out_b.double() - b.double().sum(0)).abs() <= bound + 1e-30).all()
+    with pytest.raises(ValueError, match="b_partial"):
+        sum_partials(a, torch.float32, b.transpose(1, 2), torch.float32)

@@ -156,7 +156,8 @@ def test_traced_ops_decompose_into_kernel_launches(mode):
     # on the kernels' code: every kernel each op can launch must be found.
     assert graph["cache_key_kernels"] == {
         "lora_linear_fwd_triton": ["_lora_fwd_kernel", "_lora_fwd_tma_kernel", "_lora_merge_kernel", "_lora_shrink_kernel"],
-        "lora_linear_bwd_triton": ["_lora_bwd_da_kernel", "_lora_bwd_dsdb_kernel", "_lora_bwd_dx_kernel", "_lora_merge_kernel"],
+        "lora_linear_bwd_triton": ["_lora_bwd_da_kernel", "_lora_bwd_dsdb_kernel", "_lora_bwd_dx_kernel", "_lora_merge_kernel",
+                                   "_sum_partials_kernel"],
     }, graph["cache_key_kernels"]
 
 

@@ -74,7 +74,8 @@ def _summary(graphs) -> dict:
                 continue
             kernels.append(_kernel_name(kernel_side_table.get_kernel(node.kwargs["kernel_idx"])))
             args = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
-            in_memory.append(bool(args.get("SCALARS_IN_MEMORY")))
+            if "SCALARS_IN_MEMORY" in args or "scaling" in args or "p" in args:  # kernels that read scalars
+                in_memory.append(bool(args.get("SCALARS_IN_MEMORY")))
             dynamic_m |= isinstance(args.get("M"), torch.fx.Node)
     return {
         "kernels": kernels,

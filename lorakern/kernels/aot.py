@@ -219,6 +219,17 @@ def _sgmv_cases():
                    {**sig, **dict.fromkeys(consts, "constexpr")}, consts, {"num_warps": 4})
 
 
+def _sum_cases():
+    """(label, kernel, signature, constexprs, options) of the backward's partial-sum kernel
+    (backward.sum_partials) per output dtype of dA / dB (the adapters' dtype)."""
+    for dtype in _PTR:
+        sig = {"a_ptr": "*fp32", "out_a_ptr": _PTR[dtype], "P_A": "i32", "NUMEL_A": "i32",
+               "b_ptr": "*fp32", "out_b_ptr": _PTR[dtype], "P_B": "i32", "NUMEL_B": "i32",
+               "BLOCK": "constexpr", "UPCAST": "constexpr"}
+        yield (f"sum partials out={str(dtype)[6:]}", backward._sum_partials_kernel, sig,
+               {"BLOCK": backward.SUM_BLOCK, "UPCAST": False}, {"num_warps": 4})
+
+
 def _compile_one(name, fn, signature, constexprs, options, target, arch, print_fn) -> dict:
     t0 = time.perf_counter()
     try:
@@ -253,7 +264,7 @@ def compile_all(arch: int = 90, all_tiles: bool = False, print_fn=print) -> list
         results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
     for name, kernel, signature, constexprs, options in _qgemm_cases(all_tiles):
         results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
-    for name, kernel, signature, constexprs, options in _sgmv_cases():
+    for name, kernel, signature, constexprs, options in (*_sgmv_cases(), *_sum_cases()):
         results.append(_compile_one(name, _jit_fn(kernel), signature, constexprs, options, target, arch, print_fn))
     return results
 

@@ -74,9 +74,10 @@ def _lora_bwd_dsdb_kernel(
 
 
 def lora_backward_dsdb(
-    dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling
+    dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, scaling, reduce: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dS = s·dY B [M, r] (fp32) and dB = s·dYᵀ S [N, r] (lora_B's dtype).
+    reduce=False: dB comes back as its fp32 partials [P, N, r] (summed by `sum_partials`).
     scaling: a float, or a DeviceScalars (common.scalar_args).
     Strides: dy, lora_B, S may have any strides; all are passed to the kernel."""
     M, N = dy.shape
@@ -86,7 +87,7 @@ def lora_backward_dsdb(
     check_device("dy", dy)
     dS = torch.empty((M, R), device=dy.device, dtype=torch.float32)
     if M == 0:
-        return dS, torch.zeros_like(lora_B)
+        return dS, (torch.zeros_like(lora_B) if reduce else lora_B.new_zeros((1, N, R), dtype=torch.float32))
     cfg = _dsdb_config(M, R, dy.element_size())
     num_pid = cdiv(M, cfg["BLOCK_M"])
     db_partial = torch.empty((num_pid, N, R), device=dy.device, dtype=torch.float32)
@@ -104,6 +105,8 @@ def lora_backward_dsdb(
         stride_dbp=stride_dbp, stride_dbn=stride_dbn, stride_dbr=stride_dbr,
         R_PAD=rank_pad(R), SCALARS_IN_MEMORY=scalars["SCALARS_IN_MEMORY"], **cfg, **common_meta(dy.dtype),
     ))
+    if not reduce:
+        return dS, db_partial
     dB = db_partial.view(N, R) if num_pid == 1 else db_partial.sum(0)
     return dS, dB.to(lora_B.dtype)
 
@@ -268,9 +271,10 @@ def _lora_bwd_da_kernel(
 
 
 def lora_backward_da(
-    dS: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, p, seed
+    dS: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, p, seed, reduce: bool = True
 ) -> torch.Tensor:
     """dA = dSᵀ D(x).  dS [M, r] fp32, x [M, K] -> dA [r, K] in lora_A's dtype.
+    reduce=False: its fp32 partials [P, r, K] instead (summed by `sum_partials`).
     p: float and seed: int, or one DeviceScalars as both (common.scalar_args).
     Strides: dS, x may have any strides; both are passed to the kernel."""
     M, K = x.shape
@@ -279,7 +283,7 @@ def lora_backward_da(
         raise ValueError(f"lora_backward_da: dS {tuple(dS.shape)}, x {tuple(x.shape)}, lora_A {tuple(lora_A.shape)} do not agree")
     check_device("x", x)
     if M == 0 or K == 0:  # nothing to reduce, or nothing to reduce into
-        return torch.zeros_like(lora_A)
+        return torch.zeros_like(lora_A) if reduce else lora_A.new_zeros((1, R, K), dtype=torch.float32)
     cfg = _da_config()
     k_blocks = cdiv(K, cfg["BLOCK_K"])
     m_blocks = cdiv(M, cfg["BLOCK_M"])
@@ -298,5 +302,66 @@ def lora_backward_da(
         stride_dap=stride_dap, stride_dar=stride_dar, stride_dak=stride_dak,
         R_PAD=rank_pad(R), **scalar_args(p, seed), **cfg, **common_meta(x.dtype),
     ))
+    if not reduce:
+        return da_partial
     dA = da_partial.view(R, K) if splits == 1 else da_partial.sum(0)
     return dA.to(lora_A.dtype)
+
+
+# ---------------------------------------------------------------- the partials' sums
+
+
+@triton.jit
+def _sum_partials_kernel(
+    a_ptr, out_a_ptr, P_A, NUMEL_A,
+    b_ptr, out_b_ptr, P_B, NUMEL_B,
+    BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Programs [0, cdiv(NUMEL_A, BLOCK)) sum stack a over its leading dim, the rest stack b:
+    # two reductions, one launch. Each element's partials are added in index order, so the
+    # result does not depend on the grid (bit-reproducible).
+    pid = tl.program_id(0)
+    blocks_a = tl.cdiv(NUMEL_A, BLOCK)
+    if pid < blocks_a:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < NUMEL_A
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        ptrs = a_ptr + offs  # 64-bit pointer steps: P · NUMEL may pass 2**31
+        for _ in range(0, P_A):
+            acc += tl.load(ptrs, mask=ok, other=0.0)
+            ptrs += NUMEL_A
+        tl.store(out_a_ptr + offs, cast(acc, out_a_ptr.dtype.element_ty, UPCAST), mask=ok)
+    else:
+        offs = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < NUMEL_B
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        ptrs = b_ptr + offs  # 64-bit pointer steps: P · NUMEL may pass 2**31
+        for _ in range(0, P_B):
+            acc += tl.load(ptrs, mask=ok, other=0.0)
+            ptrs += NUMEL_B
+        tl.store(out_b_ptr + offs, cast(acc, out_b_ptr.dtype.element_ty, UPCAST), mask=ok)
+
+
+SUM_BLOCK = 1024
+
+
+def sum_partials(a_partial: torch.Tensor, a_dtype: torch.dtype, b_partial: torch.Tensor, b_dtype: torch.dtype):
+    """(Σ_p a_partial[p] in a_dtype, Σ_p b_partial[p] in b_dtype) in one launch: the dB and dA
+    partials [P, ...] (fp32, contiguous) of a backward, which two torch sums (and casts)
+    would reduce in two to four. Sums in fp32, added in partial order, cast once."""
+    for name, t in (("a_partial", a_partial), ("b_partial", b_partial)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.dim() < 2:
+            raise ValueError(f"sum_partials: {name} must be a contiguous fp32 [P, ...] stack, got {t.dtype} "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    out_a = torch.empty(a_partial.shape[1:], device=a_partial.device, dtype=a_dtype)
+    out_b = torch.empty(b_partial.shape[1:], device=b_partial.device, dtype=b_dtype)
+    numel_a, numel_b = out_a.numel(), out_b.numel()
+    blocks = cdiv(numel_a, SUM_BLOCK) + cdiv(numel_b, SUM_BLOCK)
+    if blocks == 0:
+        return out_a, out_b
+    launch(wrap_triton(_sum_partials_kernel, a_partial), (blocks,), dict(
+        a_ptr=a_partial, out_a_ptr=out_a, P_A=a_partial.shape[0], NUMEL_A=numel_a,
+        b_ptr=b_partial, out_b_ptr=out_b, P_B=b_partial.shape[0], NUMEL_B=numel_b,
+        BLOCK=SUM_BLOCK, UPCAST=interpreting(), num_warps=4,
+    ))
+    return out_a, out_b

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from .. import settings
-from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx
+from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx, sum_partials
 from .common import has_dropout, interpreting, rank_pad, traced
 from .dequant import dequantize_weight
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
@@ -227,12 +227,15 @@ def qlora_linear_forward(x, qtensors, meta, bias, lora_A, lora_B, scaling, p, se
 def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs):
     """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB)."""
     need_x, need_a, need_b = needs
-    dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling)
+    # dB's and dA's fp32 partials are summed together by one launch after dA (sum_partials).
+    dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling, reduce=not need_a)
     dx = None
     if need_x:
         merged = None
         if weight is not None and not has_dropout(p):
             merged = lambda: lora_backward_dx_merged(dy, weight, lora_A, lora_B, scaling)  # noqa: E731
         dx = lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged)
-    dA = lora_backward_da(dS, x, lora_A, p, seed) if need_a else None
+    dA = None
+    if need_a:
+        dB, dA = sum_partials(dB, lora_B.dtype, lora_backward_da(dS, x, lora_A, p, seed, reduce=False), lora_A.dtype)
     return dx, dA, (dB if need_b else None)
