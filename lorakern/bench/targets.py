@@ -74,19 +74,26 @@ def _noisy_bases(rows: list[dict]) -> set[tuple]:
     return {(r["mode"], r["K"], r["N"], r["M"], r["r"]) for r in rows if r["provider"] in BASE_PROVIDERS and _noisy(r)}
 
 
-def _worst(rows: list[dict], key: str, noisy_bases: set[tuple] = frozenset()) -> tuple[float | None, str]:
-    """Highest `key` among the rows that are not noisy (nor, for ratio_to_base, their base row)."""
+def _pick(rows: list[dict], key: str, is_noisy, describe, highest: bool = True) -> tuple[float | None, str]:
+    """The worst `key` (highest, or lowest for a ">=" target) among the rows that have one and
+    are not `is_noisy`; the detail counts the rows used and left out and `describe`s the pick."""
     rows = [r for r in rows if r.get(key) is not None]
     if not rows:
         return None, "no rows"
-    clean = [r for r in rows if not _noisy(r)
-             and not (key == "ratio_to_base" and (r["mode"], r["K"], r["N"], r["M"], r["r"]) in noisy_bases)]
+    clean = [r for r in rows if not is_noisy(r)]
     n_noisy = len(rows) - len(clean)
     if not clean:
         return None, _all_noisy(n_noisy)
-    worst = max(clean, key=lambda r: r[key])
-    return worst[key], (f"worst of {_rows_word(len(clean))}{_excluded(n_noisy)}: "
-                        f"K={worst['K']} N={worst['N']} M={worst['M']} r={worst['r']}")
+    worst = (max if highest else min)(clean, key=lambda r: r[key])
+    return worst[key], f"worst of {_rows_word(len(clean))}{_excluded(n_noisy)}: {describe(worst)}"
+
+
+def _worst(rows: list[dict], key: str, noisy_bases: set[tuple] = frozenset()) -> tuple[float | None, str]:
+    """Highest `key` among the rows that are not noisy (nor, for ratio_to_base, their base row)."""
+    def is_noisy(r: dict) -> bool:
+        return _noisy(r) or (key == "ratio_to_base" and (r["mode"], r["K"], r["N"], r["M"], r["r"]) in noisy_bases)
+
+    return _pick(rows, key, is_noisy, lambda r: f"K={r['K']} N={r['N']} M={r['M']} r={r['r']}")
 
 
 def _ratios(rows: list[dict], mode: str, num: str, den: str, dropout: float | None = None) -> tuple[list[tuple], int]:
@@ -160,15 +167,10 @@ def _thin_target(results: dict) -> list[dict]:
     rows = [r for r in results.get("thin_kernels", []) if r["M"] == HEADLINE_M and r.get("copy_frac") is not None]
     if not rows:
         return []
-    name = "every thin LoRA kernel at M=8192: GB/s / measured copy GB/s (lowest)"
-    clean = [r for r in rows if not r.get("noisy")]
-    n_noisy = len(rows) - len(clean)
-    if not clean:
-        return [_target(name, None, TARGET_COPY_FRACTION, ">=", _all_noisy(n_noisy))]
-    low = min(clean, key=lambda r: r["copy_frac"])
-    return [_target(name, low["copy_frac"], TARGET_COPY_FRACTION, ">=",
-                    f"lowest of {_rows_word(len(clean))}{_excluded(n_noisy)}: {low['kernel']} K={low['K']} "
-                    f"N={low['N']} r={low['r']} p={low['dropout']}")]
+    value, detail = _pick(rows, "copy_frac", _noisy,
+                          lambda r: f"{r['kernel']} K={r['K']} N={r['N']} r={r['r']} p={r['dropout']}", highest=False)
+    return [_target("every thin LoRA kernel at M=8192: GB/s / measured copy GB/s (lowest)", value,
+                    TARGET_COPY_FRACTION, ">=", detail)]
 
 
 def _saved_target(results: dict, provider: str, reference: str) -> list[dict]:
@@ -378,16 +380,8 @@ def _mixed_targets(results: dict) -> list[dict]:
             out.append(_target(name, value, None, op, f"{CPU_NOTE} (GPU limit {op} {limit}); {detail}"))
 
     def worst(rows: list[dict], key: str, highest: bool = True) -> tuple[float | None, str]:
-        rows = [d for d in rows if d.get(key) is not None]
-        if not rows:
-            return None, "no rows"
-        clean = [d for d in rows if not _mixed_noisy(index, d, key)]
-        n_noisy = len(rows) - len(clean)
-        if not clean:
-            return None, _all_noisy(n_noisy)
-        d = (max if highest else min)(clean, key=lambda d: d[key])
-        return d[key], (f"worst of {_rows_word(len(clean))}{_excluded(n_noisy)}: "
-                        f"K={d['K']} N={d['N']} M={d['M']} n={d['adapters']}")
+        return _pick(rows, key, lambda d: _mixed_noisy(index, d, key),
+                     lambda d: f"K={d['K']} N={d['N']} M={d['M']} n={d['adapters']}", highest)
 
     for provider in ("lorakern", "lorakern-layer"):
         mine = [d for d in ratios if d["provider"] == provider]
