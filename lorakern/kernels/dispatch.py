@@ -122,24 +122,31 @@ def lora_forward(x, weight, bias, S, lora_B, scaling, merged: Callable[[], torch
     """y = x Wᵀ + s·S Bᵀ + bias [M, N] from S, by the fastest of the fused and cuBLAS
     variants, and `merged` (the merged-weight forward, given by callers that know dropout
     is off and hold lora_A) when given."""
-    M, K = x.shape
-    args = (x, weight, bias, S, lora_B, scaling)
     if weight is None:  # the LoRA term alone: nothing to fuse it with
-        return lora_forward_unfused(*args)
-    candidates = {FUSED: lambda: lora_forward_fused(*args), UNFUSED: lambda: lora_forward_unfused(*args)}
+        return lora_forward_unfused(x, weight, bias, S, lora_B, scaling)
+    return _forward_gemm("fwd", x, weight, bias, lambda: S, lora_B, scaling, merged)
+
+
+def _forward_gemm(tag: str, x, weight, bias, get_S: Callable[[], torch.Tensor], lora_B, scaling,
+                  merged: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+    """y by the fastest candidate: fused, unfused, `merged` when given, TMA where it fits.
+    get_S() gives S to the candidates that read it: the S already computed ("fwd"), or the
+    shrink run inside each timed candidate when no caller needs S ("fwd-noS")."""
+    M, K = x.shape
+    # Each launcher called by name: torch keys a traced triton_op's compile cache on the
+    # kernels it finds by reading the op's call tree for calls, not for functions passed
+    # as values (tests/test_triton_ops.py).
+    candidates = {FUSED: lambda: lora_forward_fused(x, weight, bias, get_S(), lora_B, scaling),
+                  UNFUSED: lambda: lora_forward_unfused(x, weight, bias, get_S(), lora_B, scaling)}
     if merged is not None:
         candidates[MERGED] = merged
-    if _tma_candidate(x, weight):
-        candidates[TMA] = lambda: lora_forward_tma(*args)
-    key = ("fwd", m_bucket(M), weight.shape[0], K, rank_pad(S.shape[1]), MERGED in candidates, TMA in candidates,
+    # TMA competes where its layouts fit and the inputs are real (under torch.compile
+    # tracing, who supplies its descriptors' scratch is unchecked).
+    if not traced(x) and tma_supported(x, weight)[0]:
+        candidates[TMA] = lambda: lora_forward_tma(x, weight, bias, get_S(), lora_B, scaling)
+    key = (tag, m_bucket(M), weight.shape[0], K, rank_pad(lora_B.shape[1]), MERGED in candidates, TMA in candidates,
            x.dtype, x.device)
     return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))]()
-
-
-def _tma_candidate(x, weight) -> bool:
-    """Whether the TMA kernel competes for this forward: its layouts fit, and the inputs are
-    real (under torch.compile tracing, who supplies its descriptors' scratch is unchecked)."""
-    return not traced(x) and tma_supported(x, weight)[0]
 
 
 def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
@@ -184,15 +191,8 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, need_
     if weight is not None and not has_dropout(p):  # W + s·B A is the whole term only without a mask
         merged = lambda: lora_forward_merged(x, weight, bias, lora_A, lora_B, scaling)  # noqa: E731
     if merged is not None and not need_S:
-        def with_shrink(variant):
-            return lambda: variant(x, weight, bias, lora_shrink(x, lora_A, p, seed), lora_B, scaling)
-
-        candidates = {FUSED: with_shrink(lora_forward_fused), UNFUSED: with_shrink(lora_forward_unfused), MERGED: merged}
-        if _tma_candidate(x, weight):
-            candidates[TMA] = with_shrink(lora_forward_tma)
-        key = ("fwd-noS", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), TMA in candidates, x.dtype,
-               x.device)
-        return candidates[DISPATCH.choose(key, candidates, x.device, traced(x))](), None
+        return _forward_gemm("fwd-noS", x, weight, bias, lambda: lora_shrink(x, lora_A, p, seed), lora_B, scaling,
+                             merged), None
     S = lora_shrink(x, lora_A, p, seed)
     return lora_forward(x, weight, bias, S, lora_B, scaling, merged), S
 
