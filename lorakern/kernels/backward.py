@@ -312,6 +312,19 @@ def lora_backward_da(
 
 
 @triton.jit
+def _sum_stack(src_ptr, out_ptr, P, NUMEL, block, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """out[i] = Σ_p src[p, i] for the BLOCK elements of `block`: fp32, added in p order, cast once."""
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NUMEL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = src_ptr + offs  # 64-bit pointer steps: P · NUMEL may pass 2**31
+    for _ in range(0, P):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += NUMEL
+    tl.store(out_ptr + offs, cast(acc, out_ptr.dtype.element_ty, UPCAST), mask=ok)
+
+
+@triton.jit
 def _sum_partials_kernel(
     a_ptr, out_a_ptr, P_A, NUMEL_A,
     b_ptr, out_b_ptr, P_B, NUMEL_B,
@@ -323,23 +336,9 @@ def _sum_partials_kernel(
     pid = tl.program_id(0)
     blocks_a = tl.cdiv(NUMEL_A, BLOCK)
     if pid < blocks_a:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < NUMEL_A
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        ptrs = a_ptr + offs  # 64-bit pointer steps: P · NUMEL may pass 2**31
-        for _ in range(0, P_A):
-            acc += tl.load(ptrs, mask=ok, other=0.0)
-            ptrs += NUMEL_A
-        tl.store(out_a_ptr + offs, cast(acc, out_a_ptr.dtype.element_ty, UPCAST), mask=ok)
+        _sum_stack(a_ptr, out_a_ptr, P_A, NUMEL_A, pid, BLOCK, UPCAST)
     else:
-        offs = (pid - blocks_a).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < NUMEL_B
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        ptrs = b_ptr + offs  # 64-bit pointer steps: P · NUMEL may pass 2**31
-        for _ in range(0, P_B):
-            acc += tl.load(ptrs, mask=ok, other=0.0)
-            ptrs += NUMEL_B
-        tl.store(out_b_ptr + offs, cast(acc, out_b_ptr.dtype.element_ty, UPCAST), mask=ok)
+        _sum_stack(b_ptr, out_b_ptr, P_B, NUMEL_B, pid - blocks_a, BLOCK, UPCAST)
 
 
 SUM_BLOCK = 1024
