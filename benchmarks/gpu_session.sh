@@ -117,11 +117,16 @@ speed)
         -k "(test_merged_variant and bf16) or every_gemm_variant or forced_tma or (test_tma_gemm and bf16 and M130 and r16)" \
         > "$OUT/pytest-cuda-merged.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-merged.txt"
+    # CUDA graphs under torch.compile(mode="reduce-overhead") without dropout (issue 11 item 5,
+    # never run on a GPU): no cudagraph skip, eager's numbers, a new scaling without recompiling.
+    [ "${SPEED_TESTS:-1}" = 0 ] || LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 90 "$PY" -m pytest -q --tb=short --show-capture=no \
+        -p no:cacheprovider tests/test_compile.py -k reduce_overhead >> "$OUT/pytest-cuda-merged.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-merged.txt"
     headline_bench
     timeout -s INT "${SPEED_PROFILE_S:-45}" "$PY" benchmarks/profile_gpu.py "$OUT/profile.txt" > /dev/null 2>&1
     echo "profile rc=$?"
     tail -n 8 "$OUT/pytest-cuda-speed.txt" 2>/dev/null
-    tail -n 4 "$OUT/pytest-cuda-merged.txt" 2>/dev/null
+    grep "passed\|failed\|error\|rc=" "$OUT/pytest-cuda-merged.txt" 2>/dev/null
     for part in a b; do tar xzf "$OUT/bench-$part.tgz" -O "bench-$part/bench-$part.log" | grep -A12 "^| target"; done
     grep "===\|^decode graphed" "$OUT/profile.txt"
     ;;

@@ -39,6 +39,7 @@ from torch import nn
 
 from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, init_is_gaussian, _scaled, adapter_dtype
 from lorakern.mixed import RowGroups, mixed_rows
+from lorakern.op_core import check_dropout_value, check_scaling_value
 from lorakern.ops import ScalarDict
 
 
@@ -103,8 +104,8 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         self.lora_magnitude_vector = nn.ModuleDict()  # always empty (no DoRA); PEFT's layers have it
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = ScalarDict()
-        self.scaling: dict[str, float] = ScalarDict()  # traced: read as its tensor mirror
+        self.lora_dropout: dict[str, float] = ScalarDict(check=check_dropout_value)
+        self.scaling: dict[str, float] = ScalarDict(check=check_scaling_value)  # traced: read as its tensor mirror
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False
         self.lora_bias: dict[str, bool] = {}

@@ -40,6 +40,7 @@ from torch import nn
 
 from lorakern.layer import AdapterLayerMixin, SummedMergeMixin, init_is_gaussian, _scaled, adapter_dtype
 from lorakern.mixed import RowGroups, mixed_rows
+from lorakern.op_core import check_dropout_value, check_scaling_value
 from lorakern.ops import ScalarDict
 
 # Weight classes of quantized tables (bitsandbytes); their values are not the table.
@@ -103,8 +104,8 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         self.lora_embedding_B = nn.ParameterDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.lora_dropout: dict[str, float] = ScalarDict()
-        self.scaling: dict[str, float] = ScalarDict()  # traced: read as its tensor mirror
+        self.lora_dropout: dict[str, float] = ScalarDict(check=check_dropout_value)
+        self.scaling: dict[str, float] = ScalarDict(check=check_scaling_value)  # traced: read as its tensor mirror
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False: read by code that walks every LoRA layer
         self.lora_bias: dict[str, bool] = {}  # always False, likewise

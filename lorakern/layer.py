@@ -34,8 +34,8 @@ from torch import nn
 
 from lorakern import dora, quant, quantized
 from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
-from lorakern.op_core import forward_core
-from lorakern.ops import BACKENDS, ScalarDict, lora_linear, resolve_backend
+from lorakern.op_core import check_dropout_value, check_scaling_value, forward_core
+from lorakern.ops import BACKENDS, ScalarDict, lora_linear, resolve_backend, scalar_device
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
 
@@ -96,7 +96,7 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
 
 
 def _scaled(B: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
-    """s·B in B's dtype and device; s a Python number or a one-element CPU tensor (ScalarDict)."""
+    """s·B in B's dtype and device; s a Python number or a one-element tensor (a ScalarDict mirror)."""
     if isinstance(s, torch.Tensor):
         return B * s.to(device=B.device, dtype=B.dtype)
     return B * s
@@ -416,9 +416,11 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         self.lora_B = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        # Dicts of floats that also keep 0-d CPU tensor mirrors (see forward).
-        self.lora_dropout: dict[str, float] = ScalarDict()
-        self.scaling: dict[str, float] = ScalarDict()
+        # Dicts of floats that also keep [1] tensor mirrors, on the CPU and on the layer's
+        # accelerator (see _adapter_args and _apply).
+        self.lora_dropout: dict[str, float] = ScalarDict(check=check_dropout_value)
+        self.scaling: dict[str, float] = ScalarDict(check=check_scaling_value)
+        self._place_scalars()
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}  # PEFT's lora_bias: lora_B[name] has a bias
         # DoRA (lorakern/dora.py): PEFT's names, a magnitude vector per DoRA adapter.
@@ -436,6 +438,22 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half(): the ScalarDicts' device mirrors follow the base weight.
+        out = super()._apply(fn, recurse)
+        self._place_scalars()
+        return out
+
+    def __setstate__(self, state) -> None:
+        # deepcopy / unpickling rebuild the ScalarDicts without their device mirrors.
+        super().__setstate__(state)
+        self._place_scalars()
+
+    def _place_scalars(self) -> None:
+        device = self.base_layer.weight.device
+        self.scaling.place(device)
+        self.lora_dropout.place(device)
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -580,7 +598,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
         autocast = torch.is_autocast_enabled(x.device.type)
         mixed = x.is_floating_point() and x.dtype != w.dtype and not autocast
-        adapters = self._adapter_args(active, None if autocast else w.dtype)
+        adapters = self._adapter_args(active, None if autocast else w.dtype, scalar_device(self.backend, x.device, w.dtype))
         bias = self._bias_arg(active, w.dtype)
         if mixed:
             return lora_linear_multi(x.to(w.dtype), w, bias, adapters, self.backend).to(x.dtype)
@@ -616,7 +634,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
                 continue
             b = self.lora_B[name].bias
             b = b.to(torch.promote_types(b.dtype, torch.float32))
-            term = _scaled(b, self.scaling.tensor(name) if as_tensor else self.scaling[name])
+            term = _scaled(b, self.scaling.tensor(name, b.device) if as_tensor else self.scaling[name])
             total = term if total is None else total + term
         return total
 
@@ -632,25 +650,29 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             return extra.to(dtype)
         return (bias.to(extra.dtype) + extra).to(bias.dtype)
 
-    def _adapter_args(self, active: list[str], dtype: torch.dtype | None) -> list:
+    def _adapter_args(self, active: list[str], dtype: torch.dtype | None, device: torch.device | None = None) -> list:
         """(A, B, s, p) per active adapter as lora_linear_multi takes them; A and B in
         `dtype` or fp32 (None: as stored, autocast casts them).
 
-        Traced, scaling and dropout go to the op as the ScalarDicts' [1] CPU tensors:
+        Traced, scaling and dropout go to the op as the ScalarDicts' [1] tensor mirrors:
         torch.compile does not recompile when they change (with several adapters only a
-        dropout turning 0 or positive does, see _dropout_arg). Eager, they go as Python
-        floats (a tensor would only be read back on the host)."""
+        dropout turning 0 or positive does, see _dropout_arg). `device` (ops.scalar_device:
+        x's device on the traced Triton route) takes scaling from the mirror there for the
+        adapters without dropout, and makes a dropout turning 0 or positive recompile for one
+        adapter too: such a call then has no host op, and CUDA graphs can capture it. Eager,
+        they go as Python floats (a tensor would only be read back on the host)."""
         as_tensor = torch.compiler.is_compiling()
-        single = len(active) == 1
-        return [
-            (
+        single = len(active) == 1 and device is None
+        args = []
+        for name in active:
+            p = self._dropout_arg(name, as_tensor, single)
+            args.append((
                 self.lora_A[name].weight if dtype is None else _in_dtype(self.lora_A[name].weight, dtype),
                 self.lora_B[name].weight if dtype is None else _in_dtype(self.lora_B[name].weight, dtype),
-                self.scaling.tensor(name) if as_tensor else self.scaling[name],
-                self._dropout_arg(name, as_tensor, single),
-            )
-            for name in active
-        ]
+                self.scaling.tensor(name, device if _no_dropout(p) else None) if as_tensor else self.scaling[name],
+                p,
+            ))
+        return args
 
     def _dora_forward(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """Active adapters with DoRA (lorakern/dora.py), in the base's compute dtype (the

@@ -86,11 +86,11 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed=None)
         raise ValueError(
             f"lora_B must be [{n}, {r}] to match {against}lora_A {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
         )
-    _check_scalar("scaling", scaling)
-    _check_scalar("dropout_p", dropout_p)
+    _check_scalar("scaling", scaling, x.device)
+    _check_scalar("dropout_p", dropout_p, x.device)
     _check_seed(seed)
     if not isinstance(dropout_p, torch.Tensor):
-        _check_dropout_value(dropout_p)
+        check_dropout_value(dropout_p)
 
 
 def check_devices(x, weight, bias, lora_A, lora_B) -> None:
@@ -105,20 +105,22 @@ def check_devices(x, weight, bias, lora_A, lora_B) -> None:
             raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
-def _check_scalar(name: str, value) -> None:
-    """A Python number, or a one-element floating-point CPU tensor (compiles without recompiles)."""
+def _check_scalar(name: str, value, device: torch.device) -> None:
+    """A Python number, or a one-element floating-point tensor on the CPU or on x's `device`
+    (either compiles without recompiles; one on x's device is never read on the host while
+    traced on the Triton path, see ops.ScalarDict)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point() or value.device.type != "cpu":
+        if value.numel() != 1 or not value.is_floating_point() or value.device.type not in ("cpu", device.type):
             raise TypeError(
-                f"{name} as a tensor must be a one-element floating-point CPU tensor, got "
-                f"shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
+                f"{name} as a tensor must be a one-element floating-point tensor on the CPU or on x's device "
+                f"({device}), got shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
             )
         if value.requires_grad:
             raise TypeError(f"{name} as a tensor must not require grad: lora_linear gives it no gradient")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number or a one-element CPU tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a Python number or a one-element tensor, got {type(value).__name__}")
     elif name == "scaling":
-        _check_scaling_value(value)
+        check_scaling_value(value)
 
 
 # The kernels take scaling as a float32 argument: a larger magnitude would become inf
@@ -126,12 +128,12 @@ def _check_scalar(name: str, value) -> None:
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _check_scaling_value(value: float) -> None:
+def check_scaling_value(value: float) -> None:
     if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
         raise ValueError(f"scaling must be finite and within float32 range, got {value}")
 
 
-def _check_dropout_value(value: float) -> None:
+def check_dropout_value(value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {value}")
 
@@ -316,8 +318,8 @@ def scalar_values(scaling, dropout_p, seed) -> tuple[float, float, int]:
     else drawn from torch's default CPU generator when p > 0 (so torch.manual_seed and
     activation checkpointing, which restores that generator, reproduce the mask), else 0."""
     s, p = float(scaling), float(dropout_p)
-    _check_dropout_value(p)
-    _check_scaling_value(s)
+    check_dropout_value(p)
+    check_scaling_value(s)
     if seed is None:
         return s, p, (draw_seed() if p > 0.0 else 0)
     seed = int(seed)

@@ -23,7 +23,8 @@ Scalars travel as one-element CPU tensors (scaling and dropout_p float64, seed i
 the compiler treats them as graph inputs, not constants, so changing an adapter's
 scaling or dropout probability does not recompile, and the ops read them on the host
 without a device synchronisation (the traced Triton path hands them to the kernels
-through device memory instead, see lorakern/triton_ops.py). When no seed is given and
+through device memory instead, see lorakern/triton_ops.py; there a scaling may also be a
+tensor on x's device, a ScalarDict mirror, which the graph uses without any host op). When no seed is given and
 dropout is on, the forward op draws the seed from torch's default CPU generator itself
 and returns it for the backward: `torch.manual_seed` reproduces the mask, and
 activation checkpointing (which restores the CPU RNG state before recomputing)
@@ -38,6 +39,7 @@ gradient comes back in its input's own dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -229,33 +231,48 @@ def _plain(*tensors) -> bool:
 
 class ScalarDict(dict):
     """A dict of Python floats (PEFT's ``scaling`` / ``lora_dropout``) that keeps a
-    float64 CPU tensor mirror (shape [1]) of each value, updated in place on assignment.
+    float64 CPU tensor mirror (shape [1]) of each value, updated in place on assignment,
+    and, once `place`d on an accelerator, a second mirror there.
 
     Passing ``d.tensor(key)`` to `lora_linear` instead of ``d[key]`` lets torch.compile
     treat the value as a graph input: assigning ``d[key] = v`` later does not recompile.
     The mirror is [1], not 0-d: dynamo traces a 0-d float64 CPU input as a Python float
     symbol and, on first compile, specializes it and restarts its analysis.
+    ``d.tensor(key, x.device)`` is the mirror on x's device when the dict is placed there
+    (else the CPU one): on the traced Triton route the op builds the kernels' scalars from
+    it inside the graph, with no host op and no CPU input, so CUDA graphs
+    (``torch.compile(mode="reduce-overhead")``) can capture the call. The device mirrors are
+    marked static (their address never changes), so a captured graph reads each new value.
+
+    check: called with every value assigned (e.g. op_core.check_scaling_value); values are
+    validated here because a traced call reading a device mirror never sees them on the host.
 
     Example:
-        >>> d = ScalarDict(default=0.5)
+        >>> d = ScalarDict({"default": 0.5})
         >>> t = d.tensor("default"); d["default"] = 2.0
         >>> d["default"], t.item()
         (2.0, 2.0)
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, values=(), check: Callable[[float], None] | None = None):
         super().__init__()
+        self._check = check
         self._tensors: dict[str, torch.Tensor] = {}
         self._positive: dict[str, bool] = {}
-        self.update(*args, **kwargs)
+        self._device: torch.device | None = None  # where `place` put the second mirrors
+        self._device_tensors: dict[str, torch.Tensor] = {}
+        self.update(values)
 
     def __reduce__(self):
         # Pickle / copy / deepcopy rebuild through __init__, so the mirrors exist before
-        # any item is set (the default dict-subclass protocol sets items first).
-        return (type(self), (dict(self),))
+        # any item is set (the default dict-subclass protocol sets items first). The device
+        # mirrors are not carried: the owner places the copy (LoraLinear._apply).
+        return (type(self), (dict(self), self._check))
 
     def __setitem__(self, key, value) -> None:
         value = float(value)
+        if self._check is not None:
+            self._check(value)
         super().__setitem__(key, value)
         self._positive[key] = value > 0.0
         mirror = self._tensors.get(key)
@@ -263,10 +280,34 @@ class ScalarDict(dict):
             self._tensors[key] = torch.tensor([value], dtype=torch.float64)
         else:
             mirror.fill_(value)
+        if self._device is not None:
+            on_device = self._device_tensors.get(key)
+            if on_device is None:
+                self._device_tensors[key] = self._device_mirror(value)
+            else:
+                on_device.fill_(value)
+
+    def _device_mirror(self, value: float) -> torch.Tensor:
+        from torch._dynamo import mark_static_address
+
+        t = torch.full((1,), value, dtype=torch.float64, device=self._device)
+        mark_static_address(t)  # CUDA graphs read it in place, never copy it
+        return t
+
+    def place(self, device: torch.device | str) -> None:
+        """Keep a mirror of every value on `device` (a no-op if already there); a CPU
+        `device` drops the device mirrors (the CPU ones serve)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            self._device, self._device_tensors = None, {}
+        elif device != self._device:
+            self._device = device
+            self._device_tensors = {key: self._device_mirror(value) for key, value in self.items()}
 
     def _forget(self, key) -> None:
-        """Drop the mirror and flag of a removed key."""
+        """Drop the mirrors and flag of a removed key."""
         self._tensors.pop(key, None)
+        self._device_tensors.pop(key, None)
         self._positive.pop(key, None)
 
     def __delitem__(self, key) -> None:
@@ -294,6 +335,7 @@ class ScalarDict(dict):
     def clear(self) -> None:
         super().clear()
         self._tensors.clear()
+        self._device_tensors.clear()
         self._positive.clear()
 
     def is_positive(self, key) -> bool:
@@ -301,13 +343,26 @@ class ScalarDict(dict):
         guards on this flag, so a change that keeps it (0.1 -> 0.2) does not recompile."""
         return self._positive[key]
 
-    def tensor(self, key) -> torch.Tensor:
-        """The value of `key` as a [1] float64 CPU tensor (the same tensor on every call).
+    def tensor(self, key, device: torch.device | None = None) -> torch.Tensor:
+        """The value of `key` as a [1] float64 tensor (the same tensor on every call): on
+        `device` when the dict is placed there, else on the CPU.
 
-        A plain attribute read: torch.compile traces this, and dynamo in torch 2.11
+        Plain attribute reads: torch.compile traces this, and dynamo in torch 2.11
         cannot trace `__dict__.setdefault` (a graph break at every layer, seen on an H200).
         """
+        if device is not None and device == self._device:
+            return self._device_tensors[key]
         return self._tensors[key]
+
+
+def scalar_device(backend: str, device: torch.device, dtype: torch.dtype) -> torch.device | None:
+    """Where a layer's traced call takes its ScalarDict mirrors from: `device` (x's) while
+    torch.compile traces the Triton-op route, whose op builds the kernels' scalars from
+    them inside the graph; None (the CPU mirrors, read on the host by the opaque op or
+    `triton_ops.device_scalars`) otherwise."""
+    if not (torch.compiler.is_compiling() and use_triton_op()):
+        return None
+    return device if resolve_backend(backend, device, dtype) == "triton" else None
 
 
 # --- the public functional ----------------------------------------------------------
@@ -334,10 +389,12 @@ def lora_linear(
         bias: [N] or None, x's dtype.
         lora_A: [r, K]; lora_B: [N, r]; each in x's dtype or float32.
         scaling: the LoRA scale s (alpha / r, or alpha / sqrt(r) with rsLoRA); a Python
-            number or a one-element CPU tensor (a tensor's value can change without recompiling
-            under torch.compile).
+            number or a one-element floating-point tensor on the CPU or on x's device (a
+            tensor's value can change without recompiling under torch.compile; one on x's
+            device stays there on the traced Triton route without dropout, so CUDA graphs
+            can capture the call, and is read on the host — a synchronisation — elsewhere).
         dropout_p: inverted-dropout probability on the LoRA branch's input, in [0, 1);
-            a Python number or a one-element CPU tensor.
+            a Python number or a one-element tensor, as scaling.
         seed: dropout seed (int, or a one-element int64 CPU tensor); None draws one from torch's
             default CPU generator (only when dropout is on).
         backend: "auto", "triton" or "reference".
@@ -364,11 +421,11 @@ def lora_linear(
         # interpreted): triton_ops, whose kernels the compiler sees; otherwise the opaque
         # custom op.
         has_dropout = isinstance(dropout_p, torch.Tensor) or dropout_p > 0.0
-        scaling, dropout_p, seed = scalar_tensors(scaling, dropout_p, seed)
         if backend == "triton" and use_triton_op():
             from lorakern import triton_ops
 
             return triton_ops.lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout)
+        scaling, dropout_p, seed = scalar_tensors(scaling, dropout_p, seed)
         return lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)[0]
     scaling, dropout_p, seed = scalar_values(scaling, dropout_p, seed)
     if not torch.is_grad_enabled() or not any(

@@ -7,14 +7,23 @@ below are traced: each kernel launch (`wrap_triton`) becomes a node of the graph
 Inductor compiles, next to the surrounding ops.
 
 A traced body cannot read a tensor's value on the host, so the scalars reach the
-kernels through device memory (kernels.common.DeviceScalars):
+kernels through device memory (kernels.common.DeviceScalars), made one of two ways:
 
-    lorakern::device_scalars   opaque, on the host: validates scaling / dropout p, draws
-                               the seed from torch's CPU generator when none is given
-                               (the draw eager mode makes, so compiled and eager masks
-                               agree), and copies [s, p, 1/(1-p)] and the seed to x's device;
+    graph_scalars              without dropout, from a scaling already on x's device (a
+                               placed ops.ScalarDict mirror, as LoraLinear passes it) or a
+                               Python number: [s, -1, 1] and a zero seed built by ops in the
+                               graph — no host op and no CPU input, so CUDA graphs
+                               (torch.compile(mode="reduce-overhead")) can capture the call;
+    lorakern::device_scalars   otherwise, opaque, on the host: validates scaling / dropout p,
+                               draws the seed from torch's CPU generator when none is given
+                               (the draw eager mode makes, so compiled and eager masks agree,
+                               and activation checkpointing's recomputation gets the same
+                               seed), and copies [s, p, 1/(1-p)] and the seed to x's device;
     lorakern::lora_linear_fwd_triton, lorakern::lora_linear_bwd_triton
                                the kernels, reading those values from memory.
+
+So a graph with dropout on keeps a host op (CUDA graphs skip it); without dropout —
+inference, decode, p = 0 training — it has none.
 
 Without Triton's compiler (TRITON_INTERPRET=1) `wrap_triton` cannot trace a kernel, so
 there `ops.lora_linear` takes the opaque custom op instead. The triton_ops also
@@ -128,8 +137,25 @@ def _backward(ctx, dy, _dS):
 lora_linear_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
+def graph_scalars(scaling, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without dropout: (values float32 [3] = (s, -1, 1), seed int64 [1] = 0) on `device`, built
+    by ops the graph holds from `scaling`, a one-element tensor on `device` or a Python number
+    (rounded to fp32 as `to_device_scalars` rounds). Its value is not read, so not checked
+    here: ScalarDict checks on assignment, lora_linear checks numbers."""
+    if isinstance(scaling, torch.Tensor):
+        s = scaling.reshape(1).to(torch.float32)
+    else:
+        s = torch.full((1,), scaling, dtype=torch.float32, device=device)
+    one = torch.ones_like(s)
+    return torch.cat([s, -one, one]), torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def lora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, has_dropout: bool) -> torch.Tensor:
-    """y [..., N] through the traced ops; scaling / dropout_p / seed as `ops.lora_linear_fwd`
-    takes them (one-element CPU tensors, seed possibly None)."""
-    values, seed_d = device_scalars(scaling, dropout_p, seed, x.device)
+    """y [..., N] through the traced ops; scaling / dropout_p / seed as `ops.lora_linear` takes
+    them (checked). has_dropout: dropout_p is a tensor or a positive number."""
+    elsewhere = isinstance(scaling, torch.Tensor) and scaling.device != x.device  # a CPU mirror
+    if has_dropout or elsewhere:
+        values, seed_d = device_scalars(*op_core.scalar_tensors(scaling, dropout_p, seed), x.device)
+    else:
+        values, seed_d = graph_scalars(scaling, x.device)
     return lora_linear_fwd_triton(x, weight, bias, lora_A, lora_B, values, seed_d, has_dropout)[0]

@@ -291,6 +291,45 @@ def test_cuda_graph_captures_a_training_step(backend):
             assert_close(params[name].grad, g, RTOL[torch.float32], name)
 
 
+@requires_cuda
+@pytest.mark.parametrize("train", [False, True], ids=["decode", "train-p0"])
+def test_cuda_reduce_overhead_graphs_the_lora_layers_without_dropout(train):
+    """Issue 11 item 5: torch.compile(mode="reduce-overhead") of a LoRA model on the Triton
+    backend without dropout (eval decode; a p = 0 training step) runs under CUDA graphs —
+    Inductor skips none (the scalars are built in the graph from the ScalarDicts' device
+    mirrors, no host op) —, gives eager's numbers, and a new scaling reaches the replayed
+    graph (the mirror is filled in place) without a recompile."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = tiny_lora_model(backend="triton", device="cuda").train(train)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+
+    def check(step: int) -> None:
+        x = torch.randn(4, 33, K, device="cuda")
+        if train:
+            out_c, grads_c = train_step(compiled, x, seed=step)
+            out_e, grads_e = train_step(eager, x, seed=step)
+            for name, g in grads_e.items():
+                assert_close(grads_c[name], g, RTOL[torch.float32], name)
+        else:
+            with torch.no_grad():
+                out_c, out_e = compiled(x).clone(), eager(x)
+        assert_close(out_c, out_e, RTOL[torch.float32], "out")
+
+    for step in range(3):  # warm-up, record, replay
+        check(step)
+    graphs = counters["stats"]["unique_graphs"]
+    for m in (model, eager):
+        for layer in lora_layers(m):
+            layer.scaling["default"] = 0.25
+    check(3)
+    check(4)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert counters["stats"]["unique_graphs"] == graphs, "a new scaling recompiled"
+
+
 def test_hf_llama_with_lora_compiles_fullgraph():
     """A tiny transformers Llama (random weights, built from a config) with every linear
     injected, dropout on: one graph, no break, compiled loss and grads equal eager's."""

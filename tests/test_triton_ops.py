@@ -165,23 +165,41 @@ def test_traced_ops_decompose_into_kernel_launches(mode):
 def test_compile_of_a_lora_model_traces_the_kernels_fullgraph():
     """torch.compile(fullgraph=True) of a LoRA model on the traced Triton path, as far as
     a CPU goes (device checks off in the subprocess; graphs recorded, not run): one frame,
-    the forward and backward kernels in AOTAutograd's graphs with scalars in memory, no
-    opaque op; changing scaling and dropout does not recompile, a new batch shape
-    recompiles once with M symbolic."""
+    the forward and backward kernels in AOTAutograd's graphs with scalars in memory (the
+    scaling never a constant), no opaque op; changing scaling and a positive dropout does
+    not recompile, a new batch shape recompiles once with M symbolic, dropout turning 0
+    recompiles once into graphs without the host op (scalars built in the graph)."""
     graph = _trace("dynamo")
-    assert graph["frames"] == [1, 1, 2], graph["frames"]
+    assert graph["frames"] == [1, 1, 2, 3], graph["frames"]
     assert graph["opaque_lora_op"] == 0 and graph["device_scalars"] >= 2
     for name in ("_lora_fwd_kernel", "_lora_bwd_dsdb_kernel", "_lora_bwd_dx_kernel", "_lora_bwd_da_kernel"):
         assert name in graph["kernels"], f"{name} not in the compiled graphs: {graph['kernels']}"
-    assert all(graph["scalars_in_memory"]) and graph["dynamic_M"]
+    assert graph["scaling_by_value"] == [] and graph["dynamic_M"]
+    off = graph["dropout_off"]
+    assert off["device_scalars"] == 0 and off["scaling_by_value"] == [], off
+    assert "_lora_fwd_kernel" in off["kernels"] and "_lora_bwd_da_kernel" in off["kernels"], off["kernels"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA tests")
+def test_no_dropout_call_has_nothing_that_stops_cuda_graphs():
+    """Item 5 of issue 11, traced without a GPU (FakeTensor CUDA inputs): with scaling on x's
+    device (a placed ScalarDict mirror, what LoraLinear passes under torch.compile) and no
+    dropout, forward and backward hold no host op, no CPU value and no op Inductor refuses
+    under CUDA graphs; the control with a CPU scaling shows the check sees all three kinds."""
+    graphs = _trace("graphs")
+    device, cpu = graphs["device"], graphs["cpu"]
+    assert device["device_scalars"] == 0 and device["cpu_values"] == [] and device["incompatible_op"] is None, device
+    assert device["scaling_by_value"] == [] and "_lora_fwd_kernel" in device["kernels"], device
+    assert cpu["device_scalars"] == 2 and cpu["cpu_values"], cpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA tests")
 def test_lorakern_triton_op_0_compiles_the_opaque_op_instead():
     """LORAKERN_TRITON_OP=0: the same model compiles with the opaque custom op (no kernel
-    nodes), still one frame and no recompile on scalar changes."""
+    nodes), still one frame and no recompile on scalar changes (dropout turning 0 included:
+    the opaque op reads p on the host)."""
     graph = _trace("dynamo", LORAKERN_TRITON_OP="0")
-    assert graph["frames"] == [1, 1, 2], graph["frames"]
+    assert graph["frames"] == [1, 1, 2, 2], graph["frames"]
     assert graph["opaque_lora_op"] > 0 and graph["kernels"] == [] and graph["device_scalars"] == 0
 
 

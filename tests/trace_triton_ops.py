@@ -1,6 +1,6 @@
 """Trace the traced-Triton ops as torch.compile would, without a GPU; print a JSON summary.
 
-    python -m tests.trace_triton_ops fake|symbolic|dynamo      (TRITON_INTERPRET unset)
+    python -m tests.trace_triton_ops fake|symbolic|dynamo|graphs      (TRITON_INTERPRET unset)
 
 fake / symbolic: inputs are FakeTensors on "cuda" (a CPU-only torch can make those);
 make_fx with the functional decomposition shows the kernel launches Inductor would
@@ -12,6 +12,11 @@ device checks switched off in this process only (compiled Triton kernels cannot 
 a CPU, but they can be traced): dynamo, AOTAutograd's joint graph and partitioner see
 the real call path — forward and backward kernels, frames counted across scalar and
 shape changes. The compiled graphs are recorded, never run.
+
+graphs: the no-dropout call (decode, p = 0 training) traced with FakeTensor CUDA inputs
+and scaling on the device, as LoraLinear passes it under torch.compile: what would make
+Inductor skip CUDA graphs (a host op, a CPU value, an op it refuses); the same with a CPU
+scaling as the control.
 Used by tests/test_triton_ops.py.
 """
 
@@ -41,6 +46,7 @@ def _inputs(symbolic: bool):
             "W": torch.empty(N, K, dtype=torch.bfloat16, device="cuda"),
             "A": torch.empty(R, K, device="cuda"),
             "B": torch.empty(N, R, device="cuda"),
+            "s_dev": torch.empty(1, dtype=torch.float64, device="cuda"),  # a ScalarDict mirror placed on the device
         }
     if not symbolic:
         return real
@@ -66,7 +72,7 @@ def _kernel_name(kernel) -> str:
 
 
 def _summary(graphs) -> dict:
-    kernels, in_memory, dynamic_m, code = [], [], False, ""
+    kernels, in_memory, by_value, dynamic_m, code = [], [], [], False, ""
     for gm in graphs:
         code += gm.code
         for node in gm.graph.nodes:
@@ -76,16 +82,60 @@ def _summary(graphs) -> dict:
             args = {**node.kwargs["kwargs"], **kernel_side_table.get_constant_args(node.kwargs["constant_args_idx"])}
             if "SCALARS_IN_MEMORY" in args or "scaling" in args or "p" in args:  # kernels that read scalars
                 in_memory.append(bool(args.get("SCALARS_IN_MEMORY")))
+            if "scaling" in args and not isinstance(args["scaling"], torch.fx.Node):  # a constant in the graph
+                by_value.append(kernels[-1])
             dynamic_m |= isinstance(args.get("M"), torch.fx.Node)
     return {
         "kernels": kernels,
         "scalars_in_memory": in_memory,
+        "scaling_by_value": by_value,
         "dynamic_M": dynamic_m,
         "opaque_lora_op": code.count("lorakern.lora_linear_fwd.default") + code.count("lorakern.lora_linear_bwd.default"),
         "device_scalars": sum(
             node.target is torch.ops.lorakern.device_scalars.default for gm in graphs for node in gm.graph.nodes
         ),
     }
+
+
+def _no_dropout_step(x, W, A, B, dy, scaling):
+    """Decode and p = 0 training as LoraLinear traces them on CUDA: scaling a mirror on x's
+    device (or a CPU one, the control), no dropout."""
+    y = lorakern.lora_linear(x, W, None, A, B, scaling, backend="triton")
+    if scaling.device == x.device:
+        values, seed = triton_ops.graph_scalars(scaling, x.device)
+    else:
+        values, seed = triton_ops.device_scalars(scaling, torch.zeros(1, dtype=torch.float64), None, x.device)
+    _, S = triton_ops.lora_linear_fwd_triton(x, W, None, A, B, values, seed, False)
+    grads = triton_ops.lora_linear_bwd_triton(dy, x, W, A, B, S, values, seed, False, True, True, True)
+    return (y, *grads)
+
+
+def _cudagraph_blockers(gm) -> dict:
+    """What makes Inductor skip CUDA graphs for a graph, as far as an FX graph shows it:
+    the first op it refuses (utils.get_first_incompatible_cudagraph_node) and any value
+    on the CPU (cudagraph_utils.check_multiple_devices_or_any_cpu_nodes)."""
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    incompatible = get_first_incompatible_cudagraph_node(gm)
+    cpu = [
+        node.name for node in gm.graph.nodes
+        if isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].device.type == "cpu"
+    ]
+    return {"incompatible_op": None if incompatible is None else str(incompatible.target), "cpu_values": cpu}
+
+
+def _graphs() -> dict:
+    """The no-dropout call traced with scaling on the device (LoraLinear's placed mirror) and,
+    as a control, on the CPU: {"device": summary, "cpu": summary}."""
+    t = _inputs(False)
+    out = {}
+    for where in ("device", "cpu"):
+        scaling = t["s_dev"] if where == "device" else torch.tensor([0.5], dtype=torch.float64)
+        gm = make_fx(dispatch_functionalize(_no_dropout_step), tracing_mode="fake")(
+            t["x"], t["W"], t["A"], t["B"], t["dy"], scaling
+        )
+        out[where] = {**_summary([gm]), **_cudagraph_blockers(gm)}
+    return out
 
 
 def _make_fx(mode: str) -> dict:
@@ -137,23 +187,30 @@ def _dynamo() -> dict:
     model = tiny_lora_model(dropout=0.25, backend="triton").train()
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    frames = []
-    for change in ("first call", "scaling and dropout changed", "new batch shape"):
-        if change == "scaling and dropout changed":
-            for layer in lora_layers(model):
+    frames, steps = [], {}
+    for change in ("first call", "scaling and dropout changed", "new batch shape", "dropout off"):
+        for layer in lora_layers(model):
+            if change == "scaling and dropout changed":
                 layer.scaling["default"] = 0.3
+                layer.lora_dropout["default"] = 0.1
+            if change == "dropout off":
                 layer.lora_dropout["default"] = 0.0
         x = torch.randn(3, 7, 16) if change == "new batch shape" else torch.randn(2, 5, 16)
+        before = len(graphs)
         try:
             compiled(x)
         except _Traced:
             pass
         frames.append(counter.frame_count)
-    return {**_summary(graphs), "frames": frames}
+        steps[change] = _summary(graphs[before:])
+    # The graphs compiled when dropout went off: scalars built in the graph, no host op
+    # (the CPU stands in for the CUDA device here: the mirrors are on x's device).
+    return {**_summary(graphs), "frames": frames, "dropout_off": steps["dropout off"]}
 
 
 def main(mode: str) -> None:
-    print(json.dumps(_dynamo() if mode == "dynamo" else _make_fx(mode)))
+    run = {"dynamo": _dynamo, "graphs": _graphs}.get(mode)
+    print(json.dumps(run() if run else _make_fx(mode)))
 
 
 if __name__ == "__main__":
