@@ -191,6 +191,19 @@ def thin_table(results: dict) -> str:
     return _table(header, body)
 
 
+def graphs_table(results: dict) -> str:
+    """Markdown: per decode-graph row (graphs.py), the replay's time, its ratio to the graphed base's
+    and its error against fp64, or why the capture failed."""
+    header = ["K×N", "M", "r", "provider", "median ms", "p20–p80 ms", "× graphed base", "rel err", "error"]
+    rows = sorted(results["decode_graphs"], key=lambda d: (d["K"], d["N"], d["r"], d["M"]))
+    body = [[f"{d['K']}×{d['N']}", str(d["M"]), str(d["r"]), d["provider"], _median_cell(d),
+             "–" if d["p20_ms"] is None else f"{_fmt(d['p20_ms'])}–{_fmt(d['p80_ms'])}", _fmt(d["ratio_to_base"]),
+             _err_cell(d),
+             "" if not d.get("error") else f"{d.get('error_stage') or 'capture'}: {d['error']}".replace("|", "\\|")]
+            for d in rows]
+    return _with_legend(_table(header, body), results, rows, remeasured=False)
+
+
 def moe_table(results: dict) -> str:
     """Markdown (MoE runs): per (mode, H×I, M, r), the three providers' times, lorakern / PEFT, the bytes
     W_eff adds per call and the floors at the run's ceilings (base, planned grouped GEMM, as implemented)."""
@@ -343,6 +356,10 @@ def to_markdown(results: dict) -> str:
     if results.get("thin_kernels"):
         parts += ["", "## Thin LoRA kernels alone (ideal bytes / median time; `of copy` = fraction of the measured "
                   "copy GB/s; lorakern/bench/thin.py lists what each moves)", "", thin_table(results)]
+    if results.get("decode_graphs"):
+        parts += ["", "## Decode under CUDA graphs (each provider's decode step captured once with torch.cuda.graph "
+                  "after warm-up calls on a side stream, its replay timed; `× graphed base` = median / the graphed frozen "
+                  "nn.Linear's median; lorakern/bench/graphs.py)", "", graphs_table(results)]
     if results["memory"]:
         parts += ["", "## Memory of fwd+bwd (saved activations exclude parameters; peak is CUDA only)", "",
                   memory_table(results)]

@@ -9,6 +9,8 @@
   memory    saved-activation bytes (and CUDA peak) of fwd+bwd, dropout 0 and 0.1
   e2e       Llama training step, lorakern vs PEFT
   thin_kernels  (CUDA) each thin LoRA kernel alone at the largest M: ms, ideal bytes, GB/s, fraction of copy (thin.py)
+  decode_graphs (CUDA, decode mode) each provider's decode step captured once in a CUDA graph, its
+            replay timed: ms, ratio to the graphed base, rel err, or the capture's error (graphs.py)
   targets   the issue's measured targets, evaluated on these rows (targets.py)
   noise     the spread limit (p80/p20) above which rows are noisy, re-measurements, counts
   warnings  what a reader must know before trusting the numbers (also printed once, stderr)
@@ -37,13 +39,13 @@ import datetime as _dt
 import itertools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from lorakern.bench import e2e as e2e_mod
-from lorakern.bench import thin
+from lorakern.bench import graphs, thin
 from lorakern.bench.cost import MODES, ROOFLINE_NOTE, ROOFLINE_TOLERANCE, linear_cost, mark_impossible_rooflines
 from lorakern.bench.machine import machine_info
 from lorakern.bench.memory import module_memory
@@ -352,12 +354,20 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
     # The thin kernels alone (GB/s vs the copy ceiling): CUDA only, where they are what runs.
     thin_on = config.device.type == "cuda" and "lorakern" in providers and any(m != "decode" for m in config.modes)
     thin_M = max(config.tokens)
+    # Decode with each provider's step captured in a CUDA graph (host overhead gone): CUDA only.
+    graph_Ms = graphs.decode_tokens(config.tokens, config.modes) if graphs.wanted(config.device, config.modes) else []
     total = _count_work(config, providers) + (e2e_mod.steps_count(size, e2e_providers, config.e2e_compile) if size else 0)
     total += thin.count(config.kn, config.ranks, config.dropouts) if thin_on else 0
+    total += graphs.count(config.kn, graph_Ms, config.ranks, providers)
     bar, started, ceilings = start_run(config, total, progress)
     rows = _layer_rows(config, providers, ceilings, bar)
     thin_rows = thin.thin_rows(config.kn, thin_M, config.ranks, config.dropouts, config.dtype, config.device,
                                config.timer, ceilings["copy_GBps"], bar.tick) if thin_on else []
+    graph_rows, graph_warnings = [], []
+    if graph_Ms:
+        graph_rows, graph_warnings = graphs.graph_rows(config.kn, graph_Ms, config.ranks, providers, config.dtype,
+                                                       config.device, config.timer, bar.tick, config.seed, config.bias,
+                                                       AGREE_RTOL.get(config.dtype, 1e-5))
     memory = _memory_rows(config, providers, bar) if config.memory else []
     e2e_rows = []
     if size is not None and e2e_providers:
@@ -365,7 +375,8 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
                                     compile=config.e2e_compile)
     bar.close()
     return run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows,
-                      vars(size) if size is not None else None, e2e_skipped, thin_kernels=thin_rows)
+                      vars(size) if size is not None else None, e2e_skipped, thin_kernels=thin_rows,
+                      decode_graphs=graph_rows, extra_warnings=graph_warnings)
 
 
 def start_run(config, total: int, progress: bool):
@@ -385,11 +396,13 @@ def base_first(providers: list[str], base: str = "base") -> list[str]:
 
 
 def run_record(config, started, ceilings, providers, skipped, rows, memory, e2e_rows, e2e_size, e2e_skipped,
-               **extra) -> dict:
+               extra_warnings: Sequence[str] = (), **extra) -> dict:
     """One run's results.json dict (every suite's: the dense, QLoRA, DoRA, mixed and MoE ones), targets
     evaluated; `extra` adds suite-specific sections. Rows are checked first (`check_rows`: noisy
-    flags, impossible rooflines) and its warnings printed once, to stderr."""
+    flags, impossible rooflines) and its warnings, then `extra_warnings` (a section's own), printed
+    once, to stderr."""
     noise, warnings = check_rows(config.device.type, ceilings, rows, e2e_rows)
+    warnings.extend(extra_warnings)
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     results = {
