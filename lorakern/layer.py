@@ -34,8 +34,8 @@ from torch import nn
 
 from lorakern import dora, quant, quantized
 from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
-from lorakern.op_core import check_dropout_value, check_scaling_value, forward_core
-from lorakern.ops import BACKENDS, ScalarDict, lora_linear, resolve_backend, scalar_device
+from lorakern.op_core import check_dropout_value, check_scaling_value, draw_seed, implementation, rows, unrows
+from lorakern.ops import BACKENDS, LoraLinearFunction, ScalarDict, lora_linear, resolve_backend, scalar_device
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
 
@@ -574,6 +574,10 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         (dim 0), "__base__" for none; each must be an adapter of this layer. Inside
         `lorakern.mixed_batch(model, names)` the names come from the context instead.
         """
+        if adapter_names is None:
+            y = self._single_adapter_forward(x)
+            if y is not None:
+                return y
         mixed = self._mixed_groups(adapter_names)
         if mixed is not None:
             return mixed_batch_forward(self, x, *mixed)
@@ -589,10 +593,6 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         w = self.base_layer.weight
         if self.fan_in_fan_out:
             w = w.t()
-        if len(active) == 1:
-            y = self._inference_forward(x, w, active[0])
-            if y is not None:
-                return y
         # nn.Linear would raise on x / weight dtypes that differ outside autocast: compute
         # in the base weight's dtype (adapters in it or fp32) and answer in x's dtype.
         # (Floating x only: an integer x goes to the op as is, which raises TypeError.)
@@ -604,25 +604,47 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             return lora_linear_multi(x.to(w.dtype), w, bias, adapters, self.backend).to(x.dtype)
         return lora_linear_multi(x, w, bias, adapters, self.backend)
 
-    def _inference_forward(self, x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor | None:
-        """One adapter, nothing to differentiate, no dropout (inference, decode): the op's own
-        no-autograd forward (`op_core.forward_core`, the same numbers) without its per-call
-        argument handling, which this layer's construction already guarantees (shapes,
-        devices, scalars; ~10 µs a call on one CPU core, more than the LoRA math at decode).
-        None when the general path must run: autocast, x not in the weight's dtype, a
-        tensor subclass, torch.compile tracing, lora_bias, dropout in training mode, or
-        anything requiring grad."""
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or w.requires_grad):
+    def _single_adapter_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One plain adapter on a dense base, in eager mode: the op's own eager route called
+        directly — `LoraLinearFunction` when something needs a gradient, else the backend's
+        forward without autograd — without `lora_linear`'s per-call argument handling, which
+        this layer's construction guarantees (shapes, devices, scalars). The same numbers and
+        the same dropout seed draw as `lora_linear`. The layer's state is read on every call
+        (nothing is cached), through its module and parameter dicts: at decode the host time
+        is the call, and each `nn.Module.__getattr__` or helper call is a measurable part of it
+        (benchmarks/NOTES.md). None when the general path must run: a mixed batch, adapters
+        disabled or merged, not exactly one active adapter held, DoRA, lora_bias, a quantized
+        or 8-bit base, a parametrized weight, autocast, torch.compile tracing, a tensor
+        subclass, or x not in the weight's dtype / device / width."""
+        active = self.active_adapters
+        if (len(active) != 1 or self.disable_adapters or self.merged_adapters or self.quantized or self.base_forward
+                or self.__dict__.get("_mixed_adapter_names") is not None):
             return None
+        name = active[0]
+        modules = self._modules
+        lora_A, lora_B = modules["lora_A"]._modules.get(name), modules["lora_B"]._modules.get(name)
+        if lora_A is None or lora_B is None or self.use_dora.get(name, False) or self.lora_bias.get(name, False):
+            return None
+        base = modules["base_layer"]._parameters
+        A, B, w, bias = lora_A._parameters.get("weight"), lora_B._parameters.get("weight"), base.get("weight"), base.get("bias")
+        plain = (torch.Tensor, nn.Parameter)
+        if type(A) not in plain or type(B) not in plain or type(w) not in plain or (bias is not None and type(bias) not in plain):
+            return None  # a parametrized weight (its module computes it) or a tensor subclass (DTensor)
+        if self.fan_in_fan_out:
+            w = w.t()
         if (type(x) is not torch.Tensor or x.dtype != w.dtype or x.dim() < 1 or x.shape[-1] != self.in_features
-                or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling() or x.device != w.device
-                or self.lora_bias.get(name, False) or (self.training and self.lora_dropout[name] > 0.0)):
+                or x.device != w.device or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
             return None
-        bias = self.base_layer.bias
         backend = resolve_backend(self.backend, x.device, x.dtype)
         A, B = _in_dtype(A, w.dtype), _in_dtype(B, w.dtype)
-        return forward_core(x, w, bias, A, B, self.scaling[name], 0.0, 0, backend, need_S=False)[0]
+        s, p = self.scaling[name], (self.lora_dropout[name] if self.training else 0.0)
+        seed = draw_seed() if p > 0.0 else 0  # what lora_linear draws
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or w.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return LoraLinearFunction.apply(x, w, bias, A, B, s, p, seed, backend)
+        flat = x if x.dim() == 2 else rows(x)
+        y = implementation(backend).lora_linear_forward(flat, w, bias, A, B, s, p, seed, need_S=False)[0]
+        return y if flat is x else unrows(y, x)
 
     def _lora_bias_sum(self, active: list[str]) -> torch.Tensor | None:
         """Σ s_i·b_i over the active adapters with lora_bias, in fp32 (fp64 adapters: fp64),

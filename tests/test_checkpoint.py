@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+import lorakern.layer
 from lorakern import op_core, ops
 from tests.conftest import backend_device, requires_cuda
 from tests.training_utils import K, tiny_lora_model
@@ -45,6 +46,7 @@ class _SeedSpy:
                 return self.impl.lora_linear_backward(*args)
 
         monkeypatch.setattr(op_core, "implementation", Impl)
+        monkeypatch.setattr(lorakern.layer, "implementation", Impl)  # LoraLinear's direct no-grad call
 
 
 def _grads(model, x, *, use_reentrant=None, per_layer=False, preserve_rng_state=True, seed=21):

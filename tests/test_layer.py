@@ -330,27 +330,43 @@ def test_sgd_steps_reduce_loss():
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
-def test_inference_forward_is_the_ops_no_grad_forward_without_its_dispatch(backend, monkeypatch):
-    """Nothing to differentiate, one adapter, no dropout: the layer calls the op's forward
-    core directly (bit-identical to lora_linear without autograd); otherwise the op."""
+def test_single_adapter_forward_is_the_op_without_its_argument_handling(backend, monkeypatch):
+    """One plain adapter in eager mode: the layer calls the op's eager route directly
+    (no-grad forward, or LoraLinearFunction), never `lora_linear` — bit-identical to it in
+    value and every gradient, with the same dropout seed draw (same mask after the same
+    torch.manual_seed). Bad input still gets the op's error (the general path)."""
     import lorakern.layer as layer_module
 
     torch.manual_seed(4)
+    dev = backend_device(backend)
     layer = LoraLinear(nn.Linear(16, 12), r=4, lora_alpha=6, init_lora_weights=False, lora_dropout=0.2, backend=backend)
-    layer = layer.to(backend_device(backend)).eval()
-    x = torch.randn(5, 3, 16, device=backend_device(backend))
+    layer = layer.to(dev)
+    x = torch.randn(5, 3, 16, device=dev)
     W, b = layer.base_layer.weight, layer.base_layer.bias
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    with torch.no_grad():
-        ref = lorakern.lora_linear(x, W, b, A, B, layer.scaling["default"], backend=backend)
+    s = layer.scaling["default"]
     calls = []
     monkeypatch.setattr(layer_module, "lora_linear", lambda *a, **k: calls.append(1) or lorakern.lora_linear(*a, **k))
-    with torch.no_grad():
-        assert torch.equal(layer(x), ref)
-    assert calls == []
-    layer(x).sum().backward()  # adapters require grad: the op
-    with torch.no_grad():
-        layer.train()(x)  # dropout in training mode: the op
-    assert len(calls) == 2
+    for train in (False, True):
+        layer.train(train)
+        p = 0.2 if train else 0.0
+        with torch.no_grad():
+            torch.manual_seed(7)
+            ref = lorakern.lora_linear(x, W, b, A, B, s, dropout_p=p, backend=backend)
+            torch.manual_seed(7)
+            assert torch.equal(layer(x), ref)
+        xg = x.clone().requires_grad_(True)
+        dy = torch.randn(5, 3, 12, device=dev)
+        torch.manual_seed(8)
+        ref = lorakern.lora_linear(xg, W, b, A, B, s, dropout_p=p, backend=backend)
+        want = torch.autograd.grad(ref, (xg, A, B), dy)
+        torch.manual_seed(8)
+        got_y = layer(xg)
+        got = torch.autograd.grad(got_y, (xg, A, B), dy)
+        assert torch.equal(got_y, ref)
+        for g, r, name in zip(got, want, ("x", "A", "B")):
+            assert torch.equal(g, r), name
+    assert calls == []  # the layer never went through lora_linear
     with torch.no_grad(), pytest.raises(ValueError, match="last dim"):
         layer.eval()(torch.randn(2, 15, device=x.device))  # bad input: the op's error
+    assert len(calls) == 1
