@@ -632,10 +632,13 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             return None  # a parametrized weight (its module computes it) or a tensor subclass (DTensor)
         if self.fan_in_fan_out:
             w = w.t()
+        device = x.device
         if (type(x) is not torch.Tensor or x.dtype != w.dtype or x.dim() < 1 or x.shape[-1] != self.in_features
-                or x.device != w.device or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
+                or torch._C._is_any_autocast_enabled() or device != w.device or torch.compiler.is_compiling()):
+            # (any autocast at all takes the general path: one flag read, where asking for x's
+            # device type costs ~30 µs with cold caches)
             return None
-        backend = resolve_backend(self.backend, x.device, x.dtype)
+        backend = resolve_backend(self.backend, device, x.dtype)
         A, B = _in_dtype(A, w.dtype), _in_dtype(B, w.dtype)
         s, p = self.scaling[name], (self.lora_dropout[name] if self.training else 0.0)
         seed = draw_seed() if p > 0.0 else 0  # what lora_linear draws
