@@ -634,7 +634,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             w = w.t()
         device = x.device
         if (type(x) is not torch.Tensor or x.dtype != w.dtype or x.dim() < 1 or x.shape[-1] != self.in_features
-                or torch._C._is_any_autocast_enabled() or device != w.device or torch.compiler.is_compiling()):
+                or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled() or device != w.device):
             # (any autocast at all takes the general path: one flag read, where asking for x's
             # device type costs ~30 µs with cold caches)
             return None

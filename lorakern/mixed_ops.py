@@ -136,7 +136,7 @@ def lora_linear_segmented(
     if seed is None:
         seed = draw_seed() if p is not None else 0
     x, weight, bias, A, B = autocast_inputs(x, weight, bias, A, B)
-    with autocast_off(x.device.type):
+    with autocast_off(x):
         y = MixedLoraFunction.apply(rows(x), weight, bias, A, B, scale, inv_keep, p, seg, seed, backend)
     return unrows(y, x)
 

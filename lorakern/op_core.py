@@ -157,10 +157,12 @@ def autocast_enabled(device_type: str) -> bool:
         return False
 
 
-def autocast_off(device_type: str):
-    """Disable autocast inside the op body (it computes in its inputs' dtypes)."""
-    if autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
+def autocast_off(t: torch.Tensor):
+    """Disable autocast inside the op body (it computes in its inputs' dtypes), for t's
+    device type. One flag read when no autocast is on at all: asking for t's device type
+    costs ~30 µs a call with cold caches (benchmarks/NOTES.md, 2026-12-01)."""
+    if torch._C._is_any_autocast_enabled() and autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
     return contextlib.nullcontext()
 
 
@@ -194,7 +196,7 @@ def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int,
                  need_S: bool = True):
     """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x)); with
     need_S=False (no backward will run) S may be None."""
-    with autocast_off(x.device.type):
+    with autocast_off(x):
         args = (rows(x), weight, bias, lora_A, lora_B, s, p, seed)
         impl = implementation(backend)
         y, S = impl.lora_linear_forward(*args) if need_S else impl.lora_linear_forward(*args, need_S=False)
@@ -203,7 +205,7 @@ def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int,
 
 def backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: int, backend: str, needs):
     """dy [..., N], x [..., K] -> (dx [..., K], dA [r, K], dB [N, r]), None where not needed."""
-    with autocast_off(dy.device.type):
+    with autocast_off(dy):
         dx, dA, dB = implementation(backend).lora_linear_backward(
             rows(dy), rows(x), weight, lora_A, lora_B, S,
             s, p, seed, needs,

@@ -74,7 +74,7 @@ def _forward_eager(x, meta, qtensors, bias, lora_A, lora_B, s: float, p: float, 
                              s, p, seed, backend)
     from lorakern import kernels
 
-    with autocast_off(x.device.type):
+    with autocast_off(x):
         y, S = kernels.qlora_linear_forward(rows(x), qtensors, meta, bias, lora_A, lora_B, s, p, seed)
     return unrows(y, x), S
 

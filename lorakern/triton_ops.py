@@ -85,7 +85,7 @@ def lora_linear_fwd_triton(
     # forward_core's `implementation(backend).lora_linear_forward` (tests/test_triton_ops.py).
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
     lead = x.shape[:-1]
-    with op_core.autocast_off(x.device.type):
+    with op_core.autocast_off(x):
         y, S = lora_linear_forward(op_core.rows(x), weight, bias, lora_A, lora_B, scaling, p, seed_arg)
     return torch.ops.aten._unsafe_view(y, (*lead, y.shape[-1])), S
 
@@ -108,7 +108,7 @@ def lora_linear_bwd_triton(
     """LoRA backward: (dx [..., K], dA [r, K], dB [N, r]); one not needed is an empty [0]."""
     # Written out for the same reason as the forward (lora_linear_backward called by name).
     scaling, p, seed_arg = _scalars(values, seed, has_dropout)
-    with op_core.autocast_off(dy.device.type):
+    with op_core.autocast_off(dy):
         dx, dA, dB = lora_linear_backward(
             op_core.rows(dy), op_core.rows(x), weight, lora_A, lora_B, S,
             scaling, p, seed_arg, (need_x, need_a, need_b),
