@@ -168,7 +168,8 @@ def test_compile_of_a_lora_model_traces_the_kernels_fullgraph():
     the forward and backward kernels in AOTAutograd's graphs with scalars in memory (the
     scaling never a constant), no opaque op; changing scaling and a positive dropout does
     not recompile, a new batch shape recompiles once with M symbolic, dropout turning 0
-    recompiles once into graphs without the host op (scalars built in the graph)."""
+    recompiles once into graphs without the host op (scalars built in the graph), as two
+    active adapters with lora_bias compile without it."""
     graph = _trace("dynamo")
     assert graph["frames"] == [1, 1, 2, 3], graph["frames"]
     assert graph["opaque_lora_op"] == 0 and graph["device_scalars"] >= 2
@@ -178,6 +179,8 @@ def test_compile_of_a_lora_model_traces_the_kernels_fullgraph():
     off = graph["dropout_off"]
     assert off["device_scalars"] == 0 and off["scaling_by_value"] == [], off
     assert "_lora_fwd_kernel" in off["kernels"] and "_lora_bwd_da_kernel" in off["kernels"], off["kernels"]
+    multi = graph["two_adapters_lora_bias"]  # two active adapters, one with lora_bias, no dropout
+    assert multi["device_scalars"] == 0 and "_lora_fwd_kernel" in multi["kernels"], multi
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for the CUDA tests")

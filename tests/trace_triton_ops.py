@@ -205,7 +205,19 @@ def _dynamo() -> dict:
         steps[change] = _summary(graphs[before:])
     # The graphs compiled when dropout went off: scalars built in the graph, no host op
     # (the CPU stands in for the CUDA device here: the mirrors are on x's device).
-    return {**_summary(graphs), "frames": frames, "dropout_off": steps["dropout off"]}
+    summary = {**_summary(graphs), "frames": frames, "dropout_off": steps["dropout off"]}
+    # Two active adapters, one with lora_bias, no dropout: the scalings fold into B and the
+    # bias sum through the mirrors, still no host op.
+    multi = tiny_lora_model(backend="triton").train()
+    for layer in lora_layers(multi):
+        layer.update_layer("b", 3, 6, lora_bias=True, init_lora_weights=False)
+        layer.set_adapter(["default", "b"])
+    before = len(graphs)
+    try:
+        torch.compile(multi, backend=backend, fullgraph=True)(torch.randn(2, 5, 16))
+    except _Traced:
+        pass
+    return {**summary, "two_adapters_lora_bias": _summary(graphs[before:])}
 
 
 def main(mode: str) -> None:
