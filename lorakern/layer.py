@@ -645,9 +645,8 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or w.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return LoraLinearFunction.apply(x, w, bias, A, B, s, p, seed, backend)
-        flat = x if x.dim() == 2 else rows(x)
-        y = implementation(backend).lora_linear_forward(flat, w, bias, A, B, s, p, seed, need_S=False)[0]
-        return y if flat is x else unrows(y, x)
+        y = implementation(backend).lora_linear_forward(rows(x), w, bias, A, B, s, p, seed, need_S=False)[0]
+        return unrows(y, x)
 
     def _lora_bias_sum(self, active: list[str]) -> torch.Tensor | None:
         """Σ s_i·b_i over the active adapters with lora_bias, in fp32 (fp64 adapters: fp64),

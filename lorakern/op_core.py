@@ -178,8 +178,11 @@ def implementation(backend: str) -> ModuleType:
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
-    """t [..., C] as [M, C], M the product of the leading dims (a view where possible).
+    """t [..., C] as [M, C], M the product of the leading dims (a view where possible; t
+    itself when already 2-D, the common case, for the host time of a reshape).
     Not reshape(-1, C): that is ambiguous, and raises, when C == 0."""
+    if t.dim() == 2:
+        return t
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
