@@ -315,8 +315,16 @@ class ScalarDict(dict):
         self._forget(key)
 
     def update(self, *args, **kwargs) -> None:
-        for key, value in dict(*args, **kwargs).items():
+        items = dict(*args, **kwargs)
+        if self._check is not None:  # every value first: a refused one changes nothing
+            for value in items.values():
+                self._check(float(value))
+        for key, value in items.items():
             self[key] = value
+
+    def __ior__(self, other):  # d |= {...}: dict's own would skip the mirrors and the check
+        self.update(other)
+        return self
 
     def setdefault(self, key, default=0.0):
         if key not in self:

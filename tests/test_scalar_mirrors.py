@@ -45,6 +45,17 @@ def test_unplaced_or_other_devices_get_the_cpu_mirror():
     assert d.tensor("a", META) is d.tensor("a")
 
 
+def test_in_place_union_updates_the_mirrors_and_checks():
+    d = ScalarDict({"a": 0.5}, check=op_core.check_scaling_value)
+    d.place(META)
+    cpu = d.tensor("a")
+    d |= {"a": 2.0, "b": 1.0}
+    assert d.tensor("a") is cpu and cpu.item() == 2.0 and d.tensor("b", META).device == META
+    with pytest.raises(ValueError, match="scaling"):
+        d |= {"c": 3.0, "d": float("inf")}  # all or nothing
+    assert isinstance(d, ScalarDict) and "c" not in d and "d" not in d
+
+
 def test_removed_keys_drop_their_device_mirrors():
     d = ScalarDict({"a": 0.5, "b": 1.0, "c": 2.0})
     d.place(META)
