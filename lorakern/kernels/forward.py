@@ -23,7 +23,9 @@ from .shrink import lora_shrink as _lora_shrink
 
 
 # Output-tile shapes tried by both GEMMs (forward and dx): (rows, cols, reduction step,
-# warps, stages). The last two serve decode-sized M.
+# warps, stages). The last three serve decode-sized M: there the GEMM reads W once and
+# the grid is N / cols programs, so 32 columns give 128 programs at N = 4096, about one
+# per SM of an H100 / H200 (64 columns left half of them idle: benchmarks/NOTES.md).
 GEMM_TILES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
@@ -34,7 +36,28 @@ GEMM_TILES = [
     (64, 64, 64, 4, 4),
     (16, 64, 128, 4, 4),
     (16, 128, 128, 4, 4),
+    (16, 32, 128, 4, 4),
 ]
+# M buckets at or below SMALL_M_BUCKET autotune only tiles of <= 64 rows; buckets at or
+# above LARGE_M_BUCKET skip the 16-row ones (prune_tiles).
+SMALL_M_BUCKET, LARGE_M_BUCKET = 32, 256
+
+
+def prune_tiles(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early pruning (triton.autotune prune_configs_by): a 128- or 256-row
+    tile wastes most of its rows at decode-sized M, a 16-row tile re-reads W M/16 times at
+    large M, so neither is compiled and timed there (fewer configs: a shorter first call
+    per key). A symbolic M (bucket 0) or an unknown one keeps every config."""
+    bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", 0))
+    if not isinstance(bucket, int) or bucket <= 0:
+        return configs
+    if bucket <= SMALL_M_BUCKET:
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    elif bucket >= LARGE_M_BUCKET:
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] > 16]
+    else:
+        kept = configs
+    return kept or configs
 # The one tile used when autotuning is off (LORAKERN_AUTOTUNE=0): it fits the shared
 # memory of sm_80/sm_90 in every variant and dtype, fp32 one-pass included (checked
 # by kernels/aot.py; 128x128x64 with 4 stages does not: 236 KiB in fp32).
@@ -187,7 +210,8 @@ def _lora_fwd_kernel(
 # The autotuned variant computes the whole GEMM (it writes y without reading it, so
 # timing candidates is harmless); the accumulate variant runs accumulate_config's tile.
 _lora_fwd_kernel_tuned = triton.autotune(
-    configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"]
+    configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_tiles},
 )(_lora_fwd_kernel)
 
 
