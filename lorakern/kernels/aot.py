@@ -97,7 +97,7 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
             f"fwd {bm}x{bc}x{br}{' onepass' if fuse else ''}",
             forward._lora_fwd_kernel,
             {**common, "BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": 8, "HAS_BIAS": True,
-             "FUSE_SHRINK": fuse, "HAS_DROPOUT": fuse, "HAS_BASE": True},
+             "FUSE_SHRINK": fuse, "HAS_DROPOUT": fuse, "HAS_BASE": True, "STORE_S": fuse},
             warps, stages,
         )
     if dtype != torch.float32:  # the persistent TMA forward: fp16 / bf16 only (fp32 exceeds shared memory)
@@ -109,7 +109,8 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
     cfg = forward.accumulate_config("BLOCK_N", "BLOCK_K")
     yield (
         f"fwd {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} add", forward._lora_fwd_kernel,
-        {**common, **_blocks(cfg), "HAS_BIAS": False, "FUSE_SHRINK": False, "HAS_DROPOUT": False, "HAS_BASE": False},
+        {**common, **_blocks(cfg), "HAS_BIAS": False, "FUSE_SHRINK": False, "HAS_DROPOUT": False, "HAS_BASE": False,
+         "STORE_S": False},
         cfg["num_warps"], 3,
     )
     # The small-M accumulate variant that also computes S (lora_forward_onepass, cublas_base=True).
@@ -117,8 +118,16 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
     yield (
         "fwd 16x128x128 onepass add", forward._lora_fwd_kernel,
         {**common, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"], "GROUP_M": 8,
-         "HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_DROPOUT": True, "HAS_BASE": False},
+         "HAS_BIAS": False, "FUSE_SHRINK": True, "HAS_DROPOUT": True, "HAS_BASE": False, "STORE_S": True},
         tile["num_warps"], 3,
+    )
+    # Inference (need_S=False): the one-pass kernel without S's store.
+    bm, bc, br, warps, stages = forward.SINGLE_TILE
+    yield (
+        f"fwd {bm}x{bc}x{br} onepass no-S", forward._lora_fwd_kernel,
+        {**common, "BLOCK_M": bm, "BLOCK_N": bc, "BLOCK_K": br, "GROUP_M": 8, "HAS_BIAS": True,
+         "FUSE_SHRINK": True, "HAS_DROPOUT": False, "HAS_BASE": True, "STORE_S": False},
+        warps, stages,
     )
     for (bm, bc, br, warps, stages), has_base in itertools.product(tiles, (True, False)):
         yield (

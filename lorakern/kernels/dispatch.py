@@ -184,8 +184,8 @@ def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, need_
     args = (x, weight, bias, lora_A, lora_B, scaling, p, seed)
     if M <= ONEPASS_MAX_M and weight is not None and not traced(x):
         key = ("fwd1", m_bucket(M), weight.shape[0], K, rank_pad(lora_A.shape[0]), has_dropout(p), x.dtype, x.device)
-        candidates = {FUSED: lambda: lora_forward_onepass(*args),
-                      UNFUSED: lambda: lora_forward_onepass(*args, cublas_base=True)}
+        candidates = {FUSED: lambda: lora_forward_onepass(*args, need_S=need_S),
+                      UNFUSED: lambda: lora_forward_onepass(*args, cublas_base=True, need_S=need_S)}
         return candidates[DISPATCH.choose(key, candidates, x.device)]()
     merged = None
     if weight is not None and not has_dropout(p):  # W + s·B A is the whole term only without a mask

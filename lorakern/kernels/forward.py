@@ -148,14 +148,16 @@ def _lora_fwd_kernel(
     stride_bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     R_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_BASE: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BASE: tl.constexpr, STORE_S: tl.constexpr, SCALARS_IN_MEMORY: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     scaling = load_scaling(scaling, SCALARS_IN_MEMORY)
     if HAS_DROPOUT:
         p, inv_keep, seed = load_dropout(p, inv_keep, seed, SCALARS_IN_MEMORY)
     # FUSE_SHRINK (small M): S = D(x) Aᵀ is accumulated in the same K loop from the x
-    # tiles already loaded, and written by the pid_n == 0 column of programs; every
-    # other column recomputes it (x is tiny) instead of waiting for a second launch.
+    # tiles already loaded, and written (STORE_S: a backward will read it) by the pid_n == 0
+    # column of programs; every other column recomputes it (x is tiny) instead of waiting
+    # for a second launch.
     # Otherwise S comes precomputed from the shrink kernel.
     # Without HAS_BASE, x Wᵀ (+ bias) is already in y (cuBLAS) and this adds s·S Bᵀ to it:
     # one launch that reads S and B in their own dtypes (no casts on the host); with
@@ -194,7 +196,7 @@ def _lora_fwd_kernel(
         s = tl.where(r_ok[None, :], s, 0.0)
         if HAS_DROPOUT:
             s = s * inv_keep
-        if pid_n == 0:
+        if STORE_S and pid_n == 0:
             tl.store(s_ptrs, s, mask=s_mask)
     else:
         s = tl.load(s_ptrs, mask=s_mask, other=0.0)
@@ -228,8 +230,12 @@ def _check_forward_shapes(x, weight, bias, lora_B, R, S=None) -> None:
 
 
 def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink: bool, has_base: bool = True) -> None:
+    """S None with fuse_shrink: the kernel computes S for the epilogue but does not store it."""
     M, K = x.shape
     N, R = lora_B.shape
+    store_s = fuse_shrink and S is not None
+    if S is None:
+        S = y  # never read or written (STORE_S off): any valid pointer; strides below unused
 
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
@@ -252,7 +258,7 @@ def _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fus
         stride_bn=stride_bn, stride_br=stride_br,
         stride_ym=stride_ym, stride_yn=stride_yn,
         stride_bias=bias.stride(0) if has_bias else 0,
-        R_PAD=rank_pad(R), HAS_BIAS=has_bias, FUSE_SHRINK=fuse_shrink,
+        R_PAD=rank_pad(R), HAS_BIAS=has_bias, FUSE_SHRINK=fuse_shrink, STORE_S=store_s,
         HAS_BASE=has_base, **scalar_args(p, seed, scaling), **tile, **common_meta(x.dtype),
     ))
 
@@ -268,9 +274,11 @@ def lora_forward_onepass(
     seed,
     cublas_base: bool = False,
     base: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_S: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shrink and B-projection without S leaving the kernel (for small M, e.g. decode):
-    returns (y [M, N], S [M, r] fp32).
+    returns (y [M, N], S [M, r] fp32); with need_S=False (no backward will run) S is
+    neither allocated nor stored, and comes back None.
 
     x [M, K], weight [N, K], bias [N] | None, lora_A [r, K], lora_B [N, r]; scaling, p,
     seed by value (float, float, int) or one DeviceScalars as all three (common.scalar_args).
@@ -297,11 +305,11 @@ def lora_forward_onepass(
         y = torch.nn.functional.linear(x, weight, bias)
     else:
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    S = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    S = torch.empty((M, R), device=x.device, dtype=torch.float32) if need_S else None
     if M == 0:
         return y, S
     if N == 0:  # no program would write S
-        return y, _lora_shrink(x, lora_A, p, seed)
+        return y, _lora_shrink(x, lora_A, p, seed) if need_S else None
     has_base = base is None and not cublas_base
     _launch_forward(x, weight, bias, lora_A, S, lora_B, y, scaling, p, seed, fuse_shrink=True, has_base=has_base)
     return y, S
