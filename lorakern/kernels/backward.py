@@ -19,7 +19,7 @@ from .common import (
     cast, cdiv, check_device, common_meta, drop, interpreting, keep_mask, load_dropout, load_scaling, mma, rank_pad, scalar_args,
     wrap_triton,
 )
-from .forward import accumulate_config, gemm_configs, grouped_tile, m_bucket, prune_tiles
+from .forward import PRUNE_BY_M, accumulate_config, gemm_configs, grouped_tile, m_bucket
 from .launch import launch
 
 # ---------------------------------------------------------------- dS and dB
@@ -164,7 +164,7 @@ def _lora_bwd_dx_kernel(
 # Autotuned variant for the fused GEMM (it writes dx without reading it, so timing
 # candidates is harmless); the accumulate variant keeps one config.
 _lora_bwd_dx_kernel_tuned = triton.autotune(
-    configs=gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": prune_tiles},
+    configs=gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K"], prune_configs_by=PRUNE_BY_M,
 )(_lora_bwd_dx_kernel)
 
 

@@ -58,6 +58,11 @@ def prune_tiles(configs: list, named_args: dict, **kwargs) -> list:
     else:
         kept = configs
     return kept or configs
+
+
+# torch.compile honours a user kernel's prune_configs_by from torch 2.7 on (pytorch#142207);
+# torch 2.6 refuses the argument on the traced triton_op path, so there every tile is timed.
+PRUNE_BY_M = {"early_config_prune": prune_tiles} if torch.torch_version.TorchVersion(torch.__version__) >= "2.7" else None
 # The one tile used when autotuning is off (LORAKERN_AUTOTUNE=0): it fits the shared
 # memory of sm_80/sm_90 in every variant and dtype, fp32 one-pass included (checked
 # by kernels/aot.py; 128x128x64 with 4 stages does not: 236 KiB in fp32).
@@ -213,7 +218,7 @@ def _lora_fwd_kernel(
 # timing candidates is harmless); the accumulate variant runs accumulate_config's tile.
 _lora_fwd_kernel_tuned = triton.autotune(
     configs=gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "FUSE_SHRINK", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_tiles},
+    prune_configs_by=PRUNE_BY_M,
 )(_lora_fwd_kernel)
 
 
