@@ -106,6 +106,7 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = ScalarDict(check=check_dropout_value)
         self.scaling: dict[str, float] = ScalarDict(check=check_scaling_value)  # traced: read as its tensor mirror
+        self._place_scalars()
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False
         self.lora_bias: dict[str, bool] = {}
@@ -216,13 +217,14 @@ class LoraConv(AdapterLayerMixin, SummedMergeMixin, nn.Module):
 
     def _lora_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """s · B(A(dropout(x))), x cast to the adapter's dtype (as PEFT). Traced, s is the
-        ScalarDict's tensor mirror: a new scaling (a hot-swap) does not recompile; dropout's
-        p is read only in training mode (F.dropout takes a Python float)."""
+        ScalarDict's tensor mirror (on the adapter's device when placed there: no CPU input
+        for CUDA graphs): a new scaling (a hot-swap) does not recompile; dropout's p is read
+        only in training mode (F.dropout takes a Python float)."""
         A, B = self.lora_A[name], self.lora_B[name]
         x = x.to(A.weight.dtype)
         if self.training and self.lora_dropout[name] > 0:
             x = F.dropout(x, self.lora_dropout[name], training=True)
-        s = self.scaling.tensor(name) if torch.compiler.is_compiling() else self.scaling[name]
+        s = self.scaling.tensor(name, A.weight.device) if torch.compiler.is_compiling() else self.scaling[name]
         return _scaled(B(A(x)), s)
 
     def _mixed_forward(self, x: torch.Tensor, groups: RowGroups, strict: bool) -> torch.Tensor:

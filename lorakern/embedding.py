@@ -106,6 +106,7 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = ScalarDict(check=check_dropout_value)
         self.scaling: dict[str, float] = ScalarDict(check=check_scaling_value)  # traced: read as its tensor mirror
+        self._place_scalars()
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False: read by code that walks every LoRA layer
         self.lora_bias: dict[str, bool] = {}  # always False, likewise
@@ -219,9 +220,10 @@ class LoraEmbedding(AdapterLayerMixin, SummedMergeMixin, nn.Module):
 
     def _lora_term(self, x: torch.Tensor, name: str, scale: torch.Tensor | None) -> torch.Tensor:
         """s · E(x, Aᵀ) Bᵀ (· embed_scale) in the adapter's dtype (autocast's under autocast).
-        Traced, s is the ScalarDict's tensor mirror: a new scaling (a hot-swap) does not recompile."""
+        Traced, s is the ScalarDict's tensor mirror (on the adapter's device when placed there:
+        no CPU input for CUDA graphs): a new scaling (a hot-swap) does not recompile."""
         A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        s = self.scaling.tensor(name) if torch.compiler.is_compiling() else self.scaling[name]
+        s = self.scaling.tensor(name, A.device) if torch.compiler.is_compiling() else self.scaling[name]
         term = _scaled(self._embed(x, A.T) @ B.T, s)
         if scale is not None:
             term = term * scale.to(term.dtype)

@@ -181,6 +181,25 @@ class AdapterLayerMixin:
     def active_adapter(self) -> str:
         return self.active_adapters[0]
 
+    # The ScalarDicts' (scaling, lora_dropout) device mirrors follow the base weight: placed
+    # at construction, by .to() / .cuda() (_apply) and after deepcopy / unpickling, which
+    # rebuild the dicts without them. Layers whose scalings are plain floats skip this.
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._place_scalars()
+        return out
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._place_scalars()
+
+    def _place_scalars(self) -> None:
+        dicts = [d for d in (self.__dict__.get("scaling"), self.__dict__.get("lora_dropout")) if isinstance(d, ScalarDict)]
+        weight = getattr(self.__dict__.get("_modules", {}).get("base_layer"), "weight", None)
+        if dicts and isinstance(weight, torch.Tensor):
+            for d in dicts:
+                d.place(weight.device)
+
     def _record_settings(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
                          use_dora: bool = False, lora_bias: bool = False) -> None:
         """The per-adapter settings of a new adapter, its scaling (alpha / r, or / sqrt(r) with
@@ -438,22 +457,6 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half(): the ScalarDicts' device mirrors follow the base weight.
-        out = super()._apply(fn, recurse)
-        self._place_scalars()
-        return out
-
-    def __setstate__(self, state) -> None:
-        # deepcopy / unpickling rebuild the ScalarDicts without their device mirrors.
-        super().__setstate__(state)
-        self._place_scalars()
-
-    def _place_scalars(self) -> None:
-        device = self.base_layer.weight.device
-        self.scaling.place(device)
-        self.lora_dropout.place(device)
 
     @property
     def bias(self) -> torch.Tensor | None:

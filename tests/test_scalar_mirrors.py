@@ -103,6 +103,17 @@ def test_layer_places_its_mirrors_where_its_base_weight_goes():
     assert layer.scaling.tensor("other", META).device == META
 
 
+@pytest.mark.parametrize("kind", ["embedding", "conv"])
+def test_embedding_and_conv_layers_place_their_mirrors_too(kind):
+    if kind == "embedding":
+        layer = lorakern.LoraEmbedding(torch.nn.Embedding(10, 8), r=2, lora_alpha=4)
+    else:
+        layer = lorakern.LoraConv(torch.nn.Conv2d(3, 4, 3), r=2, lora_alpha=4)
+    layer.to(META)
+    assert layer.scaling.tensor("default", META).device == META
+    assert copy.deepcopy(layer).scaling.tensor("default", META).device == META
+
+
 def test_layer_refuses_bad_scalars_assigned_directly():
     layer = lorakern.LoraLinear(torch.nn.Linear(8, 6), r=2, lora_alpha=4)
     with pytest.raises(ValueError, match="dropout_p"):
