@@ -35,7 +35,7 @@ from torch import nn
 from lorakern import dora, quant, quantized
 from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
 from lorakern.op_core import check_dropout_value, check_scaling_value, draw_seed, implementation, rows, unrows
-from lorakern.ops import BACKENDS, LoraLinearFunction, ScalarDict, lora_linear, resolve_backend, scalar_device
+from lorakern.ops import BACKENDS, LoraLinearFunction, ScalarDict, lora_linear, plain_tensors, resolve_backend, scalar_device
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
 
@@ -194,10 +194,11 @@ class AdapterLayerMixin:
         self._place_scalars()
 
     def _place_scalars(self) -> None:
-        dicts = [d for d in (self.__dict__.get("scaling"), self.__dict__.get("lora_dropout")) if isinstance(d, ScalarDict)]
-        weight = getattr(self.__dict__.get("_modules", {}).get("base_layer"), "weight", None)
-        if dicts and isinstance(weight, torch.Tensor):
-            for d in dicts:
+        weight = getattr(getattr(self, "base_layer", None), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return
+        for d in (getattr(self, "scaling", None), getattr(self, "lora_dropout", None)):
+            if isinstance(d, ScalarDict):
                 d.place(weight.device)
 
     def _record_settings(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
@@ -621,7 +622,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         subclass, or x not in the weight's dtype / device / width."""
         active = self.active_adapters
         if (len(active) != 1 or self.disable_adapters or self.merged_adapters or self.quantized or self.base_forward
-                or self.__dict__.get("_mixed_adapter_names") is not None):
+                or self._mixed_groups(None) is not None):
             return None
         name = active[0]
         modules = self._modules
@@ -630,8 +631,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
             return None
         base = modules["base_layer"]._parameters
         A, B, w, bias = lora_A._parameters.get("weight"), lora_B._parameters.get("weight"), base.get("weight"), base.get("bias")
-        plain = (torch.Tensor, nn.Parameter)
-        if type(A) not in plain or type(B) not in plain or type(w) not in plain or (bias is not None and type(bias) not in plain):
+        if A is None or B is None or w is None or not plain_tensors(A, B, w, bias):
             return None  # a parametrized weight (its module computes it) or a tensor subclass (DTensor)
         if self.fan_in_fan_out:
             w = w.t()

@@ -224,7 +224,7 @@ def use_triton_op() -> bool:
     return settings.triton_op and _HAS_TRITON_OP and not interpreting()
 
 
-def _plain(*tensors) -> bool:
+def plain_tensors(*tensors) -> bool:
     """True when no tensor is a subclass (FakeTensor, DTensor, ...) other than Parameter."""
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
@@ -273,19 +273,15 @@ class ScalarDict(dict):
         value = float(value)
         if self._check is not None:
             self._check(value)
+        self._assign(key, value)
+
+    def _assign(self, key, value: float) -> None:
+        """Set a checked value and fill its mirrors in place (made on first assignment)."""
         super().__setitem__(key, value)
         self._positive[key] = value > 0.0
-        mirror = self._tensors.get(key)
-        if mirror is None:
-            self._tensors[key] = torch.tensor([value], dtype=torch.float64)
-        else:
-            mirror.fill_(value)
+        _fill(self._tensors, key, value, lambda v: torch.tensor([v], dtype=torch.float64))
         if self._device is not None:
-            on_device = self._device_tensors.get(key)
-            if on_device is None:
-                self._device_tensors[key] = self._device_mirror(value)
-            else:
-                on_device.fill_(value)
+            _fill(self._device_tensors, key, value, self._device_mirror)
 
     def _device_mirror(self, value: float) -> torch.Tensor:
         from torch._dynamo import mark_static_address
@@ -315,12 +311,12 @@ class ScalarDict(dict):
         self._forget(key)
 
     def update(self, *args, **kwargs) -> None:
-        items = dict(*args, **kwargs)
+        items = {key: float(value) for key, value in dict(*args, **kwargs).items()}
         if self._check is not None:  # every value first: a refused one changes nothing
             for value in items.values():
-                self._check(float(value))
+                self._check(value)
         for key, value in items.items():
-            self[key] = value
+            self._assign(key, value)
 
     def __ior__(self, other):  # d |= {...}: dict's own would skip the mirrors and the check
         self.update(other)
@@ -361,6 +357,15 @@ class ScalarDict(dict):
         if device is not None and device == self._device:
             return self._device_tensors[key]
         return self._tensors[key]
+
+
+def _fill(mirrors: dict, key, value: float, make: Callable[[float], torch.Tensor]) -> None:
+    """mirrors[key] filled with value in place, or made by `make` the first time."""
+    mirror = mirrors.get(key)
+    if mirror is None:
+        mirrors[key] = make(value)
+    else:
+        mirror.fill_(value)
 
 
 def scalar_device(backend: str, device: torch.device, dtype: torch.dtype) -> torch.device | None:
@@ -423,7 +428,7 @@ def lora_linear(
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     backend = resolve_backend(backend, x.device, x.dtype)
-    if torch.compiler.is_compiling() or not _plain(x, weight, bias, lora_A, lora_B):
+    if torch.compiler.is_compiling() or not plain_tensors(x, weight, bias, lora_A, lora_B):
         # Traced (torch.compile, export) or tensor subclasses: the registered ops, which
         # read the scalars' values in their bodies. Triton kernels compiled (not
         # interpreted): triton_ops, whose kernels the compiler sees; otherwise the opaque
