@@ -369,15 +369,16 @@ def test_forward_onepass(dtypes, M, r, p, has_bias, cublas_base):
     check_against_oracle(y, y_ref, y_64, dt, "y")
 
 
+@dtype_pairs
 @params("p", [0.0, 0.3], ids=["p0", "p0.3"])
 @params("M", [0, 5, 16], ids=lambda m: f"M{m}")
 @params("cublas_base", [False, True], ids=["triton-base", "cublas-base"])
-def test_onepass_without_S_gives_the_same_y(cublas_base, M, p):
+def test_onepass_without_S_gives_the_same_y(dtypes, cublas_base, M, p):
     """need_S=False (inference): S is neither allocated nor stored, y is bit-identical."""
-    x = randn(M, K, dtype=torch.float32, device=KERNEL_DEVICE)
-    f32 = torch.float32
-    W, bias = randn(N, K, dtype=f32, device=KERNEL_DEVICE), randn(N, dtype=f32, device=KERNEL_DEVICE)
-    A, B = randn(4, K, dtype=f32, device=KERNEL_DEVICE), randn(N, 4, dtype=f32, device=KERNEL_DEVICE)
+    dt, adt = dtypes
+    x = randn(M, K, dtype=dt, device=KERNEL_DEVICE)
+    W, bias = randn(N, K, dtype=dt, device=KERNEL_DEVICE), randn(N, dtype=dt, device=KERNEL_DEVICE)
+    A, B = randn(4, K, dtype=adt, device=KERNEL_DEVICE), randn(N, 4, dtype=adt, device=KERNEL_DEVICE)
     y, S = _kernels().lora_forward_onepass(x, W, bias, A, B, 0.5, p, SEED, cublas_base=cublas_base)
     y2, S2 = _kernels().lora_forward_onepass(x, W, bias, A, B, 0.5, p, SEED, cublas_base=cublas_base, need_S=False)
     assert S2 is None and S is not None and torch.equal(y2, y)
