@@ -21,9 +21,9 @@ def test_thin_rows_time_every_kernel_and_count_its_bytes():
     M, K, N, r = 64, 48, 40, 16
     spec = TimerSpec(warmup_ms=1, rep_ms=2, min_reps=2, cpu_flush_bytes=0)
     rows = thin.thin_rows(((K, N),), M, (r,), (0.0, 0.1), torch.float32, device, spec, copy_gbps=10.0)
-    assert len(rows) == thin.count(((K, N),), (r,), (0.0, 0.1)) == 9
+    assert len(rows) == thin.count(((K, N),), (r,), (0.0, 0.1)) == 10
     names = {(d["kernel"], d["dropout"]) for d in rows}
-    assert names == {(k, 0.0) for k in ("shrink", "dA", "dx pass", "dS+dB", "fwd pass", "merge W′")} | {
+    assert names == {(k, 0.0) for k in ("shrink", "dA", "dx pass", "dS+dB", "dS+dB split", "fwd pass", "merge W′")} | {
         (k, 0.1) for k in ("shrink", "dA", "dx pass")}
     by = {(d["kernel"], d["dropout"]): d for d in rows}
     assert by[("shrink", 0.0)]["bytes"] == M * K * 4 + r * K * 4 + M * r * 4
@@ -64,3 +64,18 @@ def test_thin_table_in_results_markdown():
 
     table = thin_table({"thin_kernels": [_thin_row("merge W′", 0.9), _thin_row("shrink", 0.5, noisy=True)]})
     assert "merge W′" in table and "0.90" in table and "0.100*" in table
+
+
+def test_thin_target_takes_the_better_dsdb_grid():
+    """dS+dB is timed on both grids and the backward runs the faster: the target reads the
+    better clean one of the pair; with both noisy, the pair counts as noisy."""
+    rows = [_thin_row("shrink", 0.8), _thin_row("dS+dB", 0.5), _thin_row("dS+dB split", 0.7)]
+    (target,) = _thin_target({"thin_kernels": rows})
+    assert target["value"] == 0.7 and "dS+dB split" in target["detail"]
+    rows = [_thin_row("shrink", 0.8), _thin_row("dS+dB", 0.5), _thin_row("dS+dB split", 0.9, noisy=True)]
+    (target,) = _thin_target({"thin_kernels": rows})
+    assert target["value"] == 0.5 and "dS+dB K=" in target["detail"]
+    rows = [_thin_row("shrink", 0.8), _thin_row("dS+dB", 0.5, noisy=True), _thin_row("dS+dB split", 0.6, noisy=True)]
+    (target,) = _thin_target({"thin_kernels": rows})
+    assert target["value"] == 0.8 and "1 noisy" in target["detail"]
+

@@ -164,12 +164,23 @@ def _gpu_targets(results: dict) -> list[dict]:
 
 
 def _thin_target(results: dict) -> list[dict]:
-    """The slowest thin LoRA kernel at M = 8192 (thin.py), as a fraction of the copy ceiling."""
+    """The slowest thin LoRA kernel at M = 8192 (thin.py), as a fraction of the copy ceiling
+    (for dS+dB, the better of its two grids)."""
     from lorakern.bench.thin import TARGET_COPY_FRACTION
 
     rows = [r for r in results.get("thin_kernels", []) if r["M"] == HEADLINE_M and r.get("copy_frac") is not None]
     if not rows:
         return []
+    # dS+dB is timed on both of its grids; the backward runs the faster (measured dispatch),
+    # so the better clean one of each pair stands for the kernel.
+    grids = defaultdict(list)
+    for r in rows:
+        if r["kernel"] in ("dS+dB", "dS+dB split"):
+            grids[(r["K"], r["N"], r["r"], r["dropout"])].append(r)
+    for pair in grids.values():
+        clean = [r for r in pair if not _noisy(r)]
+        keep = max(clean, key=lambda r: r["copy_frac"]) if clean else pair[0]
+        rows = [r for r in rows if r is keep or all(r is not other for other in pair)]
     value, detail = _pick(rows, "copy_frac", _noisy,
                           lambda r: f"{r['kernel']} K={r['K']} N={r['N']} r={r['r']} p={r['dropout']}", highest=False)
     return [_target("every thin LoRA kernel at M=8192: GB/s / measured copy GB/s (lowest)", value,

@@ -6,7 +6,9 @@ is timed alone through its public launcher on the suite's largest training M:
 
     kernel        launcher                                   ideal bytes (e = x's itemsize, a = the adapters')
     shrink        lora_shrink(x, A, p, seed)                 M·K·e + r·K·a + M·r·4 (S)
-    dS+dB         lora_backward_dsdb(dY, B, S, s)            M·N·e + N·r·a + 2·M·r·4 (S, dS) + N·r·4 (dB)
+    dS+dB         lora_backward_dsdb(dY, B, S, s, reduce=False), then dB's partial sum
+                                                             M·N·e + N·r·a + 2·M·r·4 (S, dS) + N·r·4 (dB)
+    dS+dB split   the same with split_n = dsdb_split_n(...)  (the same ideal bytes)
     dA            lora_backward_da(dS, x, A, p, seed)        M·r·4 + M·K·e + r·K·4
     fwd pass      lora_forward_unfused(x, None, None, S, B)  3·M·N·e + M·r·4 + N·r·a (zero fill, then y += s·S Bᵀ)
     dx pass       lora_backward_dx(dY, None, dS, A, p, seed, fused=False)   3·M·K·e + M·r·4 + r·K·a (same)
@@ -16,8 +18,12 @@ The two "pass" rows time the LoRA-term-only launchers (the term added to a zero-
 output) because the accumulate pass is not a launcher of its own; the zero fill is one
 more write, counted. Ideal bytes exclude the dS/dB and dA launchers' fp32 partial sums
 (their reduction is part of the measured time): a low fraction there says how much the
-partials cost. CUDA only in the suite (these are the Triton kernels); the tests run the
-same code under Triton's interpreter for the plumbing.
+partials cost. The two dS+dB rows time what lora_linear_backward runs for either grid
+dispatch can choose (1-D over row blocks; 2-D with N split, dS left as partials for dx and
+dA to add on load): the pass with its partials out, then `sum_partials` on dB's (in the
+backward that launch also sums dA's). Where a shape gives one split (`dsdb_split_n` = 1)
+the split row runs the 1-D grid too. CUDA only in the suite (these are the Triton
+kernels); the tests run the same code under Triton's interpreter for the plumbing.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ def thin_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout: floa
     """(kernel name, ideal bytes, zero-argument call) of every thin kernel at one shape; random
     inputs. Kernels without a dropout mask (dS+dB, merge) are listed only for dropout 0."""
     from lorakern import kernels
+    from lorakern.kernels.backward import dsdb_split_n, sum_partials
 
     g = torch.Generator(device="cpu").manual_seed(M * 7 + K * 3 + N)
 
@@ -48,6 +55,12 @@ def thin_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout: floa
     A, B = rand(r, K, dt=adapter_dtype, scale=K**-0.5), rand(N, r, dt=adapter_dtype)
     S, dS = rand(M, r, dt=torch.float32), rand(M, r, dt=torch.float32)
     s, seed = 2.0, 1234
+    no_stack = torch.empty((1, 0), device=device)  # sum_partials' other stack, empty: dB's sum alone
+
+    def dsdb(split_n):
+        ds, db_partial = kernels.lora_backward_dsdb(dy, B, S, s, reduce=False, split_n=split_n)
+        return ds, sum_partials(db_partial, B.dtype, no_stack, torch.float32)[0]
+
     cases = [
         ("shrink", M * K * e + r * K * a + M * r * 4, lambda: kernels.lora_shrink(x, A, dropout, seed)),
         ("dA", M * r * 4 + M * K * e + r * K * 4, lambda: kernels.lora_backward_da(dS, x, A, dropout, seed)),
@@ -55,8 +68,10 @@ def thin_cases(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout: floa
          lambda: kernels.lora_backward_dx(dy, None, dS, A, dropout, seed, fused=False)),
     ]
     if dropout == 0.0:
+        dsdb_bytes = M * N * e + N * r * a + 2 * M * r * 4 + N * r * 4
         cases += [
-            ("dS+dB", M * N * e + N * r * a + 2 * M * r * 4 + N * r * 4, lambda: kernels.lora_backward_dsdb(dy, B, S, s)),
+            ("dS+dB", dsdb_bytes, lambda: dsdb(1)),
+            ("dS+dB split", dsdb_bytes, lambda: dsdb(dsdb_split_n(M, N, r, dtype))),
             ("fwd pass", 3 * M * N * e + M * r * 4 + N * r * a, lambda: kernels.lora_forward_unfused(x, None, None, S, B, s)),
             ("merge W′", 2 * N * K * e + r * K * a + N * r * a, lambda: kernels.lora_merged_weight(W, A, B, s)),
         ]
@@ -86,4 +101,4 @@ def thin_rows(kn, M: int, ranks, dropouts, dtype: torch.dtype, device: torch.dev
 
 def count(kn, ranks, dropouts) -> int:
     """How many rows `thin_rows` makes (for the progress bar)."""
-    return sum(3 + (3 if p == 0.0 else 0) for _ in kn for _ in ranks for p in dropouts)
+    return sum(3 + (4 if p == 0.0 else 0) for _ in kn for _ in ranks for p in dropouts)

@@ -84,11 +84,20 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
     cfg = shrink._config(4096)
     yield "shrink", shrink._lora_shrink_kernel, {**common, **_blocks(cfg), "HAS_DROPOUT": True}, cfg["num_warps"], 3
     dsdb = {tuple(c.items()): c for c in (backward._dsdb_config(8192, r, 2) for r in (16, 64, 128))}
+    # Its 2-D grid ("split") at M = 8192 and 2048: row blocks of 256 and 128, today the same
+    # blocks as the 1-D grid's at r = 128 and 64 (then compiled once each). SPLIT_N is a grid
+    # size, not a constexpr: one compile covers every split.
+    for M in (8192, 2048):
+        cfg = {k: v for k, v in backward._dsdb_split_config(M, 4096, 16, 2).items() if k != "SPLIT_N"}
+        dsdb[tuple(cfg.items())] = cfg
     for cfg in dsdb.values():
         yield (f"dsdb {cfg['BLOCK_M']}x{cfg['BLOCK_N']}", backward._lora_bwd_dsdb_kernel, {**common, **_blocks(cfg)},
                cfg["num_warps"], 3)
     cfg = backward._da_config()
-    yield "dA", backward._lora_bwd_da_kernel, {**common, **_blocks(cfg), "HAS_DROPOUT": True}, cfg["num_warps"], 3
+    # dS as one [M, r] tensor (DS_SPLIT 1) or as the split dS/dB pass's partials, summed on load.
+    for ds_split in (1, backward._MAX_SPLIT_N):
+        yield (f"dA{'' if ds_split == 1 else f' dS x{ds_split}'}", backward._lora_bwd_da_kernel,
+               {**common, **_blocks(cfg), "HAS_DROPOUT": True, "DS_SPLIT": ds_split}, cfg["num_warps"], 3)
     tile = merge.MERGE_TILE  # W + s·B A for the merged-weight variant (dropout 0)
     yield "merge", merge._lora_merge_kernel, {**common, "BLOCK_N": tile["BLOCK_N"], "BLOCK_K": tile["BLOCK_K"]}, tile["num_warps"], 3
     tiles = forward.GEMM_TILES if all_tiles else [forward.SINGLE_TILE]
@@ -129,12 +138,14 @@ def _cases(dtype: torch.dtype, adapter_dtype: torch.dtype, r_pad: int, all_tiles
          "FUSE_SHRINK": True, "HAS_DROPOUT": False, "HAS_BASE": True, "STORE_S": False},
         warps, stages,
     )
-    for (bm, bc, br, warps, stages), has_base in itertools.product(tiles, (True, False)):
+    # dS summed from partials on load (DS_SPLIT > 1): the epilogue only, so at one tile.
+    ds_splits = [(tile, 1) for tile in tiles] + [(forward.SINGLE_TILE, backward._MAX_SPLIT_N)]
+    for ((bm, bc, br, warps, stages), ds_split), has_base in itertools.product(ds_splits, (True, False)):
         yield (
-            f"dx {bm}x{bc}x{br}{'' if has_base else ' add'}",
+            f"dx {bm}x{bc}x{br}{'' if has_base else ' add'}{'' if ds_split == 1 else f' dS x{ds_split}'}",
             backward._lora_bwd_dx_kernel,
             {**common, "BLOCK_M": bm, "BLOCK_K": bc, "BLOCK_N": br, "GROUP_M": 8, "HAS_BASE": has_base,
-             "HAS_DROPOUT": True},
+             "HAS_DROPOUT": True, "DS_SPLIT": ds_split},
             warps, stages,
         )
 

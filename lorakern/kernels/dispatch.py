@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from .. import settings
-from .backward import lora_backward_da, lora_backward_dsdb, lora_backward_dx, sum_partials
+from .backward import dsdb_split_n, lora_backward_da, lora_backward_dsdb, lora_backward_dx, sum_partials
 from .common import has_dropout, interpreting, rank_pad, traced
 from .dequant import dequantize_weight
 from .forward import lora_forward_fused, lora_forward_onepass, lora_forward_unfused, m_bucket
@@ -160,7 +160,7 @@ def lora_backward_dx_auto(dy, weight, dS, lora_A, p, seed, merged: Callable[[], 
     if merged is not None:
         candidates[MERGED] = merged
     # p > 0 in the key: the masked epilogue costs more, so it gets its own measurement.
-    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[1]), has_dropout(p), MERGED in candidates,
+    key = ("dx", m_bucket(M), N, weight.shape[1], rank_pad(dS.shape[-1]), has_dropout(p), MERGED in candidates,
            dy.dtype, dy.device)
     return candidates[DISPATCH.choose(key, candidates, dy.device, traced(dy))]()
 
@@ -224,11 +224,49 @@ def qlora_linear_forward(x, qtensors, meta, bias, lora_A, lora_B, scaling, p, se
     return candidates[DISPATCH.choose(key, candidates, x.device)]()
 
 
+def lora_backward_dsdb_auto(dy, lora_B, S, scaling, reduce: bool, da_args: tuple | None = None):
+    """lora_backward_dsdb's 1-D grid ("rows") or its 2-D grid ("split", dS as partials
+    [P, M, r]), whichever measures faster; the 2-D grid is offered only where its config
+    splits N (dsdb_split_n > 1).
+
+    da_args = (x, lora_A, p, seed) when the backward computes dA: each candidate is then
+    timed with the dA pass reading its dS, since reading P partials per dS tile (from L2,
+    once per column block of K) is that grid's cost and the pass alone would not show it.
+    (dx's epilogue reads dS too, once per output tile: small next to its GEMM or pass.)
+
+    For this key the names map as: FUSED = split, UNFUSED = rows. So the interpreter runs
+    the split grid wherever it is offered (the whole-backward tests cover it), a traced or
+    capturing call with no measurement takes the 1-D grid of before, and LORAKERN_FUSED_GEMM
+    = 1 / 0 force split / rows. Candidates run with reduce=False (partials out, no side
+    effects)."""
+    M, N = dy.shape
+    split_n = dsdb_split_n(M, N, S.shape[1], dy.dtype)
+    if split_n == 1:
+        return lora_backward_dsdb(dy, lora_B, S, scaling, reduce=reduce)
+
+    def candidate(split: int) -> Callable[[], object]:
+        def run():
+            dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling, reduce=False, split_n=split)
+            return dB if da_args is None else lora_backward_da(dS, *da_args, reduce=False)
+        return run
+
+    candidates = {FUSED: candidate(split_n), UNFUSED: candidate(1)}
+    key = ("dsdb", m_bucket(M), N, rank_pad(S.shape[1]), None if da_args is None else (da_args[0].shape[1], has_dropout(da_args[2])),
+           dy.dtype, dy.device)
+    if DISPATCH.choose(key, candidates, dy.device, traced(dy)) == FUSED:
+        return lora_backward_dsdb(dy, lora_B, S, scaling, reduce=reduce, split_n=split_n)
+    return lora_backward_dsdb(dy, lora_B, S, scaling, reduce=reduce)
+
+
 def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, needs):
-    """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB)."""
+    """Whole LoRA backward on 2-D tensors; `needs` = (dx, dA, dB) flags -> (dx, dA, dB).
+    dS may come out of the dS/dB pass as fp32 partials [P, M, r] (its 2-D grid): dx and dA
+    take them as they are."""
     need_x, need_a, need_b = needs
-    # dB's and dA's fp32 partials are summed together by one launch after dA (sum_partials).
-    dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling, reduce=not need_a)
+    # dB's and dA's fp32 partials are summed together by one launch after dA (sum_partials);
+    # without dA, the dS/dB launcher reduces its own.
+    dS, dB = lora_backward_dsdb_auto(dy, lora_B, S, scaling, reduce=not need_a,
+                                     da_args=(x, lora_A, p, seed) if need_a else None)
     dx = None
     if need_x:
         merged = None
