@@ -13,8 +13,8 @@ Each of them calls what is here, so the rules live in one place:
   from torch's CPU generator when dropout is on and none is given) — eagerly at the
   entry, inside the registered ops' bodies when traced; `scalar_tensors` turns them
   into the tensors the registered ops take;
-- autocast: `autocast_inputs` casts like F.linear at the entry, `autocast_off` keeps
-  it out of the op bodies;
+- autocast: `autocast_inputs` casts like F.linear at the entry, `autocast_off` (a
+  context) / `without_autocast` (a call) keep it out of the op bodies;
 - math: `forward_core` / `backward_core` on the chosen backend (`implementation`),
   `base_grads` (dW, dbias), `op_grads` (the five gradients of a registered op) and
   `bwd_outputs` (a gradient not computed travels as an empty [0] tensor).
@@ -166,6 +166,17 @@ def autocast_off(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def without_autocast(t: torch.Tensor, fn, *args, **kwargs):
+    """fn(*args, **kwargs) with autocast off for t's device type: `autocast_off` as a call,
+    for the hot cores. With no autocast on, fn is called directly: a `with` block's
+    context-manager object and its __enter__ / __exit__ calls cost ~13 µs per backward
+    with cold caches (benchmarks/NOTES.md, 2026-12-01)."""
+    if torch._C._is_any_autocast_enabled():
+        with autocast_off(t):
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 def _kernels() -> ModuleType:
     from lorakern import kernels  # lazily: importing lorakern does not import Triton
 
@@ -199,20 +210,16 @@ def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int,
                  need_S: bool = True):
     """x [..., K] -> (y [..., N] in x's dtype, S [M, r] fp32 (fp64 for fp64 x)); with
     need_S=False (no backward will run) S may be None."""
-    with autocast_off(x):
-        args = (rows(x), weight, bias, lora_A, lora_B, s, p, seed)
-        impl = implementation(backend)
-        y, S = impl.lora_linear_forward(*args) if need_S else impl.lora_linear_forward(*args, need_S=False)
+    forward = implementation(backend).lora_linear_forward
+    args = (rows(x), weight, bias, lora_A, lora_B, s, p, seed)
+    y, S = without_autocast(x, forward, *args) if need_S else without_autocast(x, forward, *args, need_S=False)
     return unrows(y, x), S
 
 
 def backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: int, backend: str, needs):
     """dy [..., N], x [..., K] -> (dx [..., K], dA [r, K], dB [N, r]), None where not needed."""
-    with autocast_off(dy):
-        dx, dA, dB = implementation(backend).lora_linear_backward(
-            rows(dy), rows(x), weight, lora_A, lora_B, S,
-            s, p, seed, needs,
-        )
+    dx, dA, dB = without_autocast(dy, implementation(backend).lora_linear_backward,
+                                  rows(dy), rows(x), weight, lora_A, lora_B, S, s, p, seed, needs)
     return (None if dx is None else unrows(dx, x)), dA, dB
 
 

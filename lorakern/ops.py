@@ -45,7 +45,7 @@ import torch
 
 from lorakern import settings
 from lorakern.op_core import (
-    BACKWARD_DOC, SECOND_ORDER_ERROR, SUPPORTED_DTYPES, autocast_inputs, backward_core, bwd_outputs, check_devices,
+    BACKWARD_DOC, SECOND_ORDER_ERROR, SUPPORTED_DTYPES, autocast_inputs, backward_core, base_grads, bwd_outputs, check_devices,
     check_inputs, forward_core, op_grads, scalar_tensors, scalar_values,
 )
 
@@ -122,10 +122,17 @@ class LoraLinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
             raise RuntimeError(SECOND_ORDER_ERROR)
         x, weight, lora_A, lora_B, S = ctx.saved_tensors
-        grads = op_grads(ctx, dy, x, weight, lambda *needs: backward_core(
-            dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend, needs,
-        ))
-        return (*grads, None, None, None, None)
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        # op_grads' work without its callback (backward_core already answers None where a
+        # gradient is not needed): this is the eager training route, where each Python call
+        # is measurable host time (benchmarks/NOTES.md, 2026-12-01).
+        dx = dA = dB = dW = dbias = None
+        if need_x or need_a or need_b:
+            dx, dA, dB = backward_core(dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
+                                       ctx.backend, (need_x, need_a, need_b))
+        if need_w or need_bias:
+            dW, dbias = base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
+        return dx, dW, dbias, dA, dB, None, None, None, None
 
 
 LoraLinearFunction.__doc__ += BACKWARD_DOC
@@ -226,7 +233,10 @@ def use_triton_op() -> bool:
 
 def plain_tensors(*tensors) -> bool:
     """True when no tensor is a subclass (FakeTensor, DTensor, ...) other than Parameter."""
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): this runs on every eager layer call
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return True
 
 
 class ScalarDict(dict):

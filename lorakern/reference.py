@@ -176,9 +176,12 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_ACC_DTYPES = (torch.float32, torch.float64)
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """t in the accumulation dtype: float32, or float64 for float64 inputs (never rounded down)."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+    return t if t.dtype in _ACC_DTYPES else t.to(torch.float32)
 
 
 def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
@@ -297,6 +300,12 @@ def lora_backward_da(
 def lora_linear_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed, need_S: bool = True):
     """Whole forward on 2-D x [M, K]: returns (y [M, N], S [M, r] fp32). need_S is the
     kernels' signature (their merged variant may skip S); here S is needed for y anyway."""
+    if p == 0.0 and x.dtype == lora_A.dtype == lora_B.dtype in _ACC_DTYPES and weight is not None and scaling != 0.0:
+        # fp32 / fp64 throughout without dropout: lora_shrink and lora_forward reduce to these
+        # products (the same ops, the same bits — tested), spelled out for the host time of
+        # the CPU path (see lora_linear_backward).
+        S = x @ lora_A.t()
+        return torch.nn.functional.linear(x, weight, bias).addmm_(S, lora_B.t(), alpha=scaling), S
     S = lora_shrink(x, lora_A, p, seed)
     return lora_forward(x, weight, bias, S, lora_B, scaling), S
 
@@ -308,6 +317,16 @@ def lora_linear_backward(dy, x, weight, lora_A, lora_B, S, scaling, p, seed, nee
     shared by dx and dA.
     """
     need_x, need_a, need_b = needs
+    if p == 0.0 and dy.dtype == x.dtype == S.dtype == lora_A.dtype == lora_B.dtype:
+        # fp32 / fp64 throughout without dropout: the functions below reduce to these products
+        # (no cast, no mask; the same ops in the same order, so the same bits — tested). Spelled
+        # out because this is the CPU training step's backward, where each Python call of the
+        # general path is measurable host time (benchmarks/NOTES.md, 2026-12-01).
+        dS = (dy @ lora_B).mul_(scaling)
+        dx = None
+        if need_x:
+            dx = (dy.new_zeros((dy.shape[0], lora_A.shape[1])) if weight is None else dy @ weight).addmm_(dS, lora_A)
+        return dx, (dS.t() @ x if need_a else None), ((dy.t() @ S).mul_(scaling) if need_b else None)
     dS, dB = lora_backward_dsdb(dy, lora_B, S, scaling)
     keep = _keep(x, p, seed) if (need_x or need_a) else None
     dx = lora_backward_dx(dy, weight, dS, lora_A, p, seed, keep) if need_x else None

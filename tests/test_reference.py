@@ -213,15 +213,23 @@ def test_lora_backward_da(m, r, dtypes, p):
 
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
-def test_whole_forward_backward_compose_the_kernels(p, needs):
-    """lora_linear_forward / _backward equal the per-kernel functions chained, None where not needed."""
-    x, w, b, A, B = make_inputs((9,), K_ODD, N_ODD, 7, torch.float32)
-    y, S = reference.lora_linear_forward(x, w, b, A, B, 0.5, p, SEED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("base", ["weight", "no-weight", "scaling-0"])
+def test_whole_forward_backward_compose_the_kernels(p, needs, dtype, base):
+    """lora_linear_forward / _backward equal the per-kernel functions chained, bit for bit,
+    None where not needed. fp32 / fp64 with p = 0 take the spelled-out products (the CPU
+    path's host time); they must not change a bit either, with or without a base weight,
+    at scaling 0 (where the forward keeps the general path: NaN propagation) too."""
+    x, w, b, A, B = make_inputs((9,), K_ODD, N_ODD, 7, dtype)
+    if base == "no-weight":
+        w, b = None, None
+    s = 0.0 if base == "scaling-0" else 0.5
+    y, S = reference.lora_linear_forward(x, w, b, A, B, s, p, SEED)
     assert torch.equal(S, reference.lora_shrink(x, A, p, SEED))
-    assert torch.equal(y, reference.lora_forward(x, w, b, S, B, 0.5))
+    assert torch.equal(y, reference.lora_forward(x, w, b, S, B, s))
     dy = torch.randn_like(y)
-    dx, dA, dB = reference.lora_linear_backward(dy, x, w, A, B, S, 0.5, p, SEED, needs)
-    dS, dB_ref = reference.lora_backward_dsdb(dy, B, S, 0.5)
+    dx, dA, dB = reference.lora_linear_backward(dy, x, w, A, B, S, s, p, SEED, needs)
+    dS, dB_ref = reference.lora_backward_dsdb(dy, B, S, s)
     expected = (
         reference.lora_backward_dx(dy, w, dS, A, p, SEED),
         reference.lora_backward_da(dS, x, A, p, SEED),
