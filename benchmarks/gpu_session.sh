@@ -119,6 +119,12 @@ speed)
         -k "(test_merged_variant and bf16) or every_gemm_variant or forced_tma or (test_tma_gemm and bf16 and M130 and r16)" \
         > "$OUT/pytest-cuda-merged.txt" 2>&1
     echo "rc=$?" >> "$OUT/pytest-cuda-merged.txt"
+    # The dS/dB pass's 2-D grid (split N, dS as partials dx / dA add on load; new 2026-12-01,
+    # never run on a GPU): the whole backward through it (bf16, both dropouts) and its GPU blocks.
+    [ "${SPEED_TESTS:-1}" = 0 ] || LORAKERN_AUTOTUNE=0 timeout -s INT -k 10 45 "$PY" -m pytest -q --tb=short --show-capture=no \
+        -p no:cacheprovider tests/test_dsdb_split.py -k "(through_the_split_grid and bf16 and all) or gpu_split_config_in" \
+        >> "$OUT/pytest-cuda-merged.txt" 2>&1
+    echo "rc=$?" >> "$OUT/pytest-cuda-merged.txt"
     # CUDA graphs under torch.compile(mode="reduce-overhead") at decode (issue 11 item 5, never
     # run on a GPU): no cudagraph skip, eager's numbers, a new scaling without recompiling. One
     # compile (the p = 0 training variant is in quick2's compile tests): the stage stays < 10 min.

@@ -35,6 +35,27 @@ def _kernels():
     return kernels
 
 
+def _split_config(M, N, r, dt):
+    from lorakern.kernels import backward
+
+    return backward._dsdb_split_config(M, N, r, dt.itemsize)
+
+
+def _splits(M, N, r, dt):
+    """The splits the backward takes at this shape: 3 here in the interpreter, 2 on a GPU."""
+    from lorakern.kernels.backward import dsdb_split_n
+
+    return dsdb_split_n(M, N, r, dt)
+
+
+def _force_split(monkeypatch):
+    """LORAKERN_FUSED_GEMM = 1: dispatch takes the split grid (and the fused dx) without
+    timing, as the interpreter does anyway — so these tests read the same on a GPU."""
+    from lorakern import settings
+
+    monkeypatch.setattr(settings, "fused_gemm", "1")
+
+
 def _in_order(parts: torch.Tensor) -> torch.Tensor:
     """Σ_p parts[p] in fp32, added in index order: what the kernels and sum_partials compute."""
     total = parts[0].clone()
@@ -72,9 +93,10 @@ def test_split_dsdb_against_oracle(dtypes, shape, r):
 
     ds_parts, db_parts = poisoned(lambda: k.lora_backward_dsdb(dy, B, S, 0.5, reduce=False, split_n=split_n))
     assert ds_parts.shape == (split_n, M, r) and ds_parts.dtype == torch.float32
-    assert db_parts.shape == (-(-M // 32), N, r) and db_parts.dtype == torch.float32
+    cfg = _split_config(M, N, r, dt)  # 32 x 16 blocks in the interpreter
+    assert db_parts.shape == (-(-M // cfg["BLOCK_M"]), N, r) and db_parts.dtype == torch.float32
     # Splits past the column blocks have no columns: their dS partial is written as zeros.
-    n_blocks = -(-N // 16)
+    n_blocks = -(-N // cfg["BLOCK_N"])
     used = -(-n_blocks // -(-n_blocks // split_n))
     assert torch.equal(ds_parts[used:], torch.zeros_like(ds_parts[used:]))
     # reduce=True is the in-order sum of these partials, bit for bit.
@@ -89,7 +111,9 @@ def test_one_split_is_the_rows_grid():
     M, N, r = 70, 75, 7
     dy, B, S = (randn(*s, dtype=torch.float32, device=KERNEL_DEVICE) for s in ((M, N), (N, r), (M, r)))
     dS, db_parts = _kernels().lora_backward_dsdb(dy, B, S, 0.5, reduce=False)
-    assert dS.shape == (M, r) and db_parts.shape == (3, N, r)
+    from lorakern.kernels import backward
+
+    assert dS.shape == (M, r) and db_parts.shape == (-(-M // backward._dsdb_config(M, r, 4)["BLOCK_M"]), N, r)
     dS_64, dB_64 = reference.lora_backward_dsdb(dy.double(), B.double(), S.double(), 0.5)
     check_against_oracle(dS, reference.lora_backward_dsdb(dy, B, S, 0.5)[0], dS_64, torch.float32, "dS")
     check_against_oracle(db_parts.sum(0), reference.lora_backward_dsdb(dy, B, S, 0.5)[1], dB_64, torch.float32, "dB")
@@ -256,15 +280,16 @@ def _backward_inputs(M, N, r, dt, adt=torch.float32):
 @params("needs", [(True, True, True), (True, False, True), (False, True, True), (False, False, True)],
         ids=["all", "no-dA", "no-dx", "dB-only"])
 def test_whole_backward_through_the_split_grid(monkeypatch, dt, p, needs):
-    """lora_linear_backward in the interpreter takes the split grid (dispatch's FUSED) where
-    offered: every gradient against the oracle, with dA's partial sum (sum_partials) and
+    """lora_linear_backward through the split grid (dispatch's FUSED, the interpreter's
+    choice): every gradient against the oracle, with dA's partial sum (sum_partials) and
     without it (the dS/dB launcher reduces dS's and dB's partials itself)."""
+    _force_split(monkeypatch)
     calls = _spy_dsdb(monkeypatch)
     M, N, r = 70, 75, 7
     dy, x, W, A, B, S = _backward_inputs(M, N, r, dt)
     k = _kernels()
     out = poisoned(lambda: k.lora_linear_backward(dy, x, W, A, B, S, 0.5, p, SEED, needs))
-    assert calls == [3]  # min(3, 5 column blocks) splits in the interpreter
+    assert calls == [_splits(M, N, r, dt)] and calls[0] > 1  # min(3, 5 column blocks) in the interpreter
     ref = reference.lora_linear_backward(dy, x, W, A, B, S, 0.5, p, SEED, needs)
     oracle = reference.lora_linear_backward(dy.double(), x.double(), W.double(), A.double(), B.double(), S.double(),
                                             0.5, p, SEED, needs)
@@ -278,12 +303,14 @@ def test_whole_backward_through_the_split_grid(monkeypatch, dt, p, needs):
 def test_whole_backward_is_bit_reproducible(monkeypatch):
     """Two backwards through the split grid (the second into NaN-poisoned buffers) agree bit
     for bit: partials summed in a fixed order, nothing left unwritten."""
+    _force_split(monkeypatch)
     calls = _spy_dsdb(monkeypatch)
     dy, x, W, A, B, S = _backward_inputs(70, 75, 7, torch.bfloat16)
     k = _kernels()
     first = k.lora_linear_backward(dy, x, W, A, B, S, 0.5, 0.1, SEED, (True, True, True))
     second = poisoned(lambda: k.lora_linear_backward(dy, x, W, A, B, S, 0.5, 0.1, SEED, (True, True, True)))
-    assert calls == [3, 3]
+    split = _splits(70, 75, 7, torch.bfloat16)
+    assert calls == [split, split] and split > 1
     for name, a, b in zip(("dx", "dA", "dB"), first, second):
         assert torch.equal(a, b), name
     dS1, dB1 = k.lora_backward_dsdb(dy, B, S, 0.5, split_n=3)
@@ -300,7 +327,7 @@ def test_forced_grid_and_the_same_gradients(monkeypatch, forced, want):
     calls = _spy_dsdb(monkeypatch)
     dy, x, W, A, B, S = _backward_inputs(70, 75, 7, torch.float16)
     out = _kernels().lora_linear_backward(dy, x, W, A, B, S, 0.5, 0.1, SEED, (True, True, True))
-    assert calls == [want]
+    assert calls == [want if want == 1 else _splits(70, 75, 7, torch.float16)]
     ref = reference.lora_linear_backward(dy, x, W, A, B, S, 0.5, 0.1, SEED, (True, True, True))
     oracle = reference.lora_linear_backward(dy.double(), x.double(), W.double(), A.double(), B.double(), S.double(),
                                             0.5, 0.1, SEED, (True, True, True))
@@ -347,8 +374,10 @@ def test_dispatch_maps_fused_to_split(monkeypatch, choice, want, with_da):
     dS, dB = dispatch.lora_backward_dsdb_auto(dy, B, S, 0.5, reduce=True, da_args=da_args)
     assert seen["key"] == ("dsdb", 128, N, 16, (K, True) if with_da else None, torch.float32, dy.device)
     assert seen["traced"] is False
-    assert calls == [3, 1, want]  # the two timed candidates, then the chosen grid
-    assert da_calls == ([(3, M, r), (M, r)] if with_da else [])
+    split = _splits(M, N, r, torch.float32)
+    want = split if want == 3 else want
+    assert calls == [split, 1, want]  # the two timed candidates, then the chosen grid
+    assert da_calls == ([(split, M, r), (M, r)] if with_da else [])
     for out in seen["outs"].values():  # partials: dA's [P, r, K] with dA, dB's [P, N, r] without
         assert out.dim() == 3 and out.shape[1:] == ((r, K) if with_da else (N, r))
     assert dS.shape == (M, r) and dB.shape == (N, r)
