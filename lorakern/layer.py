@@ -35,7 +35,7 @@ from torch import nn
 from lorakern import dora, quant, quantized
 from lorakern.mixed import RowGroups, layer_forward as mixed_batch_forward
 from lorakern.op_core import check_dropout_value, check_scaling_value, draw_seed, implementation, rows, unrows
-from lorakern.ops import BACKENDS, LoraLinearFunction, ScalarDict, lora_linear, plain_tensors, resolve_backend, scalar_device
+from lorakern.ops import BACKENDS, ScalarDict, apply_function, lora_linear, plain_tensors, resolve_backend, scalar_device
 from lorakern.qops import QuantizedWeight, lora_linear_quantized, quantized_linear
 
 
@@ -610,7 +610,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
 
     def _single_adapter_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """One plain adapter on a dense base, in eager mode: the op's own eager route called
-        directly — `LoraLinearFunction` when something needs a gradient, else the backend's
+        directly — `LoraLinearFunction` (`apply_function`) when something needs a gradient, else the backend's
         forward without autograd — without `lora_linear`'s per-call argument handling, which
         this layer's construction guarantees (shapes, devices, scalars). The same numbers and
         the same dropout seed draw as `lora_linear`. The layer's state is read on every call
@@ -647,7 +647,7 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
         seed = draw_seed() if p > 0.0 else 0  # what lora_linear draws
         if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or w.requires_grad
                                         or (bias is not None and bias.requires_grad)):
-            return LoraLinearFunction.apply(x, w, bias, A, B, s, p, seed, backend)
+            return apply_function(x, w, bias, A, B, s, p, seed, backend)
         y = implementation(backend).lora_linear_forward(rows(x), w, bias, A, B, s, p, seed, need_S=False)[0]
         return unrows(y, x)
 

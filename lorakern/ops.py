@@ -138,6 +138,33 @@ class LoraLinearFunction(torch.autograd.Function):
 LoraLinearFunction.__doc__ += BACKWARD_DOC
 
 
+def _c_apply():
+    """The C apply under torch.autograd.Function.apply, bound to LoraLinearFunction, and
+    functorch's unwrap_if_dead; (None, None) where this torch does not expose them (then the
+    Python apply runs)."""
+    try:
+        return torch._C._FunctionBase.__dict__["apply"].__get__(None, LoraLinearFunction), torch._C._functorch.unwrap_if_dead
+    except (AttributeError, KeyError):
+        return None, None
+
+
+_C_APPLY, _UNWRAP_IF_DEAD = _c_apply()
+
+
+def apply_function(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, backend: str):
+    """``LoraLinearFunction.apply(...)`` without torch.autograd.Function.apply's Python
+    wrapper, which costs ~25 µs a call with cold caches (benchmarks/NOTES.md, 2026-12-01).
+    For a Function without setup_context that wrapper does two things, both kept here: under
+    functorch transforms it takes functorch's path (the Python apply runs, and refuses this
+    Function); otherwise it unwraps dead functorch wrappers among the tensor arguments and
+    calls the C apply. tests/test_op.py checks that the wrapper still reads so."""
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
+        return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    unwrap = _UNWRAP_IF_DEAD  # weight (LoRA term alone) and bias may be None
+    return _C_APPLY(unwrap(x), None if weight is None else unwrap(weight), None if bias is None else unwrap(bias),
+                    unwrap(lora_A), unwrap(lora_B), scaling, dropout_p, seed, backend)
+
+
 # --- torch.compile: the registered ops ---------------------------------------------
 
 _FWD_SCHEMA = (
@@ -457,4 +484,4 @@ def lora_linear(
         # Nothing to differentiate (inference, decode): the same forward without the
         # autograd.Function's bookkeeping (~15 µs a call on CPU).
         return forward_core(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, need_S=False)[0]
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+    return apply_function(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)

@@ -439,3 +439,53 @@ def test_weight_none_through_the_registered_op():
     scalars = (torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.25, dtype=torch.float64),
                torch.tensor(7, dtype=torch.int64))
     torch.library.opcheck(ops.lora_linear_fwd, (x, None, None, A, B, *scalars, "reference"))
+
+
+# ----------------------------------------------------------------------------- apply_function
+
+
+@pytest.mark.parametrize("bias", [True, False, "no-weight"], ids=["bias", "nobias", "noweight"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+def test_apply_function_is_the_autograd_function(bias, p):
+    """ops.apply_function (the C apply; torch's Python wrapper skipped) gives what
+    LoraLinearFunction.apply gives: the output, the backward node, every gradient, bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    W = None if bias == "no-weight" else torch.randn(12, 16, requires_grad=True)
+    b = torch.randn(12, requires_grad=True) if bias is True else None
+    A = torch.randn(4, 16, requires_grad=True)
+    B = torch.randn(12, 4, requires_grad=True)
+    dy = torch.randn(3, 5, 12)
+    args = (x, W, b, A, B, 0.5, p, 1234, "reference")
+    results = []
+    for apply in (ops.LoraLinearFunction.apply, ops.apply_function):
+        y = apply(*args)
+        assert type(y.grad_fn).__name__ == "LoraLinearFunctionBackward"
+        inputs = [t for t in (x, W, b, A, B) if t is not None]
+        results.append((y, *torch.autograd.grad(y, inputs, dy)))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_apply_function_keeps_the_functorch_route():
+    """Under a functorch transform apply_function leaves the call to torch's apply, which
+    refuses a Function without setup_context (rather than the C apply running on wrappers)."""
+    x, W, A, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: lora_linear(x, W, None, A, B, 0.5).sum())(x)
+
+
+def test_function_apply_wrapper_is_what_apply_function_replicates():
+    """apply_function replicates torch.autograd.Function.apply for a Function without
+    setup_context: unwrap dead functorch wrappers, else functorch's route. If this fails, torch
+    changed that wrapper: re-read it and update (or drop) apply_function."""
+    import inspect
+
+    from torch.autograd.function import _is_setup_context_defined
+
+    source = inspect.getsource(torch.autograd.Function.apply)
+    for step in ("_is_setup_context_defined(cls.setup_context)", "_are_functorch_transforms_active()",
+                 "unwrap_dead_wrappers(args)", "super().apply(*args, **kwargs)", "custom_function_call"):
+        assert step in source, step
+    assert not _is_setup_context_defined(ops.LoraLinearFunction.setup_context)
+    assert ops._C_APPLY is not None  # this torch exposes the C apply: the fast route is taken
