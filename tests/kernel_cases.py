@@ -17,6 +17,14 @@ from tests.utils import rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (x dtype, adapter dtype): adapters fp32 with half-precision x is PEFT's default.
+DTYPE_PAIRS = [(dt, dt) for dt in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+def pair_id(pair) -> str:
+    """Test id of an (x dtype, adapter dtype) pair: "bf16", or "bf16-Afp32" when they differ."""
+    x_dt, a_dt = pair
+    return DTYPE_IDS[x_dt] if x_dt == a_dt else f"{DTYPE_IDS[x_dt]}-A{DTYPE_IDS[a_dt]}"
 
 
 def randn(*shape, dtype, device, scale: float = 1.0) -> torch.Tensor:

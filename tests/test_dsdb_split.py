@@ -12,7 +12,7 @@ import torch
 
 from lorakern import reference
 from tests.conftest import KERNEL_DEVICE, requires_triton
-from tests.kernel_cases import DTYPE_IDS, DTYPES, check_against_oracle, poisoned, randn
+from tests.kernel_cases import DTYPE_IDS, DTYPE_PAIRS, DTYPES, check_against_oracle, pair_id, poisoned, randn
 
 pytestmark = requires_triton
 pytest.importorskip("triton")
@@ -20,15 +20,6 @@ pytest.importorskip("triton")
 params = pytest.mark.parametrize
 SEED = 4321
 K = 45
-# (x dtype, adapter dtype), as in test_kernels.py: adapters fp32 with half x is PEFT's default.
-DTYPE_PAIRS = [(dt, dt) for dt in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-
-
-def _pair_id(pair):
-    x_dt, a_dt = pair
-    return DTYPE_IDS[x_dt] if x_dt == a_dt else f"{DTYPE_IDS[x_dt]}-A{DTYPE_IDS[a_dt]}"
-
-
 def _kernels():
     from lorakern import kernels
 
@@ -70,7 +61,7 @@ def _in_order(parts: torch.Tensor) -> torch.Tensor:
 SHAPES = [(70, 75, 2), (33, 75, 3), (70, 75, 8), (0, 75, 3)]
 
 
-@params("dtypes", DTYPE_PAIRS, ids=_pair_id)
+@params("dtypes", DTYPE_PAIRS, ids=pair_id)
 @params("shape", SHAPES, ids=lambda s: "M{}-N{}-split{}".format(*s))
 @params("r", [7, 16], ids=lambda r: f"r{r}")
 def test_split_dsdb_against_oracle(dtypes, shape, r):
@@ -184,7 +175,7 @@ def _partials(P, M, r, layout):
     return randn(M, P, r, dtype=torch.float32, device=KERNEL_DEVICE).transpose(0, 1)
 
 
-@params("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=_pair_id)
+@params("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=pair_id)
 @params("p", [0.0, 0.1], ids=lambda p: f"p{p}")
 @params("fused", [True, False], ids=["fused", "unfused"])
 @params("layout", ["contiguous", "interleaved"])
@@ -207,7 +198,7 @@ def test_dx_sums_ds_partials(dtypes, p, fused, layout):
     assert torch.equal(alone, k.lora_backward_dx(dy, None, dS, A, p, SEED))
 
 
-@params("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=_pair_id)
+@params("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)], ids=pair_id)
 @params("p", [0.0, 0.1], ids=lambda p: f"p{p}")
 @params("layout", ["contiguous", "interleaved"])
 def test_da_sums_ds_partials(dtypes, p, layout):

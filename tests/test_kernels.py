@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from lorakern.kernels.common import cast, interpreting  # noqa: E402
-from tests.kernel_cases import DTYPE_IDS, DTYPES, check_against_oracle, poisoned, randn
+from tests.kernel_cases import DTYPE_IDS, DTYPE_PAIRS, check_against_oracle, pair_id, poisoned, randn
 
 pytestmark = requires_triton
 
@@ -24,15 +24,6 @@ SEED = 1234
 MS = [0, 1, 7, 130]
 RANKS = [1, 7, 16, 64]
 PS = [0.0, 0.1]
-# (x dtype, adapter dtype): adapters fp32 with half-precision x is PEFT's default.
-DTYPE_PAIRS = [(dt, dt) for dt in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-
-
-def _pair_id(pair):
-    x_dt, a_dt = pair
-    return DTYPE_IDS[x_dt] if x_dt == a_dt else f"{DTYPE_IDS[x_dt]}-A{DTYPE_IDS[a_dt]}"
-
-
 def _kernels():
     from lorakern import kernels
 
@@ -40,7 +31,7 @@ def _kernels():
 
 
 params = pytest.mark.parametrize
-dtype_pairs = params("dtypes", DTYPE_PAIRS, ids=_pair_id)
+dtype_pairs = params("dtypes", DTYPE_PAIRS, ids=pair_id)
 ms = params("M", MS, ids=lambda m: f"M{m}")
 ranks = params("r", RANKS, ids=lambda r: f"r{r}")
 ps = params("p", PS, ids=lambda p: f"p{p}")
