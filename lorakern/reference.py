@@ -129,24 +129,34 @@ def compiled_mask_generator() -> bool:
     return _philox is not None
 
 
-def _keep_bits(seed: int, m: int, k: int, p: float) -> np.ndarray:
-    """The keep mask of `dropout_keep_mask` as a numpy bool array [m, 4·ceil(k/4)] (the
-    columns past k are padding). The C generator when built, else `_philox_keep`."""
+def _keep_bits(seed: int, m: int, k: int, p: float, dtype=np.bool_) -> np.ndarray:
+    """The keep mask of `dropout_keep_mask` as a numpy array [m, 4·ceil(k/4)] (the columns
+    past k are padding): bool, or 1 / 0 in float32 / float64 (`dtype`), which the C
+    generator writes directly (the mask the reference multiplies by, without a conversion
+    pass). The C generator when built, else `_philox_keep`."""
     groups = -(-k // 4)
     threshold = _keep_threshold(float(p))
     if threshold >= 1 << 31:  # no uniform exceeds p: nothing is kept
-        return np.zeros((m, 4 * groups), dtype=np.bool_)
-    keep = np.empty((m, 4 * groups), dtype=np.bool_)
+        return np.zeros((m, 4 * groups), dtype=dtype)
+    keep = np.empty((m, 4 * groups), dtype=dtype)
     rows_per_chunk = max(1, _CHUNK // max(groups, 1))
 
     def fill(r0: int) -> None:
         r1 = min(r0 + rows_per_chunk, m)
         if _philox is not None:
-            _philox.keep_bits(int(seed), r0 * groups, (r1 - r0) * groups, threshold, keep[r0:r1])
+            _philox.keep_values(int(seed), r0 * groups, (r1 - r0) * groups, threshold, keep[r0:r1], keep.itemsize)
             return
         counters = np.arange(r0 * groups, r1 * groups, dtype=np.uint64)
-        _philox_keep(int(seed), counters, threshold, keep[r0:r1].reshape(-1, 4))
+        if keep.dtype == np.bool_:
+            _philox_keep(int(seed), counters, threshold, keep[r0:r1].reshape(-1, 4))
+        else:
+            bits = np.empty((r1 - r0, 4 * groups), dtype=np.bool_)
+            _philox_keep(int(seed), counters, threshold, bits.reshape(-1, 4))
+            keep[r0:r1] = bits
 
+    if m <= rows_per_chunk:  # one chunk (a layer's mask at small M): no thread pool to set up
+        fill(0)
+        return keep
     starts = range(0, m, rows_per_chunk)
     threads = min(torch.get_num_threads(), len(starts))
     if threads > 1:
@@ -188,13 +198,13 @@ def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor | None:
     """The keep mask for a 2-D tensor shaped like x as 0/1 in x's dtype, or None when p == 0.
 
     As x's dtype, not bool: multiplying by a bool tensor converts it on every use (4 ms
-    against 1 ms for a 1024x1792 fp32 tile on one core), and numpy's bool -> float cast
-    is cheaper than torch's.
+    against 1 ms for a 1024x1792 fp32 tile on one core). Generated as float32 (float64
+    for float64 x) by `_keep_bits` itself; a view past the padding columns.
     """
     if p == 0.0:
         return None
-    bits = _keep_bits(seed, x.shape[0], x.shape[1], p)[:, : x.shape[1]]
-    keep = torch.from_numpy(bits.astype(np.float64 if x.dtype == torch.float64 else np.float32))
+    m, k = x.shape
+    keep = torch.from_numpy(_keep_bits(seed, m, k, p, np.float64 if x.dtype == torch.float64 else np.float32)[:, :k])
     return keep.to(device=x.device, dtype=x.dtype)
 
 

@@ -349,6 +349,42 @@ def test_compiled_and_numpy_mask_generators_agree(monkeypatch, m, k, p):
             assert torch.equal(compiled, reference.dropout_keep_mask(seed, m, k, p)), (seed, m, k, p)
 
 
+@pytest.mark.skipif(not reference.compiled_mask_generator(), reason="the C mask generator is not built")
+@pytest.mark.parametrize("counter0", [0, 2**32 - 9, 2**33 - 3, 2**40 - 5])
+def test_compiled_float_masks_are_the_bits(counter0):
+    """keep_values writes the keep bits as float32 (the AVX2 path, 16 counters a step, where
+    the CPU has it) and float64: the values of the scalar byte path, for counts around the
+    vector widths and counters whose low word wraps inside a block."""
+    import numpy as np
+
+    ext = pytest.importorskip("lorakern._philox")
+    for seed in (0, 77, 2**40 + 3, 2**63 - 1):
+        for threshold in (1, 100_000_000, 2**31 - 1):
+            for n in (0, 1, 7, 8, 15, 16, 17, 31, 33, 100):
+                bits = np.empty(4 * n, dtype=np.bool_)
+                ext.keep_bits(seed, counter0, n, threshold, bits)
+                for dtype in (np.uint8, np.float32, np.float64):
+                    out = np.full(4 * n, 7, dtype=dtype)
+                    ext.keep_values(seed, counter0, n, threshold, out, out.itemsize)
+                    assert (out == bits).all(), (seed, counter0, n, threshold, dtype, ext.AVX2)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m, k", [(1, 1), (3, 7), (130, 1031)])
+def test_float_keep_mask_is_the_bool_mask(monkeypatch, compiled, dtype, m, k):
+    """The multiplied mask (`_keep`: 1 / 0 in x's dtype, written as floats by the generator,
+    a view past the padding columns; several chunks at 130 x 1031) is dropout_keep_mask."""
+    if compiled and not reference.compiled_mask_generator():
+        pytest.skip("the C mask generator is not built")
+    want = reference.dropout_keep_mask(1234, m, k, 0.3)
+    if not compiled:
+        monkeypatch.setattr(reference, "_philox", None)
+    keep = reference._keep(torch.zeros(m, k, dtype=dtype), 0.3, 1234)
+    assert keep.dtype == dtype and keep.shape == (m, k)
+    assert torch.equal(keep, want.to(dtype))
+
+
 def test_compiled_mask_generator_rejects_bad_arguments():
     ext = pytest.importorskip("lorakern._philox")
     import numpy as np
@@ -359,6 +395,10 @@ def test_compiled_mask_generator_rejects_bad_arguments():
         ext.keep_bits(1, 0, 1, 0, np.empty(4, dtype=np.bool_))
     with pytest.raises(TypeError):
         ext.keep_bits(1, 0, 1, 5, bytes(4))  # read-only buffer
+    with pytest.raises(ValueError, match="itemsize must be 1, 4 or 8"):
+        ext.keep_values(1, 0, 1, 5, np.empty(8, dtype=np.uint16), 2)
+    with pytest.raises(ValueError, match="need 4 \\* n \\* itemsize"):
+        ext.keep_values(1, 0, 3, 5, np.empty(8, dtype=np.float32), 4)  # 32 bytes, not 48
 
 
 def test_keep_threshold_is_the_first_value_above_p():
