@@ -216,10 +216,11 @@ def forward_core(x, weight, bias, lora_A, lora_B, s: float, p: float, seed: int,
     return unrows(y, x), S
 
 
-def backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: int, backend: str, needs):
+def backward_core(dy, x, weight, lora_A, lora_B, S, s: float, p: float, seed: int, backend: str,
+                  need_x: bool, need_a: bool, need_b: bool):
     """dy [..., N], x [..., K] -> (dx [..., K], dA [r, K], dB [N, r]), None where not needed."""
     dx, dA, dB = without_autocast(dy, implementation(backend).lora_linear_backward,
-                                  rows(dy), rows(x), weight, lora_A, lora_B, S, s, p, seed, needs)
+                                  rows(dy), rows(x), weight, lora_A, lora_B, S, s, p, seed, (need_x, need_a, need_b))
     return (None if dx is None else unrows(dx, x)), dA, dB
 
 
@@ -264,16 +265,20 @@ def bwd_outputs(dy, lora_A, lora_B, dx, dA, dB):
     )
 
 
-def op_grads(ctx, dy, x, weight, bwd_op) -> tuple:
-    """(dx, dW, dbias, dA, dB) of a registered forward op, given its ctx (needs_input_grad
-    of x, weight, bias, lora_A, lora_B first; bias_dtype) and `bwd_op(need_x, need_a,
-    need_b)`, the backward op call returning empty [0] tensors where not needed."""
+def op_grads(ctx, dy, x, weight, bwd_op, *bwd_args) -> tuple:
+    """(dx, dW, dbias, dA, dB) of a LoRA forward's autograd, given its ctx (needs_input_grad
+    of x, weight, bias, lora_A, lora_B first; bias_dtype) and its backward:
+    `bwd_op(*bwd_args, need_x, need_a, need_b)` -> (dx, dA, dB), where a gradient not needed
+    may be None (`backward_core`) or an empty [0] tensor (the registered backward ops).
+    The backward is passed with its arguments, not as a closure: on the eager route this
+    is host time of every training step (benchmarks/NOTES.md, 2026-12-01)."""
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    dx = dA = dB = None
+    dx = dA = dB = dW = dbias = None
     if need_x or need_a or need_b:
-        dx, dA, dB = bwd_op(need_x, need_a, need_b)
+        dx, dA, dB = bwd_op(*bwd_args, need_x, need_a, need_b)
         dx, dA, dB = (dx if need_x else None), (dA if need_a else None), (dB if need_b else None)
-    dW, dbias = base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
+    if need_w or need_bias:
+        dW, dbias = base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
     return dx, dW, dbias, dA, dB
 
 

@@ -45,7 +45,7 @@ import torch
 
 from lorakern import settings
 from lorakern.op_core import (
-    BACKWARD_DOC, SECOND_ORDER_ERROR, SUPPORTED_DTYPES, autocast_inputs, backward_core, base_grads, bwd_outputs, check_devices,
+    BACKWARD_DOC, SECOND_ORDER_ERROR, SUPPORTED_DTYPES, autocast_inputs, backward_core, bwd_outputs, check_devices,
     check_inputs, forward_core, op_grads, scalar_tensors, scalar_values,
 )
 
@@ -122,17 +122,9 @@ class LoraLinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # backward(create_graph=True): a second derivative is coming
             raise RuntimeError(SECOND_ORDER_ERROR)
         x, weight, lora_A, lora_B, S = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        # op_grads' work without its callback (backward_core already answers None where a
-        # gradient is not needed): this is the eager training route, where each Python call
-        # is measurable host time (benchmarks/NOTES.md, 2026-12-01).
-        dx = dA = dB = dW = dbias = None
-        if need_x or need_a or need_b:
-            dx, dA, dB = backward_core(dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed,
-                                       ctx.backend, (need_x, need_a, need_b))
-        if need_w or need_bias:
-            dW, dbias = base_grads(dy, x, weight, ctx.bias_dtype, need_w, need_bias)
-        return dx, dW, dbias, dA, dB, None, None, None, None
+        grads = op_grads(ctx, dy, x, weight, backward_core,
+                         dy, x, weight, lora_A, lora_B, S, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend)
+        return (*grads, None, None, None, None)
 
 
 LoraLinearFunction.__doc__ += BACKWARD_DOC
@@ -211,8 +203,7 @@ def lora_linear_bwd(dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, 
     A gradient that is not needed comes back as an empty tensor (shape [0]).
     """
     dx, dA, dB = backward_core(
-        dy, x, weight, lora_A, lora_B, S, float(scaling), float(dropout_p), int(seed), backend,
-        (need_x, need_a, need_b),
+        dy, x, weight, lora_A, lora_B, S, float(scaling), float(dropout_p), int(seed), backend, need_x, need_a, need_b,
     )
     return bwd_outputs(dy, lora_A, lora_B, dx, dA, dB)
 
@@ -237,9 +228,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, _dS, _dseed):
     x, weight, lora_A, lora_B, S, scaling, dropout_p, seed = ctx.saved_tensors
-    grads = op_grads(ctx, dy, x, weight, lambda need_x, need_a, need_b: lora_linear_bwd(
-        dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend, need_x, need_a, need_b,
-    ))
+    grads = op_grads(ctx, dy, x, weight, lora_linear_bwd,
+                     dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend)
     return (*grads, None, None, None, None)
 
 

@@ -139,7 +139,7 @@ class QuantLoraLinearFunction(torch.autograd.Function):
                 dx, dA, dB = (dx if need_x else None), (dA if need_a else None), (dB if need_b else None)
             else:
                 dx, dA, dB = backward_core(
-                    dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend, (need_x, need_a, need_b),
+                    dy, x, weight, lora_A, lora_B, S, scaling, dropout_p, seed, ctx.backend, need_x, need_a, need_b,
                 )
         if need_bias:
             dbias = rows(dy).sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(ctx.bias_dtype)

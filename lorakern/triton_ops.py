@@ -128,9 +128,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dy, _dS):
     x, weight, lora_A, lora_B, S, values, seed = ctx.saved_tensors
-    grads = op_core.op_grads(ctx, dy, x, weight, lambda need_x, need_a, need_b: lora_linear_bwd_triton(
-        dy, x, weight, lora_A, lora_B, S, values, seed, ctx.has_dropout, need_x, need_a, need_b,
-    ))
+    grads = op_core.op_grads(ctx, dy, x, weight, lora_linear_bwd_triton,
+                             dy, x, weight, lora_A, lora_B, S, values, seed, ctx.has_dropout)
     return (*grads, None, None, None)
 
 
