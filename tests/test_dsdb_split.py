@@ -376,3 +376,27 @@ def test_dispatch_maps_fused_to_split(monkeypatch, choice, want, with_da):
     dS_ref, dB_ref = reference.lora_backward_dsdb(dy, B, S, 0.5)
     check_against_oracle(dS, dS_ref, dS_64, torch.float32, "dS")
     check_against_oracle(dB, dB_ref, dB_64, torch.float32, "dB")
+
+
+def test_dx_dispatch_key_holds_the_rank_of_partial_ds(monkeypatch):
+    """lora_backward_dx_auto keys its measurement by r's pad; given dS as partials [P, M, r]
+    it must read r from the last dim (not M from dim 1), or each M would be a new key."""
+    from lorakern.kernels import dispatch
+    from lorakern.kernels.common import rank_pad
+
+    keys = []
+
+    class Scripted:
+        def choose(self, key, candidates, device, is_traced=False):
+            keys.append(key)
+            return dispatch.FUSED
+
+    M, N, r = 70, 37, 7
+    dy = randn(M, N, dtype=torch.float32, device=KERNEL_DEVICE)
+    W = randn(N, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    A = randn(r, K, dtype=torch.float32, device=KERNEL_DEVICE)
+    parts = _partials(3, M, r, "contiguous")
+    monkeypatch.setattr(dispatch, "DISPATCH", Scripted())
+    out = dispatch.lora_backward_dx_auto(dy, W, parts, A, 0.0, SEED)
+    assert len(keys) == 1 and keys[0][0] == "dx" and keys[0][2:5] == (N, K, rank_pad(r))
+    assert torch.equal(out, _kernels().lora_backward_dx(dy, W, _in_order(parts), A, 0.0, SEED))
