@@ -610,13 +610,13 @@ class LoraLinear(AdapterLayerMixin, nn.Module):
 
     def _single_adapter_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """One plain adapter on a dense base, in eager mode: the op's own eager route called
-        directly — `LoraLinearFunction` (`apply_function`) when something needs a gradient, else the backend's
-        forward without autograd — without `lora_linear`'s per-call argument handling, which
-        this layer's construction guarantees (shapes, devices, scalars). The same numbers and
-        the same dropout seed draw as `lora_linear`. The layer's state is read on every call
-        (nothing is cached), through its module and parameter dicts: at decode the host time
-        is the call, and each `nn.Module.__getattr__` or helper call is a measurable part of it
-        (benchmarks/NOTES.md). None when the general path must run: a mixed batch, adapters
+        directly — `LoraLinearFunction` (through `apply_function`) when something needs a
+        gradient, else the backend's forward without autograd — without `lora_linear`'s
+        per-call argument handling, which this layer's construction guarantees (shapes,
+        devices, scalars). The same numbers and the same dropout seed draw as `lora_linear`.
+        The layer's state is read on every call (nothing is cached), through its module and
+        parameter dicts: at decode the host time is the call, and each `nn.Module.__getattr__`
+        or helper call is a measurable part of it (benchmarks/NOTES.md). None when the general path must run: a mixed batch, adapters
         disabled or merged, not exactly one active adapter held, DoRA, lora_bias, a quantized
         or 8-bit base, a parametrized weight, autocast, torch.compile tracing, a tensor
         subclass, or x not in the weight's dtype / device / width."""

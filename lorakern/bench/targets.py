@@ -177,10 +177,12 @@ def _thin_target(results: dict) -> list[dict]:
     for r in rows:
         if r["kernel"] in ("dS+dB", "dS+dB split"):
             grids[(r["K"], r["N"], r["r"], r["dropout"])].append(r)
+    dropped = set()
     for pair in grids.values():
         clean = [r for r in pair if not _noisy(r)]
         keep = max(clean, key=lambda r: r["copy_frac"]) if clean else pair[0]
-        rows = [r for r in rows if r is keep or all(r is not other for other in pair)]
+        dropped.update(id(r) for r in pair if r is not keep)
+    rows = [r for r in rows if id(r) not in dropped]
     value, detail = _pick(rows, "copy_frac", _noisy,
                           lambda r: f"{r['kernel']} K={r['K']} N={r['N']} r={r['r']} p={r['dropout']}", highest=False)
     return [_target("every thin LoRA kernel at M=8192: GB/s / measured copy GB/s (lowest)", value,
